@@ -1,0 +1,174 @@
+"""The vLLM engine's lifecycle: load in the background, report readiness, notice death, shut down.
+
+The worker answers HTTP while the engine loads (`/live` 200, `/health` 503 `loading` with the
+stage), because the load runs in a thread started from the app's lifespan. vLLM is imported there
+too, so importing the app stays cheap. A load failure or a dead engine ends the worker process
+(non-zero), so that the supervisor (Granian, the launcher, systemd, Kubernetes) sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from qwen_server import procs
+from qwen_server.demo import NOISE_WARNING, demo_model_path
+from qwen_server.errors import APIError
+from qwen_server.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger("qwen_server")
+
+_WATCH_INTERVAL = 1.0
+
+
+class EngineState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+class Engine:
+    """Owns one vLLM AsyncLLM for this worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = EngineState.LOADING
+        self.stage = "waiting to start"
+        self.error: str | None = None
+        self.client: AsyncLLM | None = None
+        self.tokenizer: Any = None
+        self.max_model_len: int | None = None
+        self.model_path: str | None = None
+        self.loaded_in: float | None = None
+        self._t0 = time.monotonic()
+        self._stage_t0 = self._t0
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._load(), name="engine-load"))
+
+    async def stop(self) -> None:
+        if self.state is not EngineState.DEAD:
+            self.state = EngineState.DRAINING
+        for task in self._tasks:
+            task.cancel()
+        if self.client is None:
+            # Still loading: the load thread waits on vLLM's EngineCore; ending our children makes
+            # it fail at once instead of finishing a load nobody wants.
+            procs.terminate_children(os.getpid(), grace=3.0)
+        else:
+            client, self.client = self.client, None
+            await asyncio.to_thread(client.shutdown)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("engine stopped")
+
+    async def _load(self) -> None:
+        try:
+            self._set_stage("locating the model")
+            if self.settings.model:
+                path = self.settings.model
+            else:
+                path = str(await asyncio.to_thread(demo_model_path))
+                log.warning(NOISE_WARNING)
+            self.model_path = path
+            self._set_stage("importing vLLM")
+            engine_args_cls, async_llm_cls = await asyncio.to_thread(_import_vllm)
+            self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
+            args = engine_args_cls(**self.settings.engine_kwargs(path))
+            client = await asyncio.to_thread(async_llm_cls.from_engine_args, args)
+            if self.state is not EngineState.LOADING:  # stopped while loading
+                await asyncio.to_thread(client.shutdown)
+                return
+            self.client = client
+            self.tokenizer = client.get_tokenizer()
+            self.max_model_len = client.model_config.max_model_len
+            self.loaded_in = time.monotonic() - self._t0
+            self.state = EngineState.READY
+            self.stage = "ready"
+            log.info("engine ready in %.1f s: model %s, max_model_len %d", self.loaded_in, path, self.max_model_len)
+            self._tasks.append(asyncio.create_task(self._watch(), name="engine-watch"))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
+            if self.state is not EngineState.LOADING:
+                return
+            self._die(f"the engine failed to load during '{self.stage}': {type(exc).__name__}: {exc}", exc)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL)
+            client = self.client
+            if client is not None and client.errored:
+                self._die(f"the engine died: {client.dead_error!r}", None)
+                return
+
+    def _die(self, reason: str, exc: BaseException | None) -> None:
+        self.state = EngineState.DEAD
+        self.error = reason
+        log.error(
+            "\n%s\n"
+            "  model: %s\n"
+            "  engine options: %s\n"
+            "  This worker exits now so that its supervisor sees the failure. Check the model path or id,\n"
+            "  the engine options (they are vLLM's own: see `vllm serve --help`), and free memory.\n",
+            reason[0].upper() + reason[1:],
+            self.model_path or self.settings.model,
+            self.settings.engine_kwargs(self.model_path or "")
+            | ({} if self.settings.model else {"model": "(built-in demo)"}),
+            exc_info=exc,
+        )
+        # SIGTERM to ourselves: Granian stops this worker gracefully (lifespan shutdown runs), and its
+        # supervisor, seeing a worker it did not stop, exits non-zero.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _set_stage(self, stage: str) -> None:
+        now = time.monotonic()
+        if self.stage != "waiting to start":
+            log.info("engine load: %s done in %.1f s", self.stage, now - self._stage_t0)
+        log.info("engine load: %s (%.1f s since start)", stage, now - self._t0)
+        self.stage = stage
+        self._stage_t0 = now
+
+    # --- status ---
+
+    def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.state.value}
+        if self.state is EngineState.LOADING:
+            body["stage"] = self.stage
+            body["elapsed_seconds"] = round(time.monotonic() - self._t0, 1)
+        elif self.state is EngineState.DEAD:
+            body["reason"] = self.error
+        elif self.client is not None:
+            body["requests_in_engine"] = self.client.get_num_unfinished_requests()
+        return body
+
+    def ready_client(self) -> AsyncLLM:
+        """The engine, or a 503 telling the client when to retry."""
+        client = self.client
+        if self.state is EngineState.READY and client is not None and not client.errored:
+            return client
+        retry = {"Retry-After": str(self.settings.retry_after_seconds)}
+        if self.state is EngineState.LOADING:
+            raise APIError(503, f"The model is loading ({self.stage}); retry shortly.", code="loading", headers=retry)
+        if self.state is EngineState.DRAINING:
+            raise APIError(503, "The server is shutting down.", code="draining", headers=retry)
+        raise APIError(503, f"The engine is not available: {self.error}", code="engine_dead", headers=retry)
+
+
+def _import_vllm():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncEngineArgs, AsyncLLM

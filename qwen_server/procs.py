@@ -1,0 +1,96 @@
+"""Process facts read from /proc (Linux): parents, children, command lines; and ending a tree."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    cmdline: str
+
+    @property
+    def short(self) -> str:
+        return self.cmdline if len(self.cmdline) <= 160 else self.cmdline[:157] + "..."
+
+
+def info(pid: int) -> ProcInfo | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name in stat may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields and fields[0] == "Z":  # a zombie holds nothing; treat it as gone
+        return None
+    return ProcInfo(pid=pid, ppid=int(fields[1]), cmdline=cmdline)
+
+
+def all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def children(pid: int) -> list[int]:
+    result = []
+    for other in all_pids():
+        proc = info(other)
+        if proc is not None and proc.ppid == pid:
+            result.append(other)
+    return result
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, parents before children."""
+    parents: dict[int, list[int]] = {}
+    for other in all_pids():
+        proc = info(other)
+        if proc is not None:
+            parents.setdefault(proc.ppid, []).append(other)
+    found, frontier = [], [pid]
+    while frontier:
+        nxt = []
+        for p in frontier:
+            for child in parents.get(p, []):
+                found.append(child)
+                nxt.append(child)
+        frontier = nxt
+    return found
+
+
+def alive(pid: int) -> bool:
+    return info(pid) is not None
+
+
+def terminate(pids: list[int], grace: float) -> list[int]:
+    """SIGTERM each process, wait up to `grace` seconds, SIGKILL the rest; return the killed ones."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    killed = [p for p in pids if alive(p)]
+    for pid in killed:
+        _signal(pid, signal.SIGKILL)
+    return killed
+
+
+def terminate_children(pid: int, grace: float) -> None:
+    """End every process below `pid` (children first get SIGTERM, then SIGKILL)."""
+    tree = descendants(pid)
+    if tree:
+        terminate(tree, grace)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,229 @@
+"""OpenAI wire schemas (msgspec Structs): what clients send and what the server answers.
+
+Requests decode strictly (no "0.5" for a float) but tolerate unknown top-level fields, which real
+clients send. Bounds that OpenAI documents are declared here so that msgspec reports them with the
+offending field's path. Responses encode every field OpenAI clients expect, nulls included.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# --- requests ---
+
+
+class ImageURL(Struct, frozen=True):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(Struct, tag="text", tag_field="type", frozen=True):
+    text: str
+
+
+class ImageURLPart(Struct, tag="image_url", tag_field="type", frozen=True):
+    image_url: ImageURL
+
+
+ContentPart = TextPart | ImageURLPart
+
+
+class ChatMessage(Struct, frozen=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(Struct, frozen=True):
+    include_usage: bool = False
+
+
+class JSONSchemaFormat(Struct, frozen=True):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, frozen=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+Temperature = Annotated[float, Meta(ge=0, le=100)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Stop = str | Annotated[list[str], Meta(max_length=16)] | None
+
+
+class SamplingFields(Struct, kw_only=True, frozen=True):
+    """Sampling parameters shared by chat and text completions (OpenAI's plus vLLM's extras)."""
+
+    model: str | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    seed: int | None = None
+    stop: Stop = None
+    stop_token_ids: list[int] | None = None
+    n: Annotated[int, Meta(ge=1, le=16)] = 1
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0, le=10)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True, frozen=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class CompletionRequest(SamplingFields, kw_only=True, frozen=True):
+    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+# --- responses ---
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct):
+    content: list[TokenLogprob]
+
+
+class ResponseMessage(Struct):
+    role: str
+    content: str | None
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class Delta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(Struct):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+    object: str = "text_completion"
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    max_model_len: int | None
+    root: str
+    object: str = "model"
+    owned_by: str = "qwen-server"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class ErrorBody(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(Struct):
+    error: ErrorBody
+
+
+# --- codecs (built once; msgspec caches the type plans) ---
+
+chat_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
+encoder = msgspec.json.Encoder()

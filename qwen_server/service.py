@@ -1,0 +1,442 @@
+"""From an OpenAI request to engine calls and back: prompts, images, sampling, results, streams.
+
+No HTTP here: routes hand in decoded requests and get a response struct or an async iterator of
+SSE frames (bytes). The engine is used in DELTA mode, so each step carries only the new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from qwen_server import protocol as p
+from qwen_server.engine import Engine
+from qwen_server.errors import APIError, bad_request, envelope
+from qwen_server.media import MediaError, load_image
+from qwen_server.settings import Settings
+
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request ready for the engine: the rendered input and its sampling parameters."""
+
+    request_id: str
+    model: str
+    engine_input: Any
+    sampling: Any
+    prompt_len: int
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top-k to report; None: no logprobs
+    chat: bool
+    echo_text: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class Service:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        limits = settings.limit_mm_per_prompt or {}
+        self.max_images = limits.get("image")
+        self._defaults: dict[str, Any] | None = None
+
+    # --- preparing requests ---
+
+    def _check_model(self, model: str | None) -> str:
+        names = self.settings.model_names
+        if model is not None and model not in names:
+            raise APIError(
+                404,
+                f"The model {model!r} does not exist; this server serves {', '.join(map(repr, names))}.",
+                param="model",
+                code="model_not_found",
+            )
+        return names[0]
+
+    async def prepare_chat(self, req: p.ChatCompletionRequest) -> Prepared:
+        client = self.engine.ready_client()
+        model = self._check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+        conversation, image_urls = self._conversation(req.messages)
+        images = await self._load_images(image_urls)
+        try:
+            text = self.engine.tokenizer.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # the template is the model's: any failure is about this input
+            raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
+        token_ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
+        mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}
+        if mm_kwargs:
+            prompt["mm_processor_kwargs"] = mm_kwargs
+        engine_input = await self._render(client, prompt)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        prompt_len = len(engine_input["prompt_token_ids"])
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return Prepared(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=model,
+            engine_input=engine_input,
+            sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), top),
+            prompt_len=prompt_len,
+            n=req.n,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            logprobs=top,
+            chat=True,
+        )
+
+    async def prepare_completion(self, req: p.CompletionRequest) -> Prepared:
+        client = self.engine.ready_client()
+        model = self._check_model(req.model)
+        if req.suffix:
+            raise bad_request("suffix is not supported.", "suffix")
+        text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        token_ids = self.engine.tokenizer.encode(text)
+        engine_input = await self._render(client, {"prompt_token_ids": token_ids})
+        prompt_len = len(engine_input["prompt_token_ids"])
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        return Prepared(
+            request_id=f"cmpl-{uuid.uuid4().hex}",
+            model=model,
+            engine_input=engine_input,
+            sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), req.logprobs),
+            prompt_len=prompt_len,
+            n=req.n,
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            logprobs=req.logprobs,
+            chat=False,
+            echo_text=text if req.echo else "",
+        )
+
+    def _conversation(self, messages: list[p.ChatMessage]) -> tuple[list[dict], list[tuple[str, str]]]:
+        """OpenAI messages to the chat template's form; image URLs with their request paths."""
+        conversation: list[dict] = []
+        image_urls: list[tuple[str, str]] = []
+        for i, message in enumerate(messages):
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            if content is None:
+                content = ""
+            if isinstance(content, str):
+                conversation.append({"role": role, "content": content})
+                continue
+            parts: list[dict] = []
+            for j, part in enumerate(content):
+                if isinstance(part, p.TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    if role != "user":
+                        raise bad_request(
+                            "Images are only accepted in user messages.", f"messages[{i}].content[{j}]"
+                        )
+                    image_urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url"))
+                    parts.append({"type": "image"})
+            conversation.append({"role": role, "content": parts})
+        if self.max_images is not None and len(image_urls) > self.max_images:
+            raise bad_request(
+                f"The request has {len(image_urls)} images; at most {self.max_images} are accepted per request.",
+                image_urls[self.max_images][1],
+                code="too_many_images",
+            )
+        return conversation, image_urls
+
+    async def _load_images(self, urls: list[tuple[str, str]]) -> list[Any]:
+        if not urls:
+            return []
+        s = self.settings
+        try:
+            return list(
+                await asyncio.gather(
+                    *(load_image(url, param, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels) for url, param in urls)
+                )
+            )
+        except MediaError as exc:
+            raise APIError(exc.status, exc.message, param=exc.param, code="invalid_image") from None
+
+    async def _render(self, client: Any, prompt: dict[str, Any]) -> Any:
+        """vLLM's renderer runs the model's multimodal processor (image tokens expanded) off the loop."""
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            (engine_input,) = await client.renderer.render_cmpl_async([prompt], client.renderer.default_chat_tok_params)
+        except VLLMClientError as exc:
+            raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
+        except (ValueError, TypeError) as exc:
+            # The HF processor raises these for inputs it cannot use (e.g. bad mm_processor_kwargs).
+            raise bad_request(f"The input could not be processed: {exc}", None) from None
+        return engine_input
+
+    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        limit = self.engine.max_model_len or 0
+        if prompt_len >= limit:
+            raise bad_request(
+                f"The prompt is {prompt_len} tokens long, which leaves no room for output in the "
+                f"context of {limit} tokens.",
+                "messages",
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            default = self._sampling_defaults().get("max_tokens")
+            return min(limit - prompt_len, default) if default else limit - prompt_len
+        if prompt_len + requested > limit:
+            raise bad_request(
+                f"The prompt ({prompt_len} tokens) plus max_tokens ({requested}) is {prompt_len + requested} "
+                f"tokens, over the model's context of {limit} tokens.",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def _sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation_config defaults, as vLLM's own server applies them."""
+        if self._defaults is None:
+            client = self.engine.client
+            defaults = dict(client.model_config.get_diff_sampling_param()) if client else {}
+            if "max_new_tokens" in defaults:
+                defaults["max_tokens"] = defaults.pop("max_new_tokens")
+            self._defaults = defaults
+        return self._defaults
+
+    def _sampling(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        kwargs: dict[str, Any] = {
+            k: v for k, v in self._sampling_defaults().items() if k != "max_tokens"
+        }
+        for name in (
+            "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+            "repetition_penalty",
+        ):
+            value = getattr(req, name)
+            if value is not None:
+                kwargs[name] = value
+        if req.logit_bias:
+            try:
+                kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise bad_request("logit_bias keys must be token ids.", "logit_bias") from None
+        if req.response_format is not None and req.response_format.type != "text":
+            fmt = req.response_format
+            if fmt.type == "json_object":
+                kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True)
+            else:
+                if fmt.json_schema is None or fmt.json_schema.schema is None:
+                    raise bad_request("response_format json_schema needs json_schema.schema.", "response_format.json_schema")
+                kwargs["structured_outputs"] = StructuredOutputsParams(json=fmt.json_schema.schema)
+        try:
+            return SamplingParams(
+                n=req.n,
+                max_tokens=max_tokens,
+                min_tokens=min(req.min_tokens, max_tokens),
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                output_kind=RequestOutputKind.DELTA,
+                **kwargs,
+            )
+        except ValueError as exc:
+            raise bad_request(f"Invalid sampling parameters: {exc}", getattr(exc, "parameter", None)) from None
+
+    # --- running requests ---
+
+    def _generate(self, prep: Prepared) -> AsyncIterator[Any]:
+        client = self.engine.ready_client()
+        return client.generate(prep.engine_input, prep.sampling, prep.request_id)
+
+    async def complete(self, prep: Prepared) -> p.ChatCompletion | p.Completion:
+        n = prep.n
+        texts = [[] for _ in range(n)]
+        counts = [0] * n
+        finish: list[str | None] = [None] * n
+        logprobs: list[list] = [[] for _ in range(n)]
+        async for out in self._run(prep):
+            for o in out.outputs:
+                i = o.index
+                texts[i].append(o.text)
+                counts[i] += len(o.token_ids)
+                if prep.logprobs is not None and o.logprobs:
+                    logprobs[i].extend(self._token_logprobs(o, prep.logprobs))
+                if o.finish_reason is not None:
+                    finish[i] = o.finish_reason
+        usage = p.Usage(prep.prompt_len, sum(counts), prep.prompt_len + sum(counts))
+        if prep.chat:
+            return p.ChatCompletion(
+                id=prep.request_id,
+                created=prep.created,
+                model=prep.model,
+                choices=[
+                    p.ChatChoice(
+                        index=i,
+                        message=p.ResponseMessage(role="assistant", content="".join(texts[i])),
+                        logprobs=p.ChoiceLogprobs(content=logprobs[i]) if prep.logprobs is not None else None,
+                        finish_reason=finish[i],
+                    )
+                    for i in range(n)
+                ],
+                usage=usage,
+            )
+        return p.Completion(
+            id=prep.request_id,
+            created=prep.created,
+            model=prep.model,
+            choices=[
+                p.CompletionChoice(
+                    index=i,
+                    text=prep.echo_text + "".join(texts[i]),
+                    logprobs=self._completion_logprobs(logprobs[i]) if prep.logprobs is not None else None,
+                    finish_reason=finish[i],
+                )
+                for i in range(n)
+            ],
+            usage=usage,
+        )
+
+    async def stream(self, prep: Prepared) -> AsyncIterator[bytes]:
+        """SSE frames: role first (chat), then deltas, an optional usage chunk, then [DONE].
+        An engine failure mid-stream becomes an error event, so no stream ends silently cut."""
+        encode = p.encoder.encode
+        completion_tokens = 0
+        try:
+            if prep.chat:
+                yield _frame(
+                    encode(
+                        p.ChatCompletionChunk(
+                            id=prep.request_id,
+                            created=prep.created,
+                            model=prep.model,
+                            choices=[p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content="")) for i in range(prep.n)],
+                        )
+                    )
+                )
+            async for out in self._run(prep):
+                choices = []
+                for o in out.outputs:
+                    completion_tokens += len(o.token_ids)
+                    if not o.text and o.finish_reason is None:
+                        continue
+                    lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
+                    if prep.chat:
+                        choices.append(
+                            p.ChunkChoice(
+                                index=o.index,
+                                delta=p.Delta(content=o.text),
+                                logprobs=p.ChoiceLogprobs(content=lp) if lp is not None else None,
+                                finish_reason=o.finish_reason,
+                            )
+                        )
+                    else:
+                        choices.append(
+                            p.CompletionChoice(
+                                index=o.index,
+                                text=o.text,
+                                logprobs=self._completion_logprobs(lp) if lp is not None else None,
+                                finish_reason=o.finish_reason,
+                            )
+                        )
+                if not choices:
+                    continue
+                if prep.chat:
+                    chunk = p.ChatCompletionChunk(id=prep.request_id, created=prep.created, model=prep.model, choices=choices)
+                else:
+                    chunk = p.Completion(id=prep.request_id, created=prep.created, model=prep.model, choices=choices, usage=None)
+                yield _frame(encode(chunk))
+            if prep.include_usage:
+                usage = p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
+                if prep.chat:
+                    chunk = p.ChatCompletionChunk(id=prep.request_id, created=prep.created, model=prep.model, choices=[], usage=usage)
+                else:
+                    chunk = p.Completion(id=prep.request_id, created=prep.created, model=prep.model, choices=[], usage=usage)
+                yield _frame(encode(chunk))
+        except APIError as exc:
+            yield _frame(envelope(exc.status, exc.message, exc.param, exc.code))
+        yield _DONE
+
+    async def _run(self, prep: Prepared) -> AsyncIterator[Any]:
+        """The engine's outputs; engine failures become APIErrors. Cancellation (a client that left)
+        propagates into vLLM's generator, which aborts the request in the engine."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            async for out in self._generate(prep):
+                yield out
+        except EngineDeadError:
+            raise APIError(503, "The engine died while serving this request.", code="engine_dead") from None
+        except VLLMClientError as exc:
+            raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
+
+    # --- logprobs ---
+
+    def _token_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
+        result = []
+        for token_id, entry in zip(output.token_ids, output.logprobs, strict=False):
+            chosen = entry.get(token_id)
+            if chosen is None:
+                continue
+            token = chosen.decoded_token or ""
+            tops = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top] if top else []
+            result.append(
+                p.TokenLogprob(
+                    token=token,
+                    logprob=max(chosen.logprob, -9999.0),
+                    bytes=list(token.encode()),
+                    top_logprobs=[
+                        p.TopLogprob(
+                            token=lp.decoded_token or "", logprob=max(lp.logprob, -9999.0), bytes=list((lp.decoded_token or "").encode())
+                        )
+                        for _, lp in tops
+                    ],
+                )
+            )
+        return result
+
+    @staticmethod
+    def _completion_logprobs(items: list[p.TokenLogprob]) -> p.CompletionLogprobs:
+        offsets, pos = [], 0
+        for item in items:
+            offsets.append(pos)
+            pos += len(item.token)
+        return p.CompletionLogprobs(
+            tokens=[t.token for t in items],
+            token_logprobs=[t.logprob for t in items],
+            top_logprobs=[{tl.token: tl.logprob for tl in t.top_logprobs} for t in items],
+            text_offset=offsets,
+        )
+
+
+def _frame(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+def decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
+    """Strict decoding of a request body; errors name the field."""
+    from qwen_server.errors import from_validation_error
+
+    try:
+        return decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_validation_error(exc) from None

@@ -1,0 +1,216 @@
+"""The one settings struct: the launcher's options, the environment and the app all derive from it.
+
+Every field is read from `QWEN_SERVER_<FIELD>` (upper case). The launcher turns its options into those
+variables, which is how Granian's workers (separate processes) receive them. Engine fields keep
+vLLM's names and are passed to `AsyncEngineArgs` unchanged, so vLLM's parallelism (tensor, pipeline,
+data; the Ray backend for several nodes) works as it does under `vllm serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+ENV_PREFIX = "QWEN_SERVER_"
+
+_ENGINE = {"group": "engine"}
+_SERVER = {"group": "server"}
+_MEDIA = {"group": "media"}
+
+
+def _doc(text: str, group: dict = _SERVER) -> msgspec.Meta:
+    return msgspec.Meta(description=text, extra=group)
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; the message names each variable and what is wrong."""
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    # --- model and engine (vLLM's names, passed through to AsyncEngineArgs) ---
+    model: Annotated[
+        str | None,
+        _doc(
+            "Model to serve: a Hugging Face id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local path. "
+            "Unset: a built-in tiny demo model with random weights.",
+            _ENGINE,
+        ),
+    ] = None
+    tokenizer: Annotated[str | None, _doc("Tokenizer id or path (default: the model's).", _ENGINE)] = None
+    revision: Annotated[str | None, _doc("Model revision (branch, tag or commit).", _ENGINE)] = None
+    dtype: Annotated[str, _doc("Weight and activation dtype (auto, bfloat16, float16, float32).", _ENGINE)] = "auto"
+    max_model_len: Annotated[int | None, _doc("Context length (prompt + output tokens).", _ENGINE)] = None
+    tensor_parallel_size: Annotated[int, _doc("Tensor-parallel ranks.", _ENGINE)] = 1
+    pipeline_parallel_size: Annotated[int, _doc("Pipeline-parallel stages.", _ENGINE)] = 1
+    data_parallel_size: Annotated[int, _doc("Data-parallel engine replicas.", _ENGINE)] = 1
+    distributed_executor_backend: Annotated[
+        Literal["mp", "ray", "uni", "external_launcher"] | None,
+        _doc("vLLM executor: mp, ray (several nodes), uni (one process), external_launcher.", _ENGINE),
+    ] = None
+    gpu_memory_utilization: Annotated[float, _doc("Fraction of accelerator memory for the engine.", _ENGINE)] = 0.9
+    limit_mm_per_prompt: Annotated[
+        dict[str, int] | None, _doc('Items per prompt by modality, JSON, e.g. {"image": 4}.', _ENGINE)
+    ] = None
+    mm_processor_kwargs: Annotated[
+        dict[str, Any] | None, _doc('Multimodal processor options, JSON, e.g. {"max_pixels": 1003520}.', _ENGINE)
+    ] = None
+    enforce_eager: Annotated[bool, _doc("Disable CUDA graphs and compilation.", _ENGINE)] = False
+    max_num_seqs: Annotated[int | None, _doc("Maximum sequences per engine step.", _ENGINE)] = None
+    max_num_batched_tokens: Annotated[int | None, _doc("Maximum tokens per engine step.", _ENGINE)] = None
+    trust_remote_code: Annotated[bool, _doc("Allow custom model code from the model repository.", _ENGINE)] = False
+    seed: Annotated[int | None, _doc("Engine random seed.", _ENGINE)] = None
+    enable_prefix_caching: Annotated[bool | None, _doc("Reuse KV cache across shared prefixes.", _ENGINE)] = None
+    quantization: Annotated[str | None, _doc("Quantization method (awq, gptq, fp8, ...).", _ENGINE)] = None
+    kv_cache_dtype: Annotated[str | None, _doc("KV cache dtype (auto, fp8, ...).", _ENGINE)] = None
+    engine_args: Annotated[
+        dict[str, Any] | None,
+        _doc("Any other AsyncEngineArgs field, JSON, e.g. {\"swap_space\": 4}; applied last.", _ENGINE),
+    ] = None
+
+    # --- server ---
+    served_model_name: Annotated[
+        list[str] | None, _doc("Name(s) clients use in `model`; the first is reported (default: --model).")
+    ] = None
+    host: Annotated[str, _doc("Address to bind.")] = "127.0.0.1"
+    port: Annotated[int, _doc("TCP port to bind.")] = 8000
+    root_path: Annotated[str, _doc("Path prefix when served behind a reverse proxy.")] = ""
+    max_request_body_bytes: Annotated[
+        int, _doc("Largest request body accepted (images come inline as base64).")
+    ] = 64 * 1024 * 1024
+    retry_after_seconds: Annotated[int, _doc("Retry-After sent with 503 while the engine loads.")] = 5
+    log_level: Annotated[
+        Literal["critical", "error", "warning", "info", "debug"], _doc("Log level of the server.")
+    ] = "info"
+
+    # --- media ---
+    max_image_bytes: Annotated[int, _doc("Largest encoded image accepted.", _MEDIA)] = 20 * 1024 * 1024
+    max_image_pixels: Annotated[
+        int, _doc("Largest image (width x height) decoded; bigger ones are refused before decoding.", _MEDIA)
+    ] = 64_000_000
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "port"):
+            if getattr(self, name) < 1:
+                problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
+        if self.port > 65535:
+            problems.append(f"{env_name('port')}: must be at most 65535, got {self.port}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"{env_name('gpu_memory_utilization')}: must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{env_name(name)}: must be at least 1, got {value}")
+        if self.root_path and not self.root_path.startswith("/"):
+            problems.append(f"{env_name('root_path')}: must start with '/', got {self.root_path!r}")
+        if problems:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+
+    # --- derived views ---
+
+    @property
+    def model_names(self) -> list[str]:
+        """Names a request may use in `model`; the first is the one reported."""
+        if self.served_model_name:
+            return list(self.served_model_name)
+        return [self.model or DEMO_MODEL_NAME]
+
+    def engine_kwargs(self, model_path: str) -> dict[str, Any]:
+        """Keyword arguments for vLLM's AsyncEngineArgs: the engine fields that are set."""
+        kwargs: dict[str, Any] = {"model": model_path, "served_model_name": self.model_names}
+        for name in ENGINE_FIELDS:
+            if name in ("model", "engine_args"):
+                continue
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        kwargs.update(self.engine_args or {})
+        return kwargs
+
+    def to_env(self, only_changed: bool = True) -> dict[str, str]:
+        """The environment that reproduces these settings in another process."""
+        env = {}
+        defaults = Settings()
+        for name in FIELDS:
+            value = getattr(self, name)
+            if only_changed and value == getattr(defaults, name):
+                continue
+            if value is None:
+                continue
+            env[env_name(name)] = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        return env
+
+
+DEMO_MODEL_NAME = "qwen-server-demo"
+
+
+def _field_meta() -> dict[str, tuple[Any, msgspec.Meta]]:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    return {name: (hint.__origin__, hint.__metadata__[0]) for name, hint in hints.items()}
+
+
+# name -> (type, Meta with the help text and group), in declaration order.
+FIELDS: dict[str, tuple[Any, msgspec.Meta]] = _field_meta()
+ENGINE_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if meta.extra["group"] == "engine")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def field_help(field: str) -> str:
+    return FIELDS[field][1].description or ""
+
+
+def parse_value(field: str, raw: str) -> Any:
+    """Turn one environment string into the value msgspec validates: containers come as JSON,
+    and a list may also be given comma-separated."""
+    kind = typing.get_origin(_strip_optional(FIELDS[field][0]))
+    if kind is dict:
+        return msgspec.json.decode(raw)
+    if kind is list:
+        stripped = raw.strip()
+        if stripped.startswith("["):
+            return msgspec.json.decode(stripped)
+        return [part.strip() for part in stripped.split(",") if part.strip()]
+    return raw
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from `QWEN_SERVER_*` variables; every bad value is named in one error."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    unknown = sorted(
+        key for key in environ if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() not in FIELDS
+    )
+    for key in unknown:
+        problems.append(f"{key}: not a known setting")
+    for name in FIELDS:
+        raw = environ.get(env_name(name))
+        if raw is None or raw == "":
+            continue
+        try:
+            # Each field is converted alone, so that every bad value gets its own line.
+            values[name] = msgspec.convert(parse_value(name, raw), FIELDS[name][0], strict=False)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            problems.append(f"{env_name(name)}={raw!r}: {_short(exc)}")
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    return Settings(**values)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).split(" - at ")[0]
