@@ -1,0 +1,215 @@
+"""The launcher: check and take the port, then hand the app's import path and that socket to Granian.
+
+    python launcher.py [OPTIONS]        (also installed as `qwen-server`)
+
+Server options are generated from the Settings struct (vLLM's names and value formats, so a
+`vllm serve` command line carries over); process options are Granian's. Settings reach Granian's
+workers through QWEN_SERVER_* environment variables, the same ones `granian ... qwen_server.app:app`
+reads. Nothing here imports torch or vLLM: the port answer comes first and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from qwen_server import ports, settings as settings_mod, supervise
+from qwen_server.settings import Settings
+
+APP_TARGET = "qwen_server.app:app"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _option_for(name: str) -> click.Option:
+    tp, meta = settings_mod.FIELDS[name]
+    flag = "--" + name.replace("_", "-")
+    base = settings_mod._strip_optional(tp)
+    help_text = (meta.description or "") + f"  [env: {settings_mod.env_name(name)}]"
+    if base is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
+    if typing.get_origin(base) is list:
+        return click.Option([flag, name], multiple=True, help=help_text + " (repeatable, or comma-separated)")
+    if typing.get_origin(base) is typing.Literal:
+        return click.Option([flag, name], type=click.Choice(typing.get_args(base)), default=None, help=help_text)
+    click_type = {int: int, float: float}.get(base, str)
+    return click.Option([flag, name], type=click_type, default=None, help=help_text)
+
+
+def _settings_options(func):
+    for name in reversed(list(settings_mod.FIELDS)):
+        func.__click_params__ = getattr(func, "__click_params__", [])
+        func.__click_params__.append(_option_for(name))
+    return func
+
+
+def resolve_settings(cli_values: dict[str, Any], environ: dict[str, str]) -> Settings:
+    """Defaults, then QWEN_SERVER_* variables, then command-line options (the last one wins)."""
+    base = settings_mod.from_env(environ)
+    values = msgspec.structs.asdict(base)
+    problems = []
+    for name, raw in cli_values.items():
+        if raw is None or raw == ():
+            continue
+        if isinstance(raw, tuple):  # repeatable list option
+            raw = ",".join(raw)
+        try:
+            parsed = settings_mod.parse_value(name, raw) if isinstance(raw, str) else raw
+            values[name] = msgspec.convert(parsed, settings_mod.FIELDS[name][0], strict=False)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            problems.append(f"--{name.replace('_', '-')}={raw!r}: {str(exc).split(' - at ')[0]}")
+    if problems:
+        raise settings_mod.SettingsError("invalid options:\n  " + "\n  ".join(problems))
+    return Settings(**values)
+
+
+def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "target": APP_TARGET,
+        "address": s.host,
+        "port": s.port,
+        "interface": "asgi",
+        "workers": opts["workers"],
+        "log_level": s.log_level if s.log_level != "critical" else "critical",
+        "log_access": opts["access_log"],
+        "backlog": opts["backlog"],
+        "workers_kill_timeout": opts["workers_kill_timeout"],
+        "process_name": f"qwen-server {s.host}:{s.port}",
+        "respawn_failed_workers": opts["respawn_failed_workers"],
+    }
+    if opts["reload"]:
+        kwargs["reload"] = True
+        kwargs["reload_paths"] = [PACKAGE_DIR]
+    if opts["ssl_certfile"]:
+        kwargs["ssl_cert"] = Path(opts["ssl_certfile"])
+        kwargs["ssl_key"] = Path(opts["ssl_keyfile"])
+    return kwargs
+
+
+def _equivalent_command(s: Settings, g: dict[str, Any]) -> str:
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(s.to_env().items()))
+    parts = ["granian", "--interface", "asgi", "--host", s.host, "--port", str(s.port), "--workers", str(g["workers"])]
+    if g.get("reload"):
+        parts += ["--reload", "--reload-paths", str(PACKAGE_DIR)]
+    if g.get("workers_kill_timeout"):
+        parts += ["--workers-kill-timeout", str(g["workers_kill_timeout"])]
+    if g.get("log_access"):
+        parts += ["--access-log"]
+    parts.append(APP_TARGET)
+    return (env + " " if env else "") + " ".join(shlex.quote(p) for p in parts)
+
+
+def _check_combination(s: Settings, workers: int) -> None:
+    """Refuse process layouts that cannot work, before anything is started."""
+    if workers > 1 and _has_nvidia_gpu() and s.gpu_memory_utilization * workers > 1.0:
+        raise click.UsageError(
+            f"--workers {workers} would start {workers} engines on the same GPU, each taking "
+            f"--gpu-memory-utilization {s.gpu_memory_utilization} of its memory. Use "
+            f"--gpu-memory-utilization {round(0.9 / workers, 2)} or less, or one worker with "
+            "--data-parallel-size for several GPUs."
+        )
+    if workers > 1 and s.tensor_parallel_size * s.pipeline_parallel_size > 1:
+        raise click.UsageError(
+            "--workers > 1 with tensor or pipeline parallelism would start one parallel group per worker "
+            "on the same devices; use one worker (vLLM parallelizes inside it)."
+        )
+
+
+def _has_nvidia_gpu() -> bool:
+    return os.path.exists("/dev/nvidia0")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_settings_options
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Granian worker processes; each loads its own engine.")
+@click.option("--reload/--no-reload", default=False, help="Restart workers when the package's source changes (development).")
+@click.option("--workers-kill-timeout", type=click.IntRange(1), default=60, show_default=True,
+              help="Seconds a stopping worker may take (drain, engine shutdown) before it is killed.")
+@click.option("--respawn-failed-workers/--no-respawn-failed-workers", default=False,
+              help="Restart a worker that died (Granian's supervisor).")
+@click.option("--access-log/--no-access-log", default=False, help="Log every request (Granian's access log).")
+@click.option("--backlog", type=click.IntRange(1), default=1024, show_default=True, help="Listen backlog.")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
+@click.option("--replace", is_flag=True, help="If a qwen_server holds the port, stop it gracefully and take its place.")
+@click.option("--replace-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the replaced server before it is killed.")
+@click.option("--print-config", is_flag=True, help="Print the resolved settings and the Granian invocation, start nothing.")
+def main(**opts: Any) -> None:
+    """Serve a vision-language model over an OpenAI-compatible HTTP API (Litestar + Granian + vLLM).
+
+    With no --model, a tiny random-weight demo model is built and served (its answers are noise).
+    """
+    t0 = time.monotonic()
+    cli_values = {name: opts.pop(name) for name in settings_mod.FIELDS}
+    try:
+        s = resolve_settings(cli_values, dict(os.environ))
+    except settings_mod.SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    if bool(opts["ssl_certfile"]) != bool(opts["ssl_keyfile"]):
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together.")
+    granian_kwargs = _granian_kwargs(s, opts)
+    if opts["print_config"]:
+        click.echo(json.dumps({"settings": msgspec.to_builtins(s), "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()}}, indent=2, default=str))
+        click.echo("equivalent: " + _equivalent_command(s, granian_kwargs))
+        return
+    _check_combination(s, opts["workers"])
+
+    sock = _take_port(s, opts)
+    click.echo(f"qwen-server: port {s.host}:{s.port} taken in {1000 * (time.monotonic() - t0):.0f} ms", err=True)
+
+    # Workers read their settings from the environment: make it exactly these settings.
+    for key in [k for k in os.environ if k.startswith(settings_mod.ENV_PREFIX)]:
+        del os.environ[key]
+    os.environ.update(s.to_env())
+    sys.exit(supervise.serve(sock, granian_kwargs))
+
+
+def _take_port(s: Settings, opts: dict[str, Any]):
+    try:
+        return ports.take_port(s.host, s.port, opts["backlog"])
+    except ports.PortInUse as exc:
+        if not opts["replace"]:
+            click.echo(f"qwen-server: {exc}", err=True)
+            sys.exit(1)
+        report = exc.report
+    except OSError as exc:
+        click.echo(f"qwen-server: cannot bind {s.host}:{s.port}: {exc}", err=True)
+        sys.exit(1)
+    return _replace(s, opts, report)
+
+
+def _replace(s: Settings, opts: dict[str, Any], report: ports.PortReport):
+    foreign = [h for h in report.holders if not h.is_qwen_server]
+    if foreign or not report.holders:
+        click.echo(
+            "qwen-server: --replace stops only qwen_server processes, and this port is held by others:\n"
+            + report.describe(s.host),
+            err=True,
+        )
+        sys.exit(1)
+    roots = sorted({supervise.tree_root(h.pid) for h in report.holders})
+    click.echo(f"qwen-server: replacing the qwen_server tree(s) rooted at PID {', '.join(map(str, roots))}", err=True)
+    supervise.stop_trees(roots, timeout=opts["replace_timeout"])
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            return ports.take_port(s.host, s.port, opts["backlog"])
+        except ports.PortInUse as exc:
+            if time.monotonic() > deadline:
+                click.echo(f"qwen-server: the port is still held after the replaced server stopped:\n{exc}", err=True)
+                sys.exit(1)
+            time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main()

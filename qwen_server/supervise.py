@@ -1,0 +1,167 @@
+"""Running Granian on the launcher's socket, so that no process outlives its supervisor.
+
+Three guarantees, each for a way things die:
+- the launcher's socket (plain bind, listening) is what the workers serve on: Granian 2.8 has no
+  public option for that, so `_HandedSocketServer` replaces the one private method that creates
+  the shared socket (verified on Granian 2.8.7 to 2.8.9; a test fails loudly if that changes);
+- a worker whose supervisor disappears (even by SIGKILL) kills its own process tree (vLLM's
+  EngineCore included) and exits: a watchdog thread notices the parent change within 0.25 s;
+- the launcher is a child subreaper: processes orphaned by a dead worker (an EngineCore whose
+  worker was SIGKILLed) are re-parented to it and ended, while it runs and when it exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from qwen_server import procs
+from qwen_server.ports import SERVER_MARKERS
+
+log = logging.getLogger("qwen_server.launcher")
+
+_PR_SET_CHILD_SUBREAPER = 36
+VERIFIED_GRANIAN = ((2, 8, 7), (2, 9, 0))  # [low, high) of the versions the hand-off was verified on
+
+
+def granian_version_ok() -> bool:
+    import granian
+
+    version = tuple(int(x) for x in granian.__version__.split(".")[:3])
+    return VERIFIED_GRANIAN[0] <= version < VERIFIED_GRANIAN[1]
+
+
+def _server_class():
+    from granian._granian import SocketHolder
+    from granian.server.mp import MPServer
+
+    class _HandedSocketServer(MPServer):
+        """Granian's multi-process server, serving on a socket it is given instead of one it binds."""
+
+        handed_socket: socket.socket
+
+        def _init_shared_socket(self) -> None:
+            # What MPServer._init_shared_socket leaves behind for a shared (non-REUSEPORT) socket:
+            # no per-worker spec, a SocketHolder the workers inherit, and the fd kept open here.
+            sock = self.handed_socket
+            self._ssp = None
+            self._shd = SocketHolder(sock.fileno(), False, self.backlog)
+            self._sfd = self._shd.get_fd()
+            self._sso = sock
+
+    return _HandedSocketServer
+
+
+def load_app_in_worker(target: str) -> Any:
+    """Granian's target loader, run in each worker: arm the orphan watchdog, then import the app."""
+    from granian._internal import load_target
+
+    _start_watchdog(os.getppid())
+    return load_target(target)
+
+
+def _start_watchdog(supervisor: int) -> None:
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(0.25)
+        # The supervisor is gone: nothing will stop us, so stop everything below us, then ourselves.
+        tree = procs.descendants(os.getpid())
+        for pid in tree:
+            _kill(pid, signal.SIGKILL)
+        os._exit(1)
+
+    if supervisor <= 1:
+        os._exit(1)
+    threading.Thread(target=watch, name="qwen-server-orphan-watchdog", daemon=True).start()
+
+
+def serve(sock: socket.socket, granian_kwargs: dict[str, Any]) -> int:
+    """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind."""
+    if not granian_version_ok():
+        import granian
+
+        raise RuntimeError(
+            f"Granian {granian.__version__} is outside the range the socket hand-off was verified on "
+            f"({'.'.join(map(str, VERIFIED_GRANIAN[0]))} to <{'.'.join(map(str, VERIFIED_GRANIAN[1]))})."
+        )
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    server = _server_class()(**granian_kwargs)
+    server.handed_socket = sock
+    stop = threading.Event()
+    reaper = threading.Thread(target=_reap_orphans, args=(server, stop), name="qwen-server-reaper", daemon=True)
+    reaper.start()
+    code = 0
+    try:
+        server.serve(target_loader=load_app_in_worker)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        stop.set()
+        sock.close()
+        procs.terminate_children(os.getpid(), grace=5.0)
+    return code
+
+
+def _reap_orphans(server: Any, stop: threading.Event) -> None:
+    """End children that are not Granian's workers: orphans re-parented to us by a dead worker."""
+    me = os.getpid()
+    while not stop.wait(1.0):
+        workers = {w.inner.pid for w in list(getattr(server, "wrks", []))}
+        for pid in procs.children(me):
+            if pid in workers:
+                continue
+            # A child we did not start directly: give it a moment (Granian may be spawning it).
+            time.sleep(0.5)
+            if pid in {w.inner.pid for w in list(getattr(server, "wrks", []))}:
+                continue
+            info = procs.info(pid)
+            if info is not None and info.ppid == me:
+                log.warning("ending orphaned process %d (%s) left by a dead worker", pid, info.short)
+                procs.terminate([pid, *procs.descendants(pid)], grace=3.0)
+
+
+# --- replacing a running server (launcher --replace) ---
+
+
+def _is_server_proc(pid: int) -> bool:
+    info = procs.info(pid)
+    return info is not None and any(m in info.cmdline for m in SERVER_MARKERS)
+
+
+def tree_root(pid: int) -> int:
+    """The top-most qwen_server process above `pid` (the launcher, or an orphaned worker itself)."""
+    root = pid
+    while True:
+        info = procs.info(root)
+        if info is None or info.ppid <= 1 or not _is_server_proc(info.ppid):
+            return root
+        root = info.ppid
+
+
+def stop_trees(roots: list[int], timeout: float) -> None:
+    """SIGTERM each qwen_server root (graceful: drain, engine shutdown), SIGKILL what is left after
+    `timeout`. Only processes of those trees are ever signalled."""
+    members = {root: [root, *procs.descendants(root)] for root in roots if _is_server_proc(root)}
+    for root in members:
+        _kill(root, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    everyone = [pid for tree in members.values() for pid in tree]
+    while time.monotonic() < deadline and any(procs.alive(p) for p in everyone):
+        time.sleep(0.1)
+    leftovers = [p for p in everyone if procs.alive(p)]
+    if leftovers:
+        log.warning("killing %d process(es) that did not stop within %.0f s", len(leftovers), timeout)
+        procs.terminate(leftovers, grace=0.0)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,100 @@
+"""Real servers on loopback for the tests: start, wait for readiness, stop, and check nothing is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from qwen_server import procs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVER_")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(extra)
+    return env
+
+
+class ServerProcess:
+    """A launcher (or raw granian) process with its log file."""
+
+    def __init__(self, args: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env or base_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.tree: set[int] = set()
+
+    @classmethod
+    def launcher(cls, port: int, log_path: Path, *options: str, env: dict[str, str] | None = None) -> ServerProcess:
+        args = [sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *options]
+        return cls(args, log_path, port, env)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def remember_tree(self) -> set[int]:
+        self.tree |= {self.proc.pid, *procs.descendants(self.proc.pid)}
+        return self.tree
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode} before ready:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.remember_tree()
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> int:
+        self.remember_tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                procs.terminate(sorted(self.tree), grace=1.0)
+                self.proc.wait(10)
+                raise AssertionError(f"server did not stop within {timeout} s:\n{self.log()[-4000:]}") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def leftovers(self, within: float = 5.0) -> list[int]:
+        """Processes of this server's tree still alive after `within` seconds."""
+        deadline = time.monotonic() + within
+        while True:
+            alive = [p for p in self.tree if procs.alive(p)]
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.1)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False

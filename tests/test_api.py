@@ -1,0 +1,336 @@
+"""The OpenAI API against the real engine, through a real Granian server, with the openai SDK."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import image_data_url
+from tests.serverproc import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def image_part(url: str | None = None) -> dict:
+    return {"type": "image_url", "image_url": {"url": url or image_data_url()}}
+
+
+def user(*parts: dict | str) -> dict:
+    return {"role": "user", "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
+
+
+def engine_requests(server: ServerProcess) -> int:
+    return httpx.get(server.url + "/health").json()["requests_in_engine"]
+
+
+def wait_engine_idle(server: ServerProcess, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (count := engine_requests(server)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
+
+
+# --- chat with images ---
+
+
+def test_chat_with_image(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="tiny", messages=[user(image_part(), "What is this?")], max_tokens=6, extra_body={"ignore_eos": True}
+    )
+    assert r.object == "chat.completion"
+    assert r.model == "tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    # 64 image tokens (224 px) plus the chat template's text.
+    assert r.usage.prompt_tokens > 64
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_image_tokens_scale_with_images(client: openai.OpenAI) -> None:
+    def prompt_tokens(*parts: dict | str) -> int:
+        return client.chat.completions.create(model="tiny", messages=[user(*parts)], max_tokens=1).usage.prompt_tokens
+
+    text_only = prompt_tokens("Describe.")
+    one = prompt_tokens(image_part(), "Describe.")
+    three = prompt_tokens(image_part(), image_part(image_data_url(color=(1, 2, 3))), image_part(), "Describe.")
+    per_image = one - text_only
+    assert per_image >= 64  # 64 pad tokens + vision start/end
+    assert three - text_only == 3 * per_image
+
+
+def test_streaming_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[user(image_part(), "Stream it.")],
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+def test_streaming_text_matches_non_streaming(client: openai.OpenAI) -> None:
+    messages = [user(image_part(), "Same answer?")]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
+        if c.choices
+    )
+    assert streamed == full.choices[0].message.content
+
+
+def test_multi_turn_with_system(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="tiny-alias",
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            user(image_part(), "What is it?"),
+            {"role": "assistant", "content": "A square."},
+            {"role": "user", "content": "Which colour?"},
+        ],
+        max_tokens=3,
+    )
+    assert r.model == "tiny"  # the first served name is the one reported
+    assert r.choices[0].message.content is not None
+
+
+def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
+    args = dict(model="tiny", messages=[user(image_part(), "Random?")], max_tokens=12, temperature=1.0, top_p=0.9,
+                extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.01})
+    a = client.chat.completions.create(seed=7, **args).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **args).choices[0].message.content
+    c = client.chat.completions.create(seed=8, **args).choices[0].message.content
+    assert a == b
+    assert a != c
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=4, n=3, seed=1,
+                                       extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 12
+
+
+def test_penalties_and_engine_extras(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="tiny", messages=[user("Hi")], max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.2, "min_tokens": 8, "ignore_eos": False, "top_k": 5},
+    )
+    assert r.usage.completion_tokens == 8
+
+
+def test_stop_strings_and_stop_token_ids(client: openai.OpenAI) -> None:
+    base = client.chat.completions.create(model="tiny", messages=[user("Go")], max_tokens=20, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    assert len(base) > 2
+    stop = base[len(base) // 2 :][:2]
+    r = client.chat.completions.create(model="tiny", messages=[user("Go")], max_tokens=20, temperature=0, stop=[stop],
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].message.content
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=5, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for item in content:
+        assert item.logprob <= 0
+        assert 1 <= len(item.top_logprobs) <= 3
+        assert item.top_logprobs[0].logprob >= item.top_logprobs[-1].logprob
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="tiny", messages=[user("yes or no?")], max_tokens=20, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "string", "enum": ["yes", "no"]}}},
+    )
+    assert json.loads(r.choices[0].message.content) in ("yes", "no")
+
+
+def test_json_object_response_format_starts_an_object(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=[user("json")], max_tokens=5, response_format={"type": "json_object"})
+    assert r.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_per_request_max_pixels(client: openai.OpenAI) -> None:
+    big = image_part(image_data_url(size=(448, 448)))
+    default = client.chat.completions.create(model="tiny", messages=[user(big)], max_tokens=1).usage.prompt_tokens
+    small = client.chat.completions.create(
+        model="tiny", messages=[user(big)], max_tokens=1, extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}}
+    ).usage.prompt_tokens
+    assert small < default
+
+
+def test_text_completions(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="tiny", prompt="The cat", max_tokens=5, logprobs=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion"
+    assert r.choices[0].text.startswith("The cat")
+    assert len(r.choices[0].logprobs.tokens) == 5
+    chunks = list(client.completions.create(model="tiny", prompt="The cat", max_tokens=4, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_models_and_version(client: openai.OpenAI, server: ServerProcess) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny", "tiny-alias"]
+    version = httpx.get(server.url + "/version").json()
+    assert version["version"] and version["vllm"]
+
+
+def test_health_and_live(server: ServerProcess) -> None:
+    assert httpx.get(server.url + "/live").json() == {"status": "alive"}
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+
+
+def test_openapi_docs(server: ServerProcess) -> None:
+    schema = httpx.get(server.url + "/docs/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"]
+
+
+# --- errors: OpenAI envelope, right status, the field named ---
+
+
+def post(server: ServerProcess, path: str, body: bytes | dict, **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    kw.setdefault("timeout", 30)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, **kw)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, contains: str = "") -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert contains in error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": "true"}, "stream"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 100}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ],
+)
+def test_invalid_fields_are_400_naming_the_field(server: ServerProcess, body: dict, param: str) -> None:
+    assert_error(post(server, "/v1/chat/completions", body), 400, param)
+
+
+def test_unknown_top_level_fields_are_tolerated(server: ServerProcess) -> None:
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                              "parallel_tool_calls": False, "store": False, "metadata": {"a": 1}})
+    assert r.status_code == 200, r.text
+
+
+def test_malformed_json_is_400(server: ServerProcess) -> None:
+    assert_error(post(server, "/v1/chat/completions", b'{"messages": ['), 400, None, "not valid JSON")
+
+
+def test_bad_image_names_the_part(server: ServerProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}, user("look", image_part("data:image/png;base64,AAAA"))]}
+    assert_error(post(server, "/v1/chat/completions", body), 400, "messages[1].content[1].image_url")
+    body = {"messages": [user(image_part("data:image/png;base64,not base64!"))]}
+    assert_error(post(server, "/v1/chat/completions", body), 400, "messages[0].content[0].image_url", "base64")
+
+
+def test_too_many_images(server: ServerProcess) -> None:
+    body = {"messages": [user(*[image_part() for _ in range(5)])]}
+    error = assert_error(post(server, "/v1/chat/completions", body), 400, "messages[0].content[4].image_url")
+    assert error["code"] == "too_many_images"
+
+
+def test_context_length_exceeded_gives_both_numbers(server: ServerProcess) -> None:
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2040})
+    error = assert_error(r, 400, "max_tokens", "2040")
+    assert "2048" in error["message"] and error["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_is_404(server: ServerProcess) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
+    assert assert_error(r, 404, "model")["code"] == "model_not_found"
+
+
+def test_wrong_method_and_path(server: ServerProcess) -> None:
+    assert_error(httpx.get(server.url + "/v1/chat/completions"), 405)
+    assert_error(httpx.get(server.url + "/v1/nothing"), 404)
+
+
+def test_body_over_limit_is_413(server: ServerProcess) -> None:
+    huge = b'{"messages": [{"role": "user", "content": "' + b"a" * (65 * 1024 * 1024) + b'"}]}'
+    assert_error(post(server, "/v1/chat/completions", huge), 413)
+
+
+def test_openai_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[user("hi")])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[user(image_part("data:image/png;base64,AAAA"))])
+    assert info.value.body["param"] == "messages[0].content[0].image_url"
+
+
+# --- disconnects abort the engine request ---
+
+
+def test_streaming_disconnect_aborts_engine_request(server: ServerProcess) -> None:
+    body = {"messages": [user("long")], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert engine_requests(server) == 1
+    assert wait_engine_idle(server) == 0
+
+
+def test_non_streaming_disconnect_aborts_engine_request(server: ServerProcess) -> None:
+    body = {"messages": [user("long")], "max_tokens": 1500, "ignore_eos": True}
+    seen = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not seen:
+            if engine_requests(server):
+                seen.append(True)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/chat/completions", body, timeout=httpx.Timeout(30, read=1.5))
+    watcher.join()
+    assert seen, "the request never reached the engine"
+    assert wait_engine_idle(server) == 0
+
+
+def test_server_still_serves_after_errors(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=[user(image_part(), "ok?")], max_tokens=2)
+    assert r.choices[0].finish_reason in ("length", "stop")
