@@ -73,8 +73,8 @@ class PortReport:
             lines.append("  - run again with --replace to stop that qwen_server gracefully and take its place;")
         pids = " ".join(str(h.pid) for h in self.holders)
         if pids:
-            lines.append(f"  - or stop it yourself: kill -TERM {pids};")
-        lines.append(f"  - or serve on another port: --port {self.port + 1}.")
+            lines.append(f"  - stop it yourself: kill -TERM {pids};")
+        lines.append(f"  - serve on another port: --port {self.port + 1}.")
         return "\n".join(lines)
 
 
@@ -183,22 +183,43 @@ class PortInUse(RuntimeError):
 
 
 def take_port(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """Bind and listen with a plain socket (SO_REUSEADDR, no SO_REUSEPORT), inheritable by workers.
+    """Bind and listen with a plain socket (no SO_REUSEPORT), inheritable by the workers.
 
     Listening at once closes the window between check and serve, and a socket without SO_REUSEPORT
     makes a second server (even a raw Granian, which binds with SO_REUSEPORT) fail instead of
-    silently sharing the port. TIME_WAIT leftovers do not block SO_REUSEADDR, as they should not.
+    silently sharing the port. The first bind is made without SO_REUSEADDR, because with it Linux
+    lets two sockets share a port while neither listens, which is exactly how a Granian master
+    reserves its port while its workers load a model. Only when the sole obstacle is TIME_WAIT
+    (harmless) is the bind retried with SO_REUSEADDR.
     """
+    try:
+        return _bind_listen(host, port, backlog, reuse_addr=False)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+    report = find_holders(port)
+    if report.holders or not report.time_wait:
+        raise PortInUse(report, host)
+    try:
+        return _bind_listen(host, port, backlog, reuse_addr=True)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(find_holders(port), host) from None
+        raise
+
+
+def _bind_listen(host: str, port: int, backlog: int, reuse_addr: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # Restarts must not wait for TIME_WAIT: set it now that the bind proved the port is ours.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.listen(backlog)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(find_holders(port), host) from None
         raise
     sock.set_inheritable(True)
     return sock

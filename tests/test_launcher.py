@@ -1,0 +1,198 @@
+"""The launcher with the real engine: refusing a busy port, --replace, restarts, SIGKILL, reload, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwen_server import procs
+from tests.conftest import image_data_url
+from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free
+
+OPTIONS = ("--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4")
+
+
+def chat_ok(url: str) -> None:
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url()}},
+                                                  {"type": "text", "text": "hi"}]}],
+        "max_tokens": 3,
+    }
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def launcher_refused(port: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *args],
+                          cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
+    return done, time.monotonic() - t0
+
+
+def test_busy_port_replace_restart_and_sigkill(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    model = ("--model", str(tiny_model), *OPTIONS)
+
+    started: list[ServerProcess] = []
+    try:
+        _scenario(port, model, tmp_path, started)
+    finally:
+        for srv in started:
+            srv.stop(signal.SIGKILL)
+            srv.leftovers()
+
+
+def _scenario(port: int, model: tuple[str, ...], tmp_path: Path, started: list[ServerProcess]) -> None:
+    # 1. A serves.
+    a = ServerProcess.launcher(port, tmp_path / "a.log", *model)
+    started.append(a)
+    a.wait_ready()
+    chat_ok(a.url)
+
+    # 2. A second launcher on the same port fails at once, naming A; so does a raw Granian.
+    second, elapsed = launcher_refused(port, *model)
+    assert second.returncode == 1 and elapsed < 2.5
+    assert f"PID {a.proc.pid} (listening): qwen-server 127.0.0.1:{port}" in second.stderr
+    assert "--replace" in second.stderr
+    raw = subprocess.run([sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "qwen_server.app:app"],
+                         cwd=ROOT, env=base_env(QWEN_SERVER_MODEL=model[1]), capture_output=True, text=True, timeout=60)
+    assert raw.returncode != 0 and "Address already in use" in raw.stderr + raw.stdout
+    chat_ok(a.url)
+
+    # 3. B replaces A: A's whole tree stops gracefully, B takes the port and serves.
+    a_tree = a.remember_tree()
+    b = ServerProcess.launcher(port, tmp_path / "b.log", *model, "--replace")
+    started.append(b)
+    assert a.proc.wait(60) == 0, a.log()[-2000:]
+    b.wait_ready()
+    assert [p for p in a_tree if procs.alive(p)] == []
+    chat_ok(b.url)
+
+    # 4. SIGTERM: graceful, exit 0, port free at once, nothing left.
+    assert b.stop(signal.SIGTERM) == 0, b.log()[-2000:]
+    assert b.leftovers(within=0) == []
+    assert port_is_free(port)
+
+    # 5. Restart on the same port, then SIGKILL the supervisor: within 5 s the tree is gone.
+    c = ServerProcess.launcher(port, tmp_path / "c.log", *model)
+    started.append(c)
+    c.wait_ready()
+    chat_ok(c.url)
+    tree = c.remember_tree()
+    assert any("VLLM::EngineCore" in (procs.info(p).cmdline if procs.info(p) else "") for p in tree)
+    c.proc.kill()
+    t0 = time.monotonic()
+    assert c.leftovers(within=5.0) == [], "processes left 5 s after SIGKILL of the supervisor"
+    killed_in = time.monotonic() - t0
+    assert port_is_free(port)
+    print(f"tree gone {killed_in:.2f} s after SIGKILL of the supervisor")
+
+
+def test_sigkill_of_worker_leaves_no_engine_behind(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    srv = ServerProcess.launcher(port, tmp_path / "w.log", "--model", str(tiny_model), *OPTIONS)
+    try:
+        srv.wait_ready()
+        tree = srv.remember_tree()
+        worker = next(p for p in tree if "worker-1" in (procs.info(p).cmdline if procs.info(p) else ""))
+        os.kill(worker, signal.SIGKILL)
+        # Granian's supervisor sees a worker it did not stop and exits non-zero; the orphaned
+        # EngineCore was re-parented to the launcher (a subreaper), which ends it.
+        assert srv.proc.wait(30) != 0
+    finally:
+        srv.stop(signal.SIGKILL)
+    assert srv.leftovers(within=5.0) == []
+    assert port_is_free(port)
+
+
+def test_reload_keeps_the_port_and_serves_again(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    srv = ServerProcess.launcher(port, tmp_path / "r.log", "--model", str(tiny_model), *OPTIONS, "--reload")
+    try:
+        srv.wait_ready()
+        first_worker = {p for p in srv.remember_tree() if "worker-1" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline}
+        touched = ROOT / "qwen_server" / "__init__.py"
+        os.utime(touched)  # a source change: Granian restarts the workers
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(procs.alive(p) for p in first_worker):
+            assert not port_is_free(port)
+            time.sleep(0.2)
+        assert not any(procs.alive(p) for p in first_worker), srv.log()[-3000:]
+        assert not port_is_free(port)  # held across the reload
+        srv.wait_ready()
+        chat_ok(srv.url)
+    finally:
+        assert srv.stop() == 0
+    assert srv.leftovers() == []
+
+
+def test_engine_load_failure_exits_non_zero_and_explains(tmp_path: Path) -> None:
+    port = free_port()
+    srv = ServerProcess.launcher(port, tmp_path / "f.log", "--model", str(tmp_path / "no-such-model"), *OPTIONS)
+    code = srv.proc.wait(180)
+    srv.remember_tree()
+    log = srv.log()
+    assert code != 0
+    assert "The engine failed to load during 'starting the engine" in log
+    assert "This worker exits now" in log
+    assert srv.leftovers() == []
+    assert port_is_free(port)
+
+
+def test_ctrl_c_during_model_load_stops_promptly(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    srv = ServerProcess.launcher(port, tmp_path / "c.log", "--model", str(tiny_model), *OPTIONS)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            body = httpx.get(srv.url + "/health", timeout=2).json()
+            if body.get("stage", "").startswith("starting the engine"):
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail("never saw the engine-start stage:\n" + srv.log()[-3000:])
+    # Before readiness, inference gets 503 with Retry-After, in the OpenAI envelope.
+    early = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    assert early.status_code == 503 and early.headers["retry-after"].isdigit()
+    assert early.json()["error"]["code"] == "loading"
+    health = httpx.get(srv.url + "/health", timeout=10)
+    assert health.status_code == 503 and health.json()["elapsed_seconds"] > 0
+    time.sleep(3)  # let vLLM spawn its EngineCore
+    srv.remember_tree()
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGINT)
+    code = srv.proc.wait(30)
+    stopped_in = time.monotonic() - t0
+    assert code == 0, srv.log()[-3000:]
+    assert srv.leftovers() == []
+    assert port_is_free(port)
+    print(f"stopped {stopped_in:.2f} s after Ctrl+C during load")
+
+
+@pytest.mark.slow
+def test_ten_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    for i in range(10):
+        t0 = time.monotonic()
+        srv = ServerProcess.launcher(port, tmp_path / f"cycle{i}.log", "--model", str(tiny_model), *OPTIONS)
+        try:
+            srv.wait_ready()
+            ready = time.monotonic() - t0
+            chat_ok(srv.url)
+            t1 = time.monotonic()
+        finally:
+            code = srv.stop()
+        print(f"cycle {i}: ready {ready:.1f} s, stopped in {time.monotonic() - t1:.1f} s, exit {code}")
+        assert code == 0
+        assert srv.leftovers() == []
+        assert port_is_free(port)

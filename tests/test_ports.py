@@ -1,0 +1,153 @@
+"""Port checks and the socket hand-off to Granian, with real processes on loopback (no engine)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from qwen_server import ports, supervise
+from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free
+
+HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
+HOLD_BOUND = (
+    "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); s.bind(('127.0.0.1',{port})); print('up',flush=True); time.sleep(60)"
+)
+
+
+def hold(code: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", code.format(port=port)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    return proc
+
+
+def run_launcher(port: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *args],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30,
+    )
+    return done, time.monotonic() - t0
+
+
+def test_take_port_listens_without_reuseport() -> None:
+    port = free_port()
+    sock = ports.take_port("127.0.0.1", port)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        assert sock.get_inheritable()
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # listening already
+    finally:
+        sock.close()
+
+
+def test_plain_listener_refused_within_a_second_with_its_pid() -> None:
+    port = free_port()
+    holder = hold(HOLD_LISTENING, port)
+    try:
+        done, elapsed = run_launcher(port)
+        assert done.returncode == 1
+        assert elapsed < 1.0 + 1.5  # < 1 s for the check; the rest is starting Python itself
+        assert f"PID {holder.pid} (listening)" in done.stderr
+        assert "--replace" not in done.stderr  # not a qwen_server: never offered for replacement
+        replaced, _ = run_launcher(port, "--replace")
+        assert replaced.returncode == 1 and "held by others" in replaced.stderr
+        assert holder.poll() is None  # a foreign process is never signalled
+    finally:
+        holder.kill()
+
+
+def test_check_answers_before_torch_or_vllm_are_imported() -> None:
+    port = free_port()
+    holder = hold(HOLD_LISTENING, port)
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from qwen_server import cli
+        t0 = time.monotonic()
+        try:
+            cli.main(["--port", "{port}"])
+        except SystemExit as exc:
+            code = exc.code
+        print(code, round(time.monotonic() - t0, 3), "torch" in sys.modules, "vllm" in sys.modules)
+        """
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
+        exit_code, seconds, torch_loaded, vllm_loaded = out.stdout.split()
+        assert exit_code == "1"
+        assert float(seconds) < 1.0
+        assert (torch_loaded, vllm_loaded) == ("False", "False")
+    finally:
+        holder.kill()
+
+
+def test_bound_but_not_listening_holder_is_named() -> None:
+    port = free_port()
+    holder = hold(HOLD_BOUND, port)
+    try:
+        with pytest.raises(ports.PortInUse) as info:
+            ports.take_port("127.0.0.1", port)
+        assert f"PID {holder.pid} (bound but NOT listening" in str(info.value)
+    finally:
+        holder.kill()
+
+
+def test_time_wait_alone_does_not_block() -> None:
+    port = free_port()
+    listener = ports.take_port("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first: TIME_WAIT on the server's port
+    time.sleep(0.1)
+    client.close()
+    listener.close()
+    assert ports.find_holders(port).time_wait >= 1
+    ports.take_port("127.0.0.1", port).close()
+
+
+HANDOFF = textwrap.dedent(
+    """
+    import sys
+    from qwen_server import ports, supervise
+    port = int(sys.argv[1])
+    sock = ports.take_port("127.0.0.1", port)
+    sys.exit(supervise.serve(sock, {"target": "tests.hello_app:app", "address": "127.0.0.1", "port": port,
+                                    "interface": "asgi", "workers": 2, "workers_kill_timeout": 5}))
+    """
+)
+
+
+def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: Path) -> None:
+    """Fails loudly if a Granian upgrade changes the private hook the hand-off relies on."""
+    assert supervise.granian_version_ok()
+    port = free_port()
+    srv = ServerProcess([sys.executable, "-c", HANDOFF, str(port)], tmp_path / "handoff.log", port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.get(srv.url, timeout=2).text == "hello"
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, srv.log()
+                time.sleep(0.2)
+        srv.remember_tree()
+        raw = subprocess.run(
+            [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "tests.hello_app:app"],
+            cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30,
+        )
+        assert raw.returncode != 0
+        assert "Address already in use" in raw.stderr + raw.stdout
+        assert httpx.get(srv.url, timeout=2).text == "hello"
+    finally:
+        assert srv.stop() == 0
+    assert srv.leftovers() == []
+    assert port_is_free(port)
