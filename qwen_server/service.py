@@ -269,51 +269,24 @@ class Service:
 
     async def complete(self, prep: Prepared) -> p.ChatCompletion | p.Completion:
         n = prep.n
-        texts = [[] for _ in range(n)]
-        counts = [0] * n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
-        logprobs: list[list] = [[] for _ in range(n)]
+        completion_tokens = 0
         async for out in self._run(prep):
             for o in out.outputs:
-                i = o.index
-                texts[i].append(o.text)
-                counts[i] += len(o.token_ids)
+                texts[o.index].append(o.text)
+                completion_tokens += len(o.token_ids)
                 if prep.logprobs is not None and o.logprobs:
-                    logprobs[i].extend(self._token_logprobs(o, prep.logprobs))
+                    logprobs[o.index].extend(self._token_logprobs(o, prep.logprobs))
                 if o.finish_reason is not None:
-                    finish[i] = o.finish_reason
-        usage = p.Usage(prep.prompt_len, sum(counts), prep.prompt_len + sum(counts))
-        if prep.chat:
-            return p.ChatCompletion(
-                id=prep.request_id,
-                created=prep.created,
-                model=prep.model,
-                choices=[
-                    p.ChatChoice(
-                        index=i,
-                        message=p.ResponseMessage(role="assistant", content="".join(texts[i])),
-                        logprobs=p.ChoiceLogprobs(content=logprobs[i]) if prep.logprobs is not None else None,
-                        finish_reason=finish[i],
-                    )
-                    for i in range(n)
-                ],
-                usage=usage,
-            )
-        return p.Completion(
-            id=prep.request_id,
-            created=prep.created,
-            model=prep.model,
-            choices=[
-                p.CompletionChoice(
-                    index=i,
-                    text=prep.echo_text + "".join(texts[i]),
-                    logprobs=self._completion_logprobs(logprobs[i]) if prep.logprobs is not None else None,
-                    finish_reason=finish[i],
-                )
-                for i in range(n)
-            ],
-            usage=usage,
-        )
+                    finish[o.index] = o.finish_reason
+        choices = [
+            _choice(prep, i, prep.echo_text + "".join(texts[i]), logprobs[i] if prep.logprobs is not None else None,
+                    finish[i], delta=False)
+            for i in range(n)
+        ]
+        return _body(prep, choices, _usage(prep, completion_tokens), chunk=False)
 
     async def stream(self, prep: Prepared) -> AsyncIterator[bytes]:
         """SSE frames: role first (chat), then deltas, an optional usage chunk, then [DONE].
@@ -322,16 +295,8 @@ class Service:
         completion_tokens = 0
         try:
             if prep.chat:
-                yield _frame(
-                    encode(
-                        p.ChatCompletionChunk(
-                            id=prep.request_id,
-                            created=prep.created,
-                            model=prep.model,
-                            choices=[p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content="")) for i in range(prep.n)],
-                        )
-                    )
-                )
+                first = [p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content="")) for i in range(prep.n)]
+                yield _frame(encode(_body(prep, first, None, chunk=True)))
             async for out in self._run(prep):
                 choices = []
                 for o in out.outputs:
@@ -339,38 +304,11 @@ class Service:
                     if not o.text and o.finish_reason is None:
                         continue
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
-                    if prep.chat:
-                        choices.append(
-                            p.ChunkChoice(
-                                index=o.index,
-                                delta=p.Delta(content=o.text),
-                                logprobs=p.ChoiceLogprobs(content=lp) if lp is not None else None,
-                                finish_reason=o.finish_reason,
-                            )
-                        )
-                    else:
-                        choices.append(
-                            p.CompletionChoice(
-                                index=o.index,
-                                text=o.text,
-                                logprobs=self._completion_logprobs(lp) if lp is not None else None,
-                                finish_reason=o.finish_reason,
-                            )
-                        )
-                if not choices:
-                    continue
-                if prep.chat:
-                    chunk = p.ChatCompletionChunk(id=prep.request_id, created=prep.created, model=prep.model, choices=choices)
-                else:
-                    chunk = p.Completion(id=prep.request_id, created=prep.created, model=prep.model, choices=choices, usage=None)
-                yield _frame(encode(chunk))
+                    choices.append(_choice(prep, o.index, o.text, lp, o.finish_reason, delta=True))
+                if choices:
+                    yield _frame(encode(_body(prep, choices, None, chunk=True)))
             if prep.include_usage:
-                usage = p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
-                if prep.chat:
-                    chunk = p.ChatCompletionChunk(id=prep.request_id, created=prep.created, model=prep.model, choices=[], usage=usage)
-                else:
-                    chunk = p.Completion(id=prep.request_id, created=prep.created, model=prep.model, choices=[], usage=usage)
-                yield _frame(encode(chunk))
+                yield _frame(encode(_body(prep, [], _usage(prep, completion_tokens), chunk=True)))
         except APIError as exc:
             yield _frame(envelope(exc.status, exc.message, exc.param, exc.code))
         yield _DONE
@@ -414,18 +352,41 @@ class Service:
             )
         return result
 
-    @staticmethod
-    def _completion_logprobs(items: list[p.TokenLogprob]) -> p.CompletionLogprobs:
-        offsets, pos = [], 0
-        for item in items:
-            offsets.append(pos)
-            pos += len(item.token)
-        return p.CompletionLogprobs(
-            tokens=[t.token for t in items],
-            token_logprobs=[t.logprob for t in items],
-            top_logprobs=[{tl.token: tl.logprob for tl in t.top_logprobs} for t in items],
-            text_offset=offsets,
-        )
+def _usage(prep: Prepared, completion_tokens: int) -> p.Usage:
+    return p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
+
+
+def _choice(prep: Prepared, index: int, text: str, lp: list[p.TokenLogprob] | None, finish: str | None, *, delta: bool):
+    """One choice in the endpoint's shape: chat message, chat delta, or text completion."""
+    if not prep.chat:
+        return p.CompletionChoice(index=index, text=text, logprobs=_completion_logprobs(lp) if lp is not None else None,
+                                  finish_reason=finish)
+    logprobs = p.ChoiceLogprobs(content=lp) if lp is not None else None
+    if delta:
+        return p.ChunkChoice(index=index, delta=p.Delta(content=text), logprobs=logprobs, finish_reason=finish)
+    return p.ChatChoice(index=index, message=p.ResponseMessage(role="assistant", content=text), logprobs=logprobs,
+                        finish_reason=finish)
+
+
+def _body(prep: Prepared, choices: list, usage: p.Usage | None, *, chunk: bool):
+    """The response (or stream chunk) object around `choices` for the endpoint."""
+    common = {"id": prep.request_id, "created": prep.created, "model": prep.model, "choices": choices, "usage": usage}
+    if not prep.chat:
+        return p.Completion(**common)
+    return p.ChatCompletionChunk(**common) if chunk else p.ChatCompletion(**common)
+
+
+def _completion_logprobs(items: list[p.TokenLogprob]) -> p.CompletionLogprobs:
+    offsets, pos = [], 0
+    for item in items:
+        offsets.append(pos)
+        pos += len(item.token)
+    return p.CompletionLogprobs(
+        tokens=[t.token for t in items],
+        token_logprobs=[t.logprob for t in items],
+        top_logprobs=[{tl.token: tl.logprob for tl in t.top_logprobs} for t in items],
+        text_offset=offsets,
+    )
 
 
 def _frame(data: bytes) -> bytes:
