@@ -49,6 +49,8 @@ class Engine:
         self.max_model_len: int | None = None
         self.model_path: str | None = None
         self.loaded_in: float | None = None
+        # The scheduler's latest counts, reported by EngineCore after each step it runs.
+        self.scheduler_stats: Any = None
         self._t0 = time.monotonic()
         self._stage_t0 = self._t0
         self._tasks: list[asyncio.Task] = []
@@ -87,7 +89,9 @@ class Engine:
             engine_args_cls, async_llm_cls = await asyncio.to_thread(_import_vllm)
             self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
             args = engine_args_cls(**self.settings.engine_kwargs(path))
-            client = await asyncio.to_thread(async_llm_cls.from_engine_args, args)
+            client = await asyncio.to_thread(
+                async_llm_cls.from_engine_args, args, stat_loggers=[_scheduler_stats_recorder(self)]
+            )
             if self.state is not EngineState.LOADING:  # stopped while loading
                 await asyncio.to_thread(client.shutdown)
                 return
@@ -151,7 +155,13 @@ class Engine:
         elif self.state is EngineState.DEAD:
             body["reason"] = self.error
         elif self.client is not None:
+            # Requests this worker still tracks, and the scheduler's own counts (running, waiting).
             body["requests_in_engine"] = self.client.get_num_unfinished_requests()
+            stats = self.scheduler_stats
+            body["scheduler"] = {
+                "running": stats.num_running_reqs if stats else 0,
+                "waiting": stats.num_waiting_reqs if stats else 0,
+            }
         return body
 
     def ready_client(self) -> AsyncLLM:
@@ -165,6 +175,24 @@ class Engine:
         if self.state is EngineState.DRAINING:
             raise APIError(503, "The server is shutting down.", code="draining", headers=retry)
         raise APIError(503, f"The engine is not available: {self.error}", code="engine_dead", headers=retry)
+
+
+def _scheduler_stats_recorder(engine: Engine):
+    """A vLLM stat logger that keeps the latest SchedulerStats on `engine` (vLLM calls it per step)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsRecorder(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                engine.scheduler_stats = scheduler_stats
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SchedulerStatsRecorder
 
 
 def _import_vllm():

@@ -28,7 +28,9 @@ def user(*parts: dict | str) -> dict:
 
 
 def engine_requests(server: ServerProcess) -> int:
-    return httpx.get(server.url + "/health").json()["requests_in_engine"]
+    """Requests the worker tracks plus those the engine's scheduler reports running or waiting."""
+    body = httpx.get(server.url + "/health").json()
+    return body["requests_in_engine"] + body["scheduler"]["running"] + body["scheduler"]["waiting"]
 
 
 def wait_engine_idle(server: ServerProcess, timeout: float = 10.0) -> int:
@@ -204,7 +206,10 @@ def test_health_and_live(server: ServerProcess) -> None:
 
 def test_openapi_docs(server: ServerProcess) -> None:
     schema = httpx.get(server.url + "/docs/openapi.json").json()
-    assert "/v1/chat/completions" in schema["paths"]
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["messages"]
+    assert body["properties"]["messages"]["minItems"] == 1
+    assert "prompt" in schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
 # --- errors: OpenAI envelope, right status, the field named ---
@@ -307,7 +312,7 @@ def test_streaming_disconnect_aborts_engine_request(server: ServerProcess) -> No
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert engine_requests(server) == 1
+        assert engine_requests(server) >= 1
     assert wait_engine_idle(server) == 0
 
 
