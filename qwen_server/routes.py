@@ -11,6 +11,7 @@ from litestar.response import Stream
 from qwen_server import __version__
 from qwen_server import protocol as p
 from qwen_server.engine import Engine, EngineState
+from qwen_server.openapi import with_json_body
 from qwen_server.service import Prepared, Service, decode
 
 _JSON = "application/json"
@@ -29,14 +30,24 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(content=p.encoder.encode(obj), status_code=status, media_type=_JSON, headers=headers)
 
 
-@post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI), images as image_url parts")
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    summary="Chat completion (OpenAI), images as image_url parts",
+    operation_class=with_json_body(p.ChatCompletionRequest),
+)
 async def chat_completions(request: Request) -> Response:
     service = _service(request)
     req = decode(p.chat_request_decoder, await request.body())
     return await _respond(request, service, await service.prepare_chat(req))
 
 
-@post("/v1/completions", status_code=200, summary="Text completion (OpenAI)")
+@post(
+    "/v1/completions",
+    status_code=200,
+    summary="Text completion (OpenAI)",
+    operation_class=with_json_body(p.CompletionRequest),
+)
 async def completions(request: Request) -> Response:
     service = _service(request)
     req = decode(p.completion_request_decoder, await request.body())
