@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from qwen_server import procs
 
 _LISTEN = "0A"
-_TIME_WAIT = "06"
 _SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 
 SERVER_MARKERS = ("qwen-server", "qwen_server")
@@ -46,7 +45,9 @@ class Holder:
 class PortReport:
     port: int
     holders: list[Holder] = field(default_factory=list)
-    time_wait: int = 0
+    # Connections on the port that no process owns any more (TIME_WAIT, FIN_WAIT2, LAST_ACK...):
+    # what is left of closed or killed servers. Harmless: a bind with SO_REUSEADDR succeeds.
+    lingering: int = 0
 
     def describe(self, host: str) -> str:
         lines = [f"Port {self.port} on {host} is already in use."]
@@ -79,10 +80,10 @@ class PortReport:
 
 
 def _proc_net_rows(port: int) -> tuple[set[int], int, set[int]]:
-    """(inodes listening on `port`, TIME_WAIT count on `port`, inodes of every listed socket)."""
+    """(inodes listening on `port`, ownerless connections on `port`, inodes of every listed socket)."""
     listening: set[int] = set()
     listed: set[int] = set()
-    time_wait = 0
+    lingering = 0
     for table in ("tcp", "tcp6", "udp", "udp6", "raw", "raw6"):
         try:
             with open(f"/proc/net/{table}") as f:
@@ -98,8 +99,8 @@ def _proc_net_rows(port: int) -> tuple[set[int], int, set[int]]:
                         continue
                     if cols[3] == _LISTEN:
                         listening.add(inode)
-                    elif cols[3] == _TIME_WAIT:
-                        time_wait += 1
+                    elif inode == 0:
+                        lingering += 1
         except FileNotFoundError:
             continue
     try:
@@ -111,7 +112,7 @@ def _proc_net_rows(port: int) -> tuple[set[int], int, set[int]]:
                     listed.add(int(cols[6]))
     except FileNotFoundError:
         pass
-    return listening, time_wait, listed
+    return listening, lingering, listed
 
 
 def _bound_port(pid: int, fd: int) -> int | None:
@@ -143,8 +144,8 @@ def _bound_port(pid: int, fd: int) -> int | None:
 
 
 def find_holders(port: int) -> PortReport:
-    listening, time_wait, listed = _proc_net_rows(port)
-    report = PortReport(port=port, time_wait=time_wait)
+    listening, lingering, listed = _proc_net_rows(port)
+    report = PortReport(port=port, lingering=lingering)
     me = os.getpid()
     for pid in procs.all_pids():
         if pid == me:
@@ -189,8 +190,9 @@ def take_port(host: str, port: int, backlog: int = 1024) -> socket.socket:
     makes a second server (even a raw Granian, which binds with SO_REUSEPORT) fail instead of
     silently sharing the port. The first bind is made without SO_REUSEADDR, because with it Linux
     lets two sockets share a port while neither listens, which is exactly how a Granian master
-    reserves its port while its workers load a model. Only when the sole obstacle is TIME_WAIT
-    (harmless) is the bind retried with SO_REUSEADDR.
+    reserves its port while its workers load a model. Only when the sole obstacle is connections
+    no process owns (TIME_WAIT and the like, left by a stopped or killed server) is the bind
+    retried with SO_REUSEADDR.
     """
     try:
         return _bind_listen(host, port, backlog, reuse_addr=False)
@@ -198,7 +200,7 @@ def take_port(host: str, port: int, backlog: int = 1024) -> socket.socket:
         if exc.errno != errno.EADDRINUSE:
             raise
     report = find_holders(port)
-    if report.holders or not report.time_wait:
+    if report.holders or not report.lingering:
         raise PortInUse(report, host)
     try:
         return _bind_listen(host, port, backlog, reuse_addr=True)

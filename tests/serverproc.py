@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from qwen_server import procs
+from qwen_server import ports, procs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,10 +91,21 @@ class ServerProcess:
             time.sleep(0.1)
 
 
+def run_launcher(port: int, *args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the launcher to completion (for runs that must fail fast); return it and its duration."""
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *args],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=timeout,
+    )
+    return done, time.monotonic() - t0
+
+
 def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+    """Whether a new server could take the port now: nobody holds it (TIME_WAIT left by closed
+    connections does not count, as it does not stop a server that sets SO_REUSEADDR)."""
+    try:
+        ports.take_port("127.0.0.1", port).close()
+        return True
+    except ports.PortInUse:
+        return False

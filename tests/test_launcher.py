@@ -14,7 +14,7 @@ import pytest
 
 from qwen_server import procs
 from tests.conftest import image_data_url
-from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free
+from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free, run_launcher
 
 OPTIONS = ("--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4")
 
@@ -28,13 +28,6 @@ def chat_ok(url: str) -> None:
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
-
-
-def launcher_refused(port: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    done = subprocess.run([sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *args],
-                          cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
-    return done, time.monotonic() - t0
 
 
 def test_busy_port_replace_restart_and_sigkill(tiny_model: Path, tmp_path: Path) -> None:
@@ -58,7 +51,7 @@ def _scenario(port: int, model: tuple[str, ...], tmp_path: Path, started: list[S
     chat_ok(a.url)
 
     # 2. A second launcher on the same port fails at once, naming A; so does a raw Granian.
-    second, elapsed = launcher_refused(port, *model)
+    second, elapsed = run_launcher(port, *model)
     assert second.returncode == 1 and elapsed < 2.5
     assert f"PID {a.proc.pid} (listening): qwen-server 127.0.0.1:{port}" in second.stderr
     assert "--replace" in second.stderr
@@ -196,3 +189,32 @@ def test_ten_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> Non
         assert code == 0
         assert srv.leftovers() == []
         assert port_is_free(port)
+
+
+def test_dead_engine_turns_health_503_and_the_worker_exits(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    srv = ServerProcess.launcher(port, tmp_path / "d.log", "--model", str(tiny_model), *OPTIONS)
+    try:
+        srv.wait_ready()
+        core = next(p for p in srv.remember_tree() if "VLLM::EngineCore" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline)
+        os.kill(core, signal.SIGKILL)
+        t0 = time.monotonic()
+        dead = None
+        while time.monotonic() - t0 < 5 and srv.proc.poll() is None:
+            try:
+                r = httpx.get(srv.url + "/health", timeout=1)
+                if r.status_code == 503 and r.json()["status"] == "dead":
+                    dead = r.json()
+                    break
+            except httpx.HTTPError:
+                break  # the worker is already gone: that is the other acceptable outcome
+            time.sleep(0.05)
+        # The worker exits so that a supervisor can restart it; without respawn, the launcher exits non-zero.
+        assert srv.proc.wait(60) != 0
+        assert "the engine died" in srv.log()
+        if dead is not None:
+            assert "died" in dead["reason"]
+    finally:
+        srv.stop(signal.SIGKILL)
+    assert srv.leftovers() == []
+    assert port_is_free(port)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import httpx
 import pytest
 
 from qwen_server import ports, supervise
-from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free
+from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
 HOLD_BOUND = (
@@ -26,15 +28,6 @@ def hold(code: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", code.format(port=port)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "up"
     return proc
-
-
-def run_launcher(port: int, *args: str) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *args],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30,
-    )
-    return done, time.monotonic() - t0
 
 
 def test_take_port_listens_without_reuseport() -> None:
@@ -109,7 +102,7 @@ def test_time_wait_alone_does_not_block() -> None:
     time.sleep(0.1)
     client.close()
     listener.close()
-    assert ports.find_holders(port).time_wait >= 1
+    assert ports.find_holders(port).lingering >= 1
     ports.take_port("127.0.0.1", port).close()
 
 
@@ -151,3 +144,45 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
         assert srv.stop() == 0
     assert srv.leftovers() == []
     assert port_is_free(port)
+
+
+ORPHAN = textwrap.dedent(
+    """
+    import os, socket, sys, time, setproctitle
+    port = int(sys.argv[1])
+    if os.fork():
+        os._exit(0)  # the 'supervisor' dies at once: the child is re-parented, like an orphaned worker
+    setproctitle.setproctitle(f"qwen-server 127.0.0.1:{port} worker-1")
+    s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen()
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_orphaned_worker_is_diagnosed_and_replaced() -> None:
+    port = free_port()
+    starter = subprocess.Popen([sys.executable, "-c", ORPHAN, str(port)], stdout=subprocess.PIPE, text=True)
+    orphan = int(starter.stdout.readline())
+    starter.wait(10)
+    try:
+        done, _ = run_launcher(port, "--print-config")  # --print-config starts nothing, even on a busy port
+        assert done.returncode == 0
+        with pytest.raises(ports.PortInUse) as info:
+            ports.take_port("127.0.0.1", port)
+        text = str(info.value)
+        assert f"PID {orphan} (listening): qwen-server 127.0.0.1:{port} worker-1" in text
+        assert "ORPHANED by a dead supervisor" in text
+        assert supervise.tree_root(orphan) == orphan
+        supervise.stop_trees([orphan], timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not port_is_free(port):
+            time.sleep(0.1)
+        assert port_is_free(port)
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        try:
+            os.kill(orphan, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
