@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 
-from qwen_server import protocol as p
 
 _REF = "#/$defs/{name}"
 

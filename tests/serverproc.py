@@ -101,11 +101,33 @@ def run_launcher(port: int, *args: str, timeout: float = 30) -> tuple[subprocess
     return done, time.monotonic() - t0
 
 
-def port_is_free(port: int) -> bool:
-    """Whether a new server could take the port now: nobody holds it (TIME_WAIT left by closed
-    connections does not count, as it does not stop a server that sets SO_REUSEADDR)."""
+def port_holder_report(port: int) -> str | None:
+    """None when a new server could take the port now, else who holds it. Connections no process
+    owns (TIME_WAIT and the like) do not count: a server with SO_REUSEADDR starts despite them."""
     try:
         ports.take_port("127.0.0.1", port).close()
-        return True
-    except ports.PortInUse:
-        return False
+        return None
+    except ports.PortInUse as exc:
+        report = exc.report
+        return f"{exc}\n(lingering connections: {report.lingering})\n" + _proc_net_lines(port)
+
+
+def port_is_free(port: int) -> bool:
+    return port_holder_report(port) is None
+
+
+def _proc_net_lines(port: int) -> str:
+    lines = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as f:
+            lines += [line.strip() for line in f if line.split()[1].endswith(f":{port:04X}")]
+    return "\n".join(lines)
+
+
+def wait_port_free(port: int, within: float) -> float:
+    """Seconds until a new server could take the port; fails with the holders after `within`."""
+    t0 = time.monotonic()
+    while (report := port_holder_report(port)) is not None:
+        assert time.monotonic() - t0 < within, report
+        time.sleep(0.05)
+    return time.monotonic() - t0

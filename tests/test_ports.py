@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from qwen_server import ports, supervise
-from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_is_free, run_launcher
+from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
 HOLD_BOUND = (
@@ -143,7 +143,7 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
     finally:
         assert srv.stop() == 0
     assert srv.leftovers() == []
-    assert port_is_free(port)
+    assert port_holder_report(port) is None
 
 
 ORPHAN = textwrap.dedent(
@@ -178,7 +178,7 @@ def test_orphaned_worker_is_diagnosed_and_replaced() -> None:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not port_is_free(port):
             time.sleep(0.1)
-        assert port_is_free(port)
+        assert port_holder_report(port) is None
     finally:
         if starter.poll() is None:
             starter.kill()
