@@ -22,6 +22,17 @@ NOISE_WARNING = (
 )
 
 
+def engine_overrides(kwargs: dict) -> dict:
+    """Engine settings that make the demo start fast anywhere: a short context, no compilation
+    (pointless for a toy model) and, on vLLM's CPU build, a 1 GiB KV cache instead of 90% of RAM
+    (which fails when anything else uses memory). Options the user set explicitly are kept."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    out = dict(kwargs)
+    out.setdefault("max_model_len", 4096)
+    out["enforce_eager"] = True
+    return out
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "qwen-server"

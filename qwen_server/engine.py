@@ -16,8 +16,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from qwen_server import procs
-from qwen_server.demo import NOISE_WARNING, demo_model_path
+from qwen_server import demo, procs
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 
@@ -82,13 +81,14 @@ class Engine:
             if self.settings.model:
                 path = self.settings.model
             else:
-                path = str(await asyncio.to_thread(demo_model_path))
-                log.warning(NOISE_WARNING)
+                path = str(await asyncio.to_thread(demo.demo_model_path))
+                log.warning(demo.NOISE_WARNING)
             self.model_path = path
             self._set_stage("importing vLLM")
             engine_args_cls, async_llm_cls = await asyncio.to_thread(_import_vllm)
             self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
-            args = engine_args_cls(**self.settings.engine_kwargs(path))
+            kwargs = self.settings.engine_kwargs(path)
+            args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))
             client = await asyncio.to_thread(
                 async_llm_cls.from_engine_args, args, stat_loggers=[_scheduler_stats_recorder(self)]
             )
@@ -126,7 +126,8 @@ class Engine:
             "  model: %s\n"
             "  engine options: %s\n"
             "  This worker exits now so that its supervisor sees the failure. Check the model path or id,\n"
-            "  the engine options (they are vLLM's own: see `vllm serve --help`), and free memory.\n",
+            "  the engine options (they are vLLM's own: see `vllm serve --help`), and free memory\n"
+            "  (on vLLM's CPU build, size the KV cache with VLLM_CPU_KVCACHE_SPACE=<GiB>).\n",
             reason[0].upper() + reason[1:],
             self.model_path or self.settings.model,
             self.settings.engine_kwargs(self.model_path or "")

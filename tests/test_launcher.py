@@ -191,11 +191,16 @@ def test_ten_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> Non
         assert port_holder_report(port) is None
 
 
-def test_dead_engine_turns_health_503_and_the_worker_exits(tiny_model: Path, tmp_path: Path) -> None:
+def test_demo_serves_with_no_options_then_a_dead_engine_ends_the_worker(tiny_model: Path, tmp_path: Path) -> None:
+    """What `./run serve` does (no model, no engine options, no VLLM_* variables), then an
+    EngineCore killed under it: /health turns 503 `dead`, and the worker exits."""
     port = free_port()
-    srv = ServerProcess.launcher(port, tmp_path / "d.log", "--model", str(tiny_model), *OPTIONS)
+    env = {k: v for k, v in base_env().items() if not k.startswith("VLLM_")}
+    srv = ServerProcess.launcher(port, tmp_path / "d.log", env=env)
     try:
         srv.wait_ready()
+        assert "Serving the built-in DEMO model" in srv.log()
+        chat_ok(srv.url)
         core = next(p for p in srv.remember_tree() if "VLLM::EngineCore" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline)
         os.kill(core, signal.SIGKILL)
         t0 = time.monotonic()
