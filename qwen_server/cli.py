@@ -32,7 +32,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def _option_for(name: str) -> click.Option:
     tp, meta = settings_mod.FIELDS[name]
     flag = "--" + name.replace("_", "-")
-    base = settings_mod._strip_optional(tp)
+    base = settings_mod.strip_optional(tp)
     help_text = (meta.description or "") + f"  [env: {settings_mod.env_name(name)}]"
     if base is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
@@ -78,7 +78,7 @@ def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
         "port": s.port,
         "interface": "asgi",
         "workers": opts["workers"],
-        "log_level": s.log_level if s.log_level != "critical" else "critical",
+        "log_level": s.log_level,
         "log_access": opts["access_log"],
         "backlog": opts["backlog"],
         "workers_kill_timeout": opts["workers_kill_timeout"],

@@ -17,7 +17,7 @@ import msgspec
 
 from qwen_server import protocol as p
 from qwen_server.engine import Engine
-from qwen_server.errors import APIError, bad_request, envelope
+from qwen_server.errors import APIError, bad_request, envelope, from_validation_error
 from qwen_server.media import MediaError, load_image
 from qwen_server.settings import Settings
 
@@ -395,8 +395,6 @@ def _frame(data: bytes) -> bytes:
 
 def decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
     """Strict decoding of a request body; errors name the field."""
-    from qwen_server.errors import from_validation_error
-
     try:
         return decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

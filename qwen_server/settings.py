@@ -170,7 +170,7 @@ def field_help(field: str) -> str:
 def parse_value(field: str, raw: str) -> Any:
     """Turn one environment string into the value msgspec validates: containers come as JSON,
     and a list may also be given comma-separated."""
-    kind = typing.get_origin(_strip_optional(FIELDS[field][0]))
+    kind = typing.get_origin(strip_optional(FIELDS[field][0]))
     if kind is dict:
         return msgspec.json.decode(raw)
     if kind is list:
@@ -181,7 +181,8 @@ def parse_value(field: str, raw: str) -> Any:
     return raw
 
 
-def _strip_optional(tp: Any) -> Any:
+def strip_optional(tp: Any) -> Any:
+    """`X | None` -> `X`; any other type as it is."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]

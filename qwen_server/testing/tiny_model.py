@@ -247,10 +247,8 @@ def build(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl") -> Path:
     }[arch]
     model = model_cls(config).to(torch.bfloat16)
     model.save_pretrained(out)
-    json.dump(
-        {"max_new_tokens": 32, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id},
-        open(out / "generation_config.json", "w"),
-    )
+    generation = {"max_new_tokens": 32, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    (out / "generation_config.json").write_text(json.dumps(generation))
     _save_processor(out, arch, tokenizer)
     return out
 
