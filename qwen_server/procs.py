@@ -72,13 +72,13 @@ def alive(pid: int) -> bool:
 def terminate(pids: list[int], grace: float) -> list[int]:
     """SIGTERM each process, wait up to `grace` seconds, SIGKILL the rest; return the killed ones."""
     for pid in pids:
-        _signal(pid, signal.SIGTERM)
+        signal_quietly(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
     killed = [p for p in pids if alive(p)]
     for pid in killed:
-        _signal(pid, signal.SIGKILL)
+        signal_quietly(pid, signal.SIGKILL)
     return killed
 
 
@@ -89,7 +89,8 @@ def terminate_children(pid: int, grace: float) -> None:
         terminate(tree, grace)
 
 
-def _signal(pid: int, sig: int) -> None:
+def signal_quietly(pid: int, sig: int) -> None:
+    """Send `sig`; a process that is already gone (or not ours) is not an error."""
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):

@@ -73,7 +73,7 @@ def _start_watchdog(supervisor: int) -> None:
         # The supervisor is gone: nothing will stop us, so stop everything below us, then ourselves.
         tree = procs.descendants(os.getpid())
         for pid in tree:
-            _kill(pid, signal.SIGKILL)
+            procs.signal_quietly(pid, signal.SIGKILL)
         os._exit(1)
 
     if supervisor <= 1:
@@ -149,7 +149,7 @@ def stop_trees(roots: list[int], timeout: float) -> None:
     `timeout`. Only processes of those trees are ever signalled."""
     members = {root: [root, *procs.descendants(root)] for root in roots if _is_server_proc(root)}
     for root in members:
-        _kill(root, signal.SIGTERM)
+        procs.signal_quietly(root, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     everyone = [pid for tree in members.values() for pid in tree]
     while time.monotonic() < deadline and any(procs.alive(p) for p in everyone):
@@ -158,10 +158,3 @@ def stop_trees(roots: list[int], timeout: float) -> None:
     if leftovers:
         log.warning("killing %d process(es) that did not stop within %.0f s", len(leftovers), timeout)
         procs.terminate(leftovers, grace=0.0)
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
