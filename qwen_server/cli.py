@@ -62,10 +62,9 @@ def resolve_settings(cli_values: dict[str, Any], environ: dict[str, str]) -> Set
         if isinstance(raw, tuple):  # repeatable list option
             raw = ",".join(raw)
         try:
-            parsed = settings_mod.parse_value(name, raw) if isinstance(raw, str) else raw
-            values[name] = msgspec.convert(parsed, settings_mod.FIELDS[name][0], strict=False)
+            values[name] = settings_mod.convert_value(name, raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            problems.append(f"--{name.replace('_', '-')}={raw!r}: {str(exc).split(' - at ')[0]}")
+            problems.append(f"--{name.replace('_', '-')}={raw!r}: {settings_mod.short_error(exc)}")
     if problems:
         raise settings_mod.SettingsError("invalid options:\n  " + "\n  ".join(problems))
     return Settings(**values)

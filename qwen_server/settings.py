@@ -205,13 +205,21 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
             continue
         try:
             # Each field is converted alone, so that every bad value gets its own line.
-            values[name] = msgspec.convert(parse_value(name, raw), FIELDS[name][0], strict=False)
+            values[name] = convert_value(name, raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            problems.append(f"{env_name(name)}={raw!r}: {_short(exc)}")
+            problems.append(f"{env_name(name)}={raw!r}: {short_error(exc)}")
     if problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
     return Settings(**values)
 
 
-def _short(exc: Exception) -> str:
+def convert_value(field: str, raw: Any) -> Any:
+    """One field's value from a string (environment, command line) or an already-typed value;
+    raises msgspec's ValidationError or DecodeError."""
+    parsed = parse_value(field, raw) if isinstance(raw, str) else raw
+    return msgspec.convert(parsed, FIELDS[field][0], strict=False)
+
+
+def short_error(exc: Exception) -> str:
+    """msgspec's message without its `- at $...` suffix (the caller names the setting)."""
     return str(exc).split(" - at ")[0]
