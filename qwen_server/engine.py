@@ -165,11 +165,15 @@ class Engine:
             }
         return body
 
+    @property
+    def ready(self) -> bool:
+        client = self.client
+        return self.state is EngineState.READY and client is not None and not client.errored
+
     def ready_client(self) -> AsyncLLM:
         """The engine, or a 503 telling the client when to retry."""
-        client = self.client
-        if self.state is EngineState.READY and client is not None and not client.errored:
-            return client
+        if self.ready:
+            return self.client
         retry = {"Retry-After": str(self.settings.retry_after_seconds)}
         if self.state is EngineState.LOADING:
             raise APIError(503, f"The model is loading ({self.stage}); retry shortly.", code="loading", headers=retry)

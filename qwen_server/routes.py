@@ -10,7 +10,7 @@ from litestar.response import Stream
 
 from qwen_server import __version__
 from qwen_server import protocol as p
-from qwen_server.engine import Engine, EngineState
+from qwen_server.engine import Engine
 from qwen_server.openapi import with_json_body
 from qwen_server.service import Prepared, Service, decode
 
@@ -110,7 +110,7 @@ async def live() -> Response:
 async def health(request: Request) -> Response:
     engine = _engine(request)
     body = engine.status()
-    if engine.state is EngineState.READY and not (engine.client and engine.client.errored):
+    if engine.ready:
         return _json(body)
     return _json(body, 503, {"Retry-After": str(engine.settings.retry_after_seconds)})
 
