@@ -1,0 +1,157 @@
+"""Remote image fetching against a local HTTP server: limits, redirects and the SSRF guard.
+
+The server listens on 127.0.0.1 only; the fetcher is allowed 127.0.0.1/32 where a test needs a
+successful fetch, so 127.0.0.2 (same loopback interface, not allowed) stands in for "a private
+address" in redirect tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+import typing
+from collections.abc import Iterator
+
+import pytest
+
+from qwen_server.fetch import USER_AGENT, Fetcher, FetchError
+
+BODY = b"\x89PNG fake image body" * 100
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    seen_agents: typing.ClassVar[list[str]] = []
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        _Handler.seen_agents.append(self.headers.get("User-Agent", ""))
+        path, _, query = self.path.partition("?")
+        if path == "/image":
+            self._send(200, BODY)
+        elif path == "/big":  # declares its size
+            self._send(200, b"x" * 50_000)
+        elif path == "/big-chunked":  # no Content-Length: the limit must cut the stream
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"1000\r\n" + b"y" * 4096 + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        elif path == "/slow":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(30):
+                self.wfile.write(b"z")
+                self.wfile.flush()
+                time.sleep(0.1)
+        elif path == "/redirect":  # /redirect?N: N+1 redirects, then the image
+            hops = int(query or 0)
+            self._redirect(f"/redirect?{hops - 1}" if hops > 0 else "/image")
+        elif path == "/to":  # /to?URL
+            self._redirect(query)
+        elif path == "/missing":
+            self._send(404, b"not found")
+        else:
+            self._send(500, b"?")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(url: str, max_bytes: int = 1_000_000, **options) -> bytes:
+    async def run() -> bytes:
+        fetcher = Fetcher(**{"timeout": 2.0, "max_redirects": 3, "allowed_networks": ["127.0.0.1/32"], **options})
+        try:
+            return await fetcher.fetch(url, max_bytes)
+        finally:
+            await fetcher.aclose()
+
+    return asyncio.run(run())
+
+
+def refused(url: str, reason: str, **kw) -> FetchError:
+    with pytest.raises(FetchError) as info:
+        fetch(url, **kw)
+    assert info.value.reason == reason, info.value.message
+    return info.value
+
+
+def test_fetch_returns_the_body_and_sends_a_user_agent(origin: str) -> None:
+    _Handler.seen_agents.clear()
+    assert fetch(f"{origin}/image") == BODY
+    assert _Handler.seen_agents == [USER_AGENT]
+
+
+def test_redirects_are_followed_up_to_the_limit(origin: str) -> None:
+    assert fetch(f"{origin}/redirect?2") == BODY  # 3 redirects: the limit
+    refused(f"{origin}/redirect?3", "too_many_redirects")
+
+
+def test_declared_oversize_is_refused_with_413(origin: str) -> None:
+    assert refused(f"{origin}/big", "too_large", max_bytes=10_000).status == 413
+
+
+def test_undeclared_oversize_is_cut_while_streaming(origin: str) -> None:
+    assert refused(f"{origin}/big-chunked", "too_large", max_bytes=10_000).status == 413
+    assert len(fetch(f"{origin}/big-chunked", max_bytes=1_000_000)) == 409_600
+
+
+def test_a_slow_body_hits_the_total_timeout(origin: str) -> None:
+    # Each byte arrives well within any read timeout; only a bound on the whole exchange stops it.
+    t0 = time.monotonic()
+    refused(f"{origin}/slow", "timeout", timeout=1.0)
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_http_errors_name_the_status(origin: str) -> None:
+    assert "404" in refused(f"{origin}/missing", "fetch_failed").message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "127.0.0.2"])
+def test_loopback_and_unspecified_hosts_are_refused_by_default(origin: str, host: str) -> None:
+    port = origin.rsplit(":", 1)[1]
+    refused(f"http://{host}:{port}/image", "forbidden_address", allowed_networks=[])
+
+
+def test_redirect_to_a_private_address_is_refused(origin: str) -> None:
+    port = origin.rsplit(":", 1)[1]
+    # First hop allowed (127.0.0.1), second hop to 127.0.0.2 is not.
+    refused(f"{origin}/to?http://127.0.0.2:{port}/image", "forbidden_address")
+    refused(f"{origin}/to?http://169.254.169.254/latest/meta-data/", "forbidden_address")
+    refused(f"{origin}/to?http://[::ffff:10.0.0.1]/x", "forbidden_address")
+
+
+def test_redirect_to_another_scheme_is_refused(origin: str) -> None:
+    refused(f"{origin}/to?file:///etc/passwd", "unsupported_url")
+
+
+def test_allowed_domains_are_enforced_on_every_hop(origin: str) -> None:
+    refused(f"{origin}/image", "forbidden_domain", allowed_domains=["images.example.com"])
+    assert fetch(f"{origin}/image", allowed_domains=["127.0.0.1"]) == BODY
+    refused(f"{origin}/to?http://localhost:1/x", "forbidden_domain", allowed_domains=["127.0.0.1"])
+
