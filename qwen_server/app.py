@@ -15,9 +15,11 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from qwen_server import __version__, settings as settings_mod
+from qwen_server import __version__
+from qwen_server import settings as settings_mod
 from qwen_server.engine import Engine
 from qwen_server.errors import exception_handlers
+from qwen_server.media import MediaLoader
 from qwen_server.routes import route_handlers
 from qwen_server.service import Service
 from qwen_server.settings import Settings
@@ -43,13 +45,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = Engine(settings)
         app.state.engine = engine
-        app.state.service = Service(engine, settings)
+        media = MediaLoader(settings)
+        app.state.service = Service(engine, media, settings)
         app.state.started_at = time.time()
         engine.start()
         try:
             yield
         finally:
             await engine.stop()
+            await media.aclose()
 
     return Litestar(
         route_handlers=route_handlers,

@@ -16,7 +16,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from qwen_server import demo, procs
+from qwen_server import demo, media, procs
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 
@@ -47,9 +47,14 @@ class Engine:
         self.tokenizer: Any = None
         self.max_model_len: int | None = None
         self.model_path: str | None = None
+        # The model's image pixel budget, so media can size images before the processor sees them.
+        self.image_geometry: media.Geometry | None = None
         self.loaded_in: float | None = None
         # The scheduler's latest counts, reported by EngineCore after each step it runs.
         self.scheduler_stats: Any = None
+        # vLLM's multimodal processor cache since start: items looked up, items found.
+        self.mm_cache_queries = 0
+        self.mm_cache_hits = 0
         self._t0 = time.monotonic()
         self._stage_t0 = self._t0
         self._tasks: list[asyncio.Task] = []
@@ -98,6 +103,7 @@ class Engine:
             self.client = client
             self.tokenizer = client.get_tokenizer()
             self.max_model_len = client.model_config.max_model_len
+            self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
             self.loaded_in = time.monotonic() - self._t0
             self.state = EngineState.READY
             self.stage = "ready"
@@ -163,6 +169,7 @@ class Engine:
                 "running": stats.num_running_reqs if stats else 0,
                 "waiting": stats.num_waiting_reqs if stats else 0,
             }
+            body["mm_cache"] = {"queries": self.mm_cache_queries, "hits": self.mm_cache_hits}
         return body
 
     @property
@@ -193,6 +200,9 @@ def _scheduler_stats_recorder(engine: Engine):
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 engine.scheduler_stats = scheduler_stats
+            if mm_cache_stats is not None:
+                engine.mm_cache_queries += mm_cache_stats.queries
+                engine.mm_cache_hits += mm_cache_stats.hits
 
         def log_engine_initialized(self) -> None:
             pass
@@ -205,3 +215,20 @@ def _import_vllm():
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncEngineArgs, AsyncLLM
+
+
+def _image_geometry(model_config: Any) -> media.Geometry | None:
+    """The pixel budget of the image processor vLLM uses for this model (server-wide
+    mm_processor_kwargs applied), or None when the model has no image processor we pre-size for."""
+    from vllm.transformers_utils.processor import cached_image_processor_from_config
+
+    if not model_config.is_multimodal_model:
+        return None
+    try:
+        processor = cached_image_processor_from_config(model_config)
+    except Exception as exc:  # noqa: BLE001 - no pre-sizing then; vLLM's processor still sizes images
+        log.warning("image processor not inspected (%s): images go to the model's processor at full size", exc)
+        return None
+    geometry = media.geometry_of(processor)
+    log.info("image budget: %s", geometry or f"none for {type(processor).__name__}, images passed at full size")
+    return geometry

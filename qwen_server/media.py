@@ -1,7 +1,12 @@
-"""Images in: from `data:` URLs to RGB Pillow images, safely and off the event loop.
+"""Images in: from a request's image URLs to RGB Pillow images sized for the model, safely and fast.
 
-No HTTP here: the service hands in the URL string and the part's path (for error messages), and
-gets an image or a `MediaError` naming that part.
+Sources: `data:` URLs, `http(s)://` URLs (`fetch.py`: SSRF guard, byte and time limits) and local
+files under one allowed directory. Decoding runs in threads, behind a format whitelist and size
+checks made from the header before any pixel is decoded. Images are resized here to the model's
+pixel budget (Qwen's `smart_resize`), JPEGs through Pillow's draft mode (decoded at 1/2, 1/4 or
+1/8 scale by the codec), so the model's processor finds them at their final size. A content hash
+keys a small cache of results and is handed to vLLM as the item's UUID, so its multimodal cache is
+hit without hashing pixels. No HTTP server code here: errors are `MediaError`s naming the part.
 """
 
 from __future__ import annotations
@@ -9,67 +14,159 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
+import math
+import os
+import stat
+import threading
+import urllib.parse
 import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qwen_server.fetch import Fetcher, FetchError
+from qwen_server.settings import Settings
+
 # Formats a client may send; anything else is refused before decoding.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_MAX_ASPECT_RATIO = 200  # what Qwen's processor accepts
 
 
 class MediaError(ValueError):
-    """An image the server will not use, with the request field it came from."""
+    """An image the server will not use: the request field it came from and a short reason."""
 
-    def __init__(self, message: str, param: str, status: int = 400) -> None:
+    def __init__(self, message: str, param: str, reason: str, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.reason = reason
         self.status = status
 
 
-def _data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep:
-        raise MediaError("Malformed data URL: no ',' separates the header from the data.", param)
-    meta = header[5:].split(";")
-    if "base64" not in meta[1:]:
-        raise MediaError("Only base64 data URLs are supported (data:image/png;base64,...).", param)
-    media_type = meta[0].strip().lower()
-    if media_type and not media_type.startswith("image/"):
-        raise MediaError(f"Data URL media type {media_type!r} is not an image type.", param)
-    # base64 needs 4 characters per 3 bytes: refuse oversize payloads before decoding them.
-    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
-        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, status=413)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MediaError(f"Image data is not valid base64: {exc}.", param) from None
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """The model processor's pixel budget: sides are multiples of `factor` (patch x merge size)
+    and the area lies within [min_pixels, max_pixels]."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def with_kwargs(self, kwargs: Mapping[str, Any] | None) -> Geometry:
+        """Per-request `mm_processor_kwargs` (`min_pixels`/`max_pixels` or `size`) applied."""
+        if not kwargs:
+            return self
+        size = kwargs.get("size") if isinstance(kwargs.get("size"), Mapping) else {}
+        low = kwargs.get("min_pixels", size.get("shortest_edge", self.min_pixels))
+        high = kwargs.get("max_pixels", size.get("longest_edge", self.max_pixels))
+        if not (isinstance(low, int) and isinstance(high, int)) or not 0 < low <= high:
+            raise ValueError(f"min_pixels/max_pixels must be integers with 0 < min_pixels <= max_pixels, got {low}, {high}")
+        return Geometry(self.factor, low, high)
+
+    @property
+    def key(self) -> str:
+        return f"{self.factor}:{self.min_pixels}:{self.max_pixels}"
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) as Qwen's `smart_resize` computes it (transformers' formula, re-stated
+        here so that media needs no transformers import; tests compare the two)."""
+        f = self.factor
+        h_bar, w_bar = round(height / f) * f, round(width / f) * f
+        if h_bar * w_bar > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h_bar = max(f, math.floor(height / beta / f) * f)
+            w_bar = max(f, math.floor(width / beta / f) * f)
+        elif h_bar * w_bar < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+        return w_bar, h_bar
 
 
-def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
-    """Bytes to an RGB image: format whitelist, size checked before pixels are decoded,
-    EXIF orientation applied, alpha composited on white."""
+def geometry_of(image_processor: Any) -> Geometry | None:
+    """The budget of a Qwen-VL image processor; None for processors this server does not pre-size for."""
+    if not type(image_processor).__name__.startswith(("Qwen2VLImageProcessor", "Qwen3VLImageProcessor")):
+        return None
+    size = getattr(image_processor, "size", None) or {}
+    get = size.get if isinstance(size, Mapping) else lambda key: getattr(size, key, None)
+    low = get("shortest_edge") or getattr(image_processor, "min_pixels", None)
+    high = get("longest_edge") or getattr(image_processor, "max_pixels", None)
+    if not (low and high):
+        return None
+    return Geometry(image_processor.patch_size * image_processor.merge_size, int(low), int(high))
+
+
+# --- decoding ---
+
+
+def decode_image(
+    data: bytes, param: str, *, max_pixels: int, max_side: int, geometry: Geometry | None = None
+) -> Image.Image:
+    """Bytes to an RGB image: format whitelist, dimensions checked before pixels are decoded, EXIF
+    orientation applied, alpha composited on white, and (with a geometry) resized to the model's
+    budget, JPEGs decoded directly at a reduced scale when that is enough."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
+            if width > max_side or height > max_side:
+                raise MediaError(
+                    f"Image is {width}x{height}; each side may be at most {max_side} pixels.", param, "too_many_pixels"
+                )
             if width * height > max_pixels:
                 raise MediaError(
-                    f"Image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}.", param
+                    f"Image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}.",
+                    param,
+                    "too_many_pixels",
                 )
+            target = None
+            if geometry is not None:
+                target = _target_size(image, geometry, param)
+                if image.format == "JPEG":
+                    # The codec scales by 1/2, 1/4 or 1/8 while decoding, never below the request.
+                    draft = target if _orientation(image) < 5 else (target[1], target[0])
+                    image.draft("RGB", draft)
             image.load()
     except MediaError:
         raise
     except UnidentifiedImageError:
-        raise MediaError(f"Not an image in a supported format ({', '.join(ALLOWED_FORMATS)}).", param) from None
+        raise MediaError(
+            f"Not an image in a supported format ({', '.join(ALLOWED_FORMATS)}).", param, "unsupported_format"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise MediaError(f"Image refused as a decompression bomb: {exc}", param) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise MediaError(f"Image could not be decoded (truncated or corrupt): {exc}", param) from None
-    image = ImageOps.exif_transpose(image) or image
-    return _to_rgb(image)
+        raise MediaError(f"Image refused as a decompression bomb: {exc}", param, "too_many_pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise MediaError(f"Image could not be decoded (truncated or corrupt): {exc}", param, "corrupt") from None
+    image = _to_rgb(ImageOps.exif_transpose(image) or image)
+    if target is not None and image.size != target:
+        # reducing_gap: a cheap box reduction first, then bicubic over at most 3x the final size.
+        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no rotation"
+        return 1
+
+
+def _target_size(image: Image.Image, geometry: Geometry, param: str) -> tuple[int, int]:
+    width, height = image.size
+    if _orientation(image) >= 5:  # rotated by 90 degrees: the model sees the sides swapped
+        width, height = height, width
+    if max(width, height) / min(width, height) > _MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"Image is {width}x{height}; the model accepts aspect ratios up to {_MAX_ASPECT_RATIO}:1.",
+            param,
+            "bad_aspect_ratio",
+        )
+    return geometry.target(width, height)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -88,16 +185,190 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _load_sync(url: str, param: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    if url.startswith("data:"):
-        data = _data_url_bytes(url, param, max_bytes)
+# --- sources ---
+
+
+def _data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise MediaError("Malformed data URL: no ',' separates the header from the data.", param, "bad_data_url")
+    meta = header[5:].split(";")
+    if "base64" not in meta[1:]:
+        raise MediaError("Only base64 data URLs are supported (data:image/png;base64,...).", param, "bad_data_url")
+    media_type = meta[0].strip().lower()
+    if media_type and not media_type.startswith("image/"):
+        raise MediaError(f"Data URL media type {media_type!r} is not an image type.", param, "bad_data_url")
+    # base64 needs 4 characters per 3 bytes: refuse oversize payloads before decoding them.
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, "too_large", 413)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"Image data is not valid base64: {exc}.", param, "bad_data_url") from None
+
+
+def _file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
+    if root is None:
+        raise MediaError(
+            "Local image files are not enabled on this server (see --allowed-local-media-path).", param, "unsupported_url"
+        )
+    if url.startswith("file:"):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise MediaError(f"file: URLs must name a local path, not host {parsed.netloc!r}.", param, "unsupported_url")
+        path = urllib.parse.unquote(parsed.path)
     else:
-        scheme = url.split(":", 1)[0] if ":" in url else ""
-        raise MediaError(f"Unsupported image URL scheme {scheme!r}: send a data: URL.", param)
-    if len(data) > max_bytes:
-        raise MediaError(f"Image is {len(data)} bytes, over the limit of {max_bytes}.", param, status=413)
-    return decode_image(data, param, max_pixels)
+        path = url
+    # realpath resolves '..' and every symlink, so whatever the name says, the file must be in root.
+    real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root in join
+    if os.path.commonpath([real, root]) != root:
+        raise MediaError("The image path is outside the allowed local media directory.", param, "forbidden_path")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise MediaError(f"The image file could not be opened: {exc.strerror}.", param, "not_found") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MediaError("The image path is not a regular file.", param, "not_found")
+        if info.st_size > max_bytes:
+            raise MediaError(f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", 413)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
 
 
-async def load_image(url: str, param: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    return await asyncio.to_thread(_load_sync, url, param, max_bytes, max_pixels)
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+# --- loading ---
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedImage:
+    image: Image.Image
+    uuid: str  # content hash + geometry: the same image at the same budget has the same id
+
+
+class _Budget:
+    """Encoded bytes of one request's images, against the per-request total."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int, param: str) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise MediaError(
+                f"The request's images total more than {self.limit} bytes.", param, "request_too_large", 413
+            )
+
+
+class _Cache:
+    """LRU of decoded images, bounded by their pixel bytes; shared by the worker's requests."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._items: OrderedDict[str, Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Image.Image | None:
+        with self._lock:
+            image = self._items.get(key)
+            if image is not None:
+                self._items.move_to_end(key)
+            return image
+
+    def put(self, key: str, image: Image.Image) -> None:
+        size = image.width * image.height * 3
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = image
+            self.used += size
+            while self.used > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.used -= old.width * old.height * 3
+
+
+class MediaLoader:
+    """Loads a request's images concurrently; one per worker, created in the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        root = settings.allowed_local_media_path
+        self._root = os.path.realpath(root) if root else None
+        self._fetcher = Fetcher(
+            timeout=settings.media_fetch_timeout,
+            max_redirects=settings.media_max_redirects,
+            allowed_domains=settings.allowed_media_domains,
+            allowed_networks=settings.allowed_media_networks or (),
+        )
+        self._cache = _Cache(settings.image_cache_bytes)
+        self._inflight: dict[str, asyncio.Future[Image.Image]] = {}
+
+    async def aclose(self) -> None:
+        await self._fetcher.aclose()
+
+    async def load_all(self, urls: list[tuple[str, str]], geometry: Geometry | None) -> list[LoadedImage]:
+        """`urls` as (url, request path) pairs; all are loaded at once, the first error wins."""
+        budget = _Budget(self.settings.max_request_image_bytes)
+        tasks = [asyncio.ensure_future(self.load(url, param, geometry, budget)) for url, param in urls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:  # one failed: the others' fetches and decodes are not needed
+                task.cancel()
+
+    async def load(self, url: str, param: str, geometry: Geometry | None, budget: _Budget | None = None) -> LoadedImage:
+        data, digest = await self._bytes(url, param)
+        if budget is not None:
+            budget.take(len(data), param)
+        key = f"{digest}:{geometry.key if geometry else 'native'}"
+        image = self._cache.get(key)
+        if image is None:
+            pending = self._inflight.get(key)
+            if pending is None:
+                pending = asyncio.ensure_future(asyncio.to_thread(self._decode, data, param, geometry))
+                self._inflight[key] = pending
+                pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+            try:
+                image = await asyncio.shield(pending)
+            except MediaError as exc:  # the decode may have been started for another request's part
+                raise MediaError(exc.message, param, exc.reason, exc.status) from None
+            self._cache.put(key, image)
+        return LoadedImage(image, key)
+
+    def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> Image.Image:
+        s = self.settings
+        return decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
+
+    async def _bytes(self, url: str, param: str) -> tuple[bytes, str]:
+        max_bytes = self.settings.max_image_bytes
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return await asyncio.to_thread(_hashed, _data_url_bytes, url, param, max_bytes)
+        if scheme in ("http", "https"):
+            try:
+                data = await self._fetcher.fetch(url, max_bytes)
+            except FetchError as exc:
+                raise MediaError(exc.message, param, exc.reason, exc.status) from None
+            return data, await asyncio.to_thread(_digest, data)
+        if scheme == "file" or url.startswith("/"):
+            return await asyncio.to_thread(_hashed, _file_bytes, url, param, self._root, max_bytes)
+        raise MediaError(
+            f"Unsupported image URL scheme {scheme!r}: send a data:, http(s):// or (if enabled) file: URL.",
+            param,
+            "unsupported_url",
+        )
+
+
+def _hashed(read: Any, *args: Any) -> tuple[bytes, str]:
+    data = read(*args)
+    return data, _digest(data)

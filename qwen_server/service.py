@@ -6,7 +6,6 @@ SSE frames (bytes). The engine is used in DELTA mode, so each step carries only 
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ import msgspec
 from qwen_server import protocol as p
 from qwen_server.engine import Engine
 from qwen_server.errors import APIError, bad_request, envelope, from_validation_error
-from qwen_server.media import MediaError, load_image
+from qwen_server.media import LoadedImage, MediaError, MediaLoader
 from qwen_server.settings import Settings
 
 _DONE = b"data: [DONE]\n\n"
@@ -43,8 +42,9 @@ class Prepared:
 
 
 class Service:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, media: MediaLoader, settings: Settings) -> None:
         self.engine = engine
+        self.media = media
         self.settings = settings
         limits = settings.limit_mm_per_prompt or {}
         self.max_images = limits.get("image")
@@ -69,7 +69,7 @@ class Service:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
         conversation, image_urls = self._conversation(req.messages)
-        images = await self._load_images(image_urls)
+        images = await self._load_images(image_urls, req.mm_processor_kwargs)
         try:
             text = self.engine.tokenizer.apply_chat_template(
                 conversation,
@@ -83,7 +83,9 @@ class Service:
         token_ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
         prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
         if images:
-            prompt["multi_modal_data"] = {"image": images}
+            prompt["multi_modal_data"] = {"image": [loaded.image for loaded in images]}
+            # Content hashes as item ids: vLLM's multimodal cache hits without hashing pixels.
+            prompt["multi_modal_uuids"] = {"image": [loaded.uuid for loaded in images]}
         mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}
         if mm_kwargs:
             prompt["mm_processor_kwargs"] = mm_kwargs
@@ -160,18 +162,19 @@ class Service:
             )
         return conversation, image_urls
 
-    async def _load_images(self, urls: list[tuple[str, str]]) -> list[Any]:
+    async def _load_images(self, urls: list[tuple[str, str]], mm_kwargs: dict[str, Any] | None) -> list[LoadedImage]:
         if not urls:
             return []
-        s = self.settings
+        geometry = self.engine.image_geometry
+        if geometry is not None:
+            try:
+                geometry = geometry.with_kwargs(mm_kwargs)
+            except ValueError as exc:
+                raise bad_request(str(exc), "mm_processor_kwargs") from None
         try:
-            return list(
-                await asyncio.gather(
-                    *(load_image(url, param, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels) for url, param in urls)
-                )
-            )
+            return await self.media.load_all(urls, geometry)
         except MediaError as exc:
-            raise APIError(exc.status, exc.message, param=exc.param, code="invalid_image") from None
+            raise APIError(exc.status, exc.message, param=exc.param, code=f"image_{exc.reason}") from None
 
     async def _render(self, client: Any, prompt: dict[str, Any]) -> Any:
         """vLLM's renderer runs the model's multimodal processor (image tokens expanded) off the loop."""

@@ -8,6 +8,7 @@ data; the Ray backend for several nodes) works as it does under `vllm serve`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import types
 import typing
@@ -92,6 +93,25 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_image_pixels: Annotated[
         int, _doc("Largest image (width x height) decoded; bigger ones are refused before decoding.", _MEDIA)
     ] = 64_000_000
+    max_image_side: Annotated[int, _doc("Longest image side (pixels) decoded.", _MEDIA)] = 16384
+    max_request_image_bytes: Annotated[
+        int, _doc("Largest total of encoded image bytes in one request.", _MEDIA)
+    ] = 64 * 1024 * 1024
+    image_cache_bytes: Annotated[
+        int, _doc("Decoded images kept for repeats (RGB bytes, per worker); 0 disables.", _MEDIA)
+    ] = 256 * 1024 * 1024
+    media_fetch_timeout: Annotated[float, _doc("Seconds a remote image fetch may take in all.", _MEDIA)] = 10.0
+    media_max_redirects: Annotated[int, _doc("Redirects followed when fetching a remote image.", _MEDIA)] = 5
+    allowed_media_domains: Annotated[
+        list[str] | None, _doc("Only these hosts may serve remote images (unset: any public host).", _MEDIA)
+    ] = None
+    allowed_media_networks: Annotated[
+        list[str] | None,
+        _doc("Non-public networks remote images may come from anyway, e.g. 10.0.0.0/8 (default: none).", _MEDIA),
+    ] = None
+    allowed_local_media_path: Annotated[
+        str | None, _doc("Directory whose files may be sent as file: URLs or paths (unset: no local files).", _MEDIA)
+    ] = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,6 +126,21 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {value}")
+        for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_request_image_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
+        for name in ("image_cache_bytes", "media_max_redirects"):
+            if getattr(self, name) < 0:
+                problems.append(f"{env_name(name)}: must not be negative, got {getattr(self, name)}")
+        if self.media_fetch_timeout <= 0:
+            problems.append(f"{env_name('media_fetch_timeout')}: must be positive, got {self.media_fetch_timeout}")
+        for network in self.allowed_media_networks or ():
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                problems.append(f"{env_name('allowed_media_networks')}: {exc}")
+        if self.allowed_local_media_path and not os.path.isdir(self.allowed_local_media_path):
+            problems.append(f"{env_name('allowed_local_media_path')}: not a directory: {self.allowed_local_media_path!r}")
         if self.root_path and not self.root_path.startswith("/"):
             problems.append(f"{env_name('root_path')}: must start with '/', got {self.root_path!r}")
         if problems:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from qwen_server.media import Geometry
 from tests.conftest import image_data_url
 from tests.serverproc import ServerProcess
 
@@ -67,6 +70,46 @@ def test_image_tokens_scale_with_images(client: openai.OpenAI) -> None:
     per_image = one - text_only
     assert per_image >= 64  # 64 pad tokens + vision start/end
     assert three - text_only == 3 * per_image
+
+
+def test_images_from_urls_and_files_match_data_urls(client: openai.OpenAI, image_host: str, media_dir: Path) -> None:
+    """The same picture as a data URL, a remote URL and a local file: same prompt, same output."""
+
+    def answer(url: str) -> tuple[int, str]:
+        r = client.chat.completions.create(model="tiny", messages=[user(image_part(url), "What?")], max_tokens=4,
+                                           temperature=0, extra_body={"ignore_eos": True})
+        return r.usage.prompt_tokens, r.choices[0].message.content
+
+    data = "data:image/jpeg;base64," + base64.b64encode((media_dir / "red.jpg").read_bytes()).decode()
+    expected = answer(data)
+    assert answer(f"{image_host}/red.jpg") == expected
+    assert answer(str(media_dir / "red.jpg")) == expected
+    assert answer(f"file://{media_dir}/red.jpg") == expected
+
+
+def test_large_images_are_sized_to_the_model_budget(client: openai.OpenAI, image_host: str) -> None:
+    # 896x672 is over the tiny model's 224x224 budget: the server resizes it before the processor,
+    # to the size the processor would have chosen (252x168: 9x6 merged 28 px patches = 54 tokens).
+    width, height = Geometry(28, 56 * 56, 224 * 224).target(896, 672)
+    small = client.chat.completions.create(model="tiny", messages=[user(image_part(), "x")], max_tokens=1)
+    big = client.chat.completions.create(model="tiny", messages=[user(image_part(f"{image_host}/big.png"), "x")],
+                                         max_tokens=1)
+    assert big.usage.prompt_tokens == small.usage.prompt_tokens - 64 + (width // 28) * (height // 28)
+
+
+def test_repeated_image_hits_the_engine_multimodal_cache(client: openai.OpenAI, server: ServerProcess) -> None:
+    def mm_cache() -> dict:
+        return httpx.get(server.url + "/health").json()["mm_cache"]
+
+    url = image_data_url(color=(17, 99, 201))  # a picture no other test sends
+    client.chat.completions.create(model="tiny", messages=[user(image_part(url), "a")], max_tokens=1)
+    before = mm_cache()
+    client.chat.completions.create(model="tiny", messages=[user(image_part(url), "b")], max_tokens=1)
+    deadline = time.monotonic() + 5  # vLLM reports cache stats with the engine's step outputs
+    while (after := mm_cache())["queries"] == before["queries"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert after["queries"] == before["queries"] + 1
+    assert after["hits"] == before["hits"] + 1
 
 
 def test_streaming_with_usage(client: openai.OpenAI) -> None:
@@ -266,6 +309,27 @@ def test_bad_image_names_the_part(server: ServerProcess) -> None:
     assert_error(post(server, "/v1/chat/completions", body), 400, "messages[1].content[1].image_url")
     body = {"messages": [user(image_part("data:image/png;base64,not base64!"))]}
     assert_error(post(server, "/v1/chat/completions", body), 400, "messages[0].content[0].image_url", "base64")
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "code"),
+    [
+        ("http://127.0.0.2:{port}/red.jpg", 400, "image_forbidden_address"),
+        ("http://[::1]:{port}/red.jpg", 400, "image_forbidden_address"),  # 127.0.0.1/32 only is allowed
+        ("{host}/missing.jpg", 400, "image_fetch_failed"),
+        ("{host}/huge.bin", 413, "image_too_large"),
+        ("{media}/../outside.jpg", 400, "image_forbidden_path"),
+        ("file:///etc/passwd", 400, "image_forbidden_path"),
+        ("gopher://example.com/x", 400, "image_unsupported_url"),
+    ],
+)
+def test_refused_image_sources_name_the_part(
+    server: ServerProcess, image_host: str, media_dir: Path, url: str, status: int, code: str
+) -> None:
+    url = url.format(host=image_host, port=image_host.rsplit(":", 1)[1], media=media_dir)
+    body = {"messages": [user("first", image_part()), user(image_part(url))], "max_tokens": 1}
+    error = assert_error(post(server, "/v1/chat/completions", body), status, "messages[1].content[0].image_url")
+    assert error["code"] == code
 
 
 def test_too_many_images(server: ServerProcess) -> None:

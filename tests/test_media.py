@@ -1,17 +1,23 @@
-"""Image decoding from data URLs: formats, modes, orientation, and refusal of bad or hostile input."""
+"""Images from data URLs and local files: formats, modes, orientation, sizing for the model, the
+cache, and refusal of bad or hostile input. Remote URLs: test_fetch.py (fetcher) and test_api.py."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from qwen_server.media import MediaError, decode_image, load_image
+from qwen_server.media import Geometry, MediaError, MediaLoader, decode_image
+from qwen_server.settings import Settings
 
-LIMITS = {"max_bytes": 5 * 1024 * 1024, "max_pixels": 10_000_000}
+PARAM = "messages[0].content[0].image_url"
+LIMITS = {"max_image_bytes": 5 * 1024 * 1024, "max_image_pixels": 10_000_000}
+QWEN25 = Geometry(factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -24,8 +30,26 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
-def load(url: str, **limits) -> Image.Image:
-    return asyncio.run(load_image(url, "messages[0].content[0].image_url", **{**LIMITS, **limits}))
+def photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients with noise: compresses like a photo, unlike a flat colour."""
+    gradient = Image.linear_gradient("L").resize((width, height))
+    noise = Image.effect_noise((width, height), 40)
+    return Image.merge("RGB", (gradient, noise, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+
+
+def loader(**settings) -> MediaLoader:
+    return MediaLoader(Settings(**{**LIMITS, **settings}))
+
+
+def load(url: str, geometry: Geometry | None = None, **settings) -> Image.Image:
+    async def run() -> Image.Image:
+        media = loader(**settings)
+        try:
+            return (await media.load(url, PARAM, geometry)).image
+        finally:
+            await media.aclose()
+
+    return asyncio.run(run())
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
@@ -95,8 +119,8 @@ def test_truncated_file_is_refused() -> None:
 
 
 def test_decompression_bomb_is_refused_before_decoding() -> None:
-    # 20000 x 20000 = 400 M pixels in a few hundred bytes of PNG: Pillow's own guard refuses it.
-    bomb = encode(Image.new("1", (20000, 20000)), "PNG")
+    # 15000 x 15000 = 225 M pixels in a few kB of PNG: Pillow's own guard refuses it.
+    bomb = encode(Image.new("1", (15000, 15000)), "PNG")
     assert len(bomb) < 100_000
     with pytest.raises(MediaError, match="decompression bomb"):
         load(data_url(bomb))
@@ -108,9 +132,175 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
 def test_oversize_payload_is_413_before_decoding() -> None:
     data = encode(Image.effect_noise((512, 512), 80).convert("RGB"), "PNG")
     with pytest.raises(MediaError) as info:
-        load(data_url(data), max_bytes=len(data) // 2)
+        load(data_url(data), max_image_bytes=len(data) // 2)
     assert info.value.status == 413
 
 
+def test_huge_dimensions_in_tiny_bytes_are_refused_from_the_header() -> None:
+    thin = encode(Image.new("1", (20000, 4)), "PNG")  # 80 k pixels, but a side over 16384
+    assert len(thin) < 2000
+    with pytest.raises(MediaError, match="at most 16384") as info:
+        load(data_url(thin))
+    assert info.value.reason == "too_many_pixels"
+
+
+def test_gif_first_frame_is_used() -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    r, _, b = load(data_url(buf.getvalue(), "image/gif")).getpixel((8, 8))
+    assert r > 200 and b < 50
+
+
+def test_truncated_jpeg_is_refused() -> None:
+    data = encode(photo(256, 256), "JPEG")
+    with pytest.raises(MediaError, match="truncated or corrupt"):
+        load(data_url(data[: len(data) // 3], "image/jpeg"))
+
+
+def test_format_comes_from_the_bytes_not_the_declared_type() -> None:
+    png = encode(Image.new("RGB", (5, 5)), "PNG")
+    assert load(data_url(png, "image/jpeg")).size == (5, 5)
+
+
 def test_decode_image_directly() -> None:
-    assert decode_image(encode(Image.new("RGB", (3, 3)), "BMP"), "p", 100).size == (3, 3)
+    assert decode_image(encode(Image.new("RGB", (3, 3)), "BMP"), "p", max_pixels=100, max_side=10).size == (3, 3)
+
+
+# --- sizing for the model ---
+
+
+@pytest.mark.parametrize("arch_factor", [28, 32])
+def test_target_matches_transformers_smart_resize(arch_factor: int) -> None:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    geometry = Geometry(arch_factor, 56 * 56, 28 * 28 * 1280)
+    for width, height in [(224, 224), (3840, 2160), (1920, 1080), (17, 3000), (100, 20), (4000, 4000), (57, 85)]:
+        h, w = smart_resize(height, width, factor=arch_factor, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+        assert geometry.target(width, height) == (w, h)
+
+
+@pytest.mark.parametrize(("size", "fmt"), [((3840, 2160), "JPEG"), ((1920, 1080), "PNG"), ((300, 200), "JPEG")])
+def test_presized_image_gives_the_processor_the_same_input(size: tuple[int, int], fmt: str) -> None:
+    """The model's own processor on the raw image and on ours: same grid, pixels equal within rounding."""
+    import numpy as np
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    processor = Qwen2VLImageProcessorPil()
+    data = encode(photo(*size), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    ours = decode_image(data, PARAM, max_pixels=10**8, max_side=16384, geometry=QWEN25)
+    assert ours.size == QWEN25.target(*size)
+    raw = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="np")
+    pre = processor(images=[ours], return_tensors="np")
+    assert (raw["image_grid_thw"] == pre["image_grid_thw"]).all()
+    # pixel_values are normalised (std ~0.27 per 1/255 step is ~0.015): a mean difference under
+    # 0.05 is about 3 grey levels, the difference between two bicubic paths.
+    diff = float(np.abs(raw["pixel_values"] - pre["pixel_values"]).mean())
+    assert diff < 0.05, diff
+
+
+def test_exif_rotation_is_sized_on_the_displayed_sides() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1600x400, displayed 400x1600
+    data = encode(photo(1600, 400), "JPEG", exif=exif)
+    image = decode_image(data, PARAM, max_pixels=10**8, max_side=16384, geometry=Geometry(28, 3136, 200_000))
+    assert image.size == Geometry(28, 3136, 200_000).target(400, 1600)
+
+
+def test_request_kwargs_change_the_budget() -> None:
+    assert QWEN25.with_kwargs({"max_pixels": 50176}).target(3840, 2160) == (280, 168)
+    assert QWEN25.with_kwargs({"size": {"shortest_edge": 3136, "longest_edge": 50176}}).max_pixels == 50176
+    assert QWEN25.with_kwargs(None) is QWEN25
+    with pytest.raises(ValueError, match="min_pixels"):
+        QWEN25.with_kwargs({"min_pixels": 10, "max_pixels": 5})
+
+
+def test_extreme_aspect_ratio_is_a_clear_error() -> None:
+    with pytest.raises(MediaError, match="aspect ratio") as info:
+        load(data_url(encode(Image.new("RGB", (2000, 5)), "PNG")), QWEN25)
+    assert info.value.reason == "bad_aspect_ratio"
+
+
+# --- repeats and per-request totals ---
+
+
+def test_repeated_images_are_decoded_once() -> None:
+    url = data_url(encode(photo(640, 480), "JPEG"), "image/jpeg")
+    other = QWEN25.with_kwargs({"max_pixels": 50176})
+
+    async def run():
+        media = loader()
+        try:
+            first, second = await media.load_all([(url, "a"), (url, "b")], QWEN25)
+            third = await media.load(url, "c", QWEN25)
+            smaller = await media.load(url, "d", other)
+            return first, second, third, smaller
+        finally:
+            await media.aclose()
+
+    first, second, third, smaller = asyncio.run(run())
+    assert first.image is second.image is third.image  # one decode, shared
+    assert first.uuid == third.uuid != smaller.uuid  # the budget is part of the identity
+    assert smaller.image.size == other.target(640, 480)
+
+
+def test_total_image_bytes_per_request_is_limited() -> None:
+    png = encode(photo(300, 300), "PNG")
+    urls = [(data_url(png), f"messages[0].content[{i}].image_url") for i in range(3)]
+
+    async def run():
+        media = loader(max_request_image_bytes=int(len(png) * 2.5))
+        try:
+            await media.load_all(urls, None)
+        finally:
+            await media.aclose()
+
+    with pytest.raises(MediaError) as info:
+        asyncio.run(run())
+    assert info.value.status == 413 and info.value.reason == "request_too_large"
+    assert info.value.param in {param for _, param in urls}
+
+
+# --- local files ---
+
+
+@pytest.fixture
+def media_root(tmp_path: Path) -> Path:
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (0, 255, 0)).save(root / "sub" / "green.png")
+    Image.new("RGB", (30, 20)).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", root / "link-out.png")
+    os.symlink(root / "sub" / "green.png", root / "link-in.png")
+    return root
+
+
+def test_local_files_load_from_the_allowed_directory(media_root: Path) -> None:
+    root = str(media_root)
+    for url in (f"{root}/sub/green.png", f"file://{root}/sub/green.png", f"{root}/link-in.png"):
+        assert load(url, allowed_local_media_path=root).getpixel((1, 1)) == (0, 255, 0), url
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("{root}/../secret.png", "forbidden_path"),
+        ("file://{root}/sub/../../secret.png", "forbidden_path"),
+        ("{root}/link-out.png", "forbidden_path"),
+        ("/etc/passwd", "forbidden_path"),
+        ("{root}/sub", "not_found"),
+        ("{root}/missing.png", "not_found"),
+        ("file://otherhost{root}/sub/green.png", "unsupported_url"),
+    ],
+)
+def test_local_paths_outside_the_directory_are_refused(media_root: Path, path: str, reason: str) -> None:
+    with pytest.raises(MediaError) as info:
+        load(path.format(root=media_root), allowed_local_media_path=str(media_root))
+    assert info.value.reason == reason and info.value.status == 400
+
+
+def test_local_files_are_refused_unless_enabled(media_root: Path) -> None:
+    with pytest.raises(MediaError, match="not enabled"):
+        load(f"{media_root}/sub/green.png")
