@@ -84,6 +84,8 @@ def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
         "process_name": f"qwen-server {s.host}:{s.port}",
         "respawn_failed_workers": opts["respawn_failed_workers"],
     }
+    if s.root_path:  # ASGI root_path: Litestar routes /prefix/v1/... and /v1/... alike
+        kwargs["url_path_prefix"] = s.root_path
     if opts["reload"]:
         kwargs["reload"] = True
         kwargs["reload_paths"] = [PACKAGE_DIR]
@@ -94,7 +96,10 @@ def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _equivalent_command(s: Settings, g: dict[str, Any]) -> str:
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(s.to_env().items()))
+    env_vars = s.to_env()
+    if s.api_key:
+        env_vars[settings_mod.env_name("api_key")] = "<redacted>"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env_vars.items()))
     parts = ["granian", "--interface", "asgi", "--host", s.host, "--port", str(s.port), "--workers", str(g["workers"])]
     if g.get("reload"):
         parts += ["--reload", "--reload-paths", str(PACKAGE_DIR)]
@@ -102,6 +107,8 @@ def _equivalent_command(s: Settings, g: dict[str, Any]) -> str:
         parts += ["--workers-kill-timeout", str(g["workers_kill_timeout"])]
     if g.get("log_access"):
         parts += ["--access-log"]
+    if g.get("url_path_prefix"):
+        parts += ["--url-path-prefix", g["url_path_prefix"]]
     parts.append(APP_TARGET)
     return (env + " " if env else "") + " ".join(shlex.quote(p) for p in parts)
 
@@ -140,8 +147,8 @@ def _has_nvidia_gpu() -> bool:
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 @click.option("--replace", is_flag=True, help="If a qwen_server holds the port, stop it gracefully and take its place.")
-@click.option("--replace-timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for the replaced server before it is killed.")
+@click.option("--replace-timeout", type=float, default=90.0, show_default=True,
+              help="Seconds to wait for the replaced server (its drain, then its engine shutdown) before it is killed.")
 @click.option("--print-config", is_flag=True, help="Print the resolved settings and the Granian invocation, start nothing.")
 def main(**opts: Any) -> None:
     """Serve a vision-language model over an OpenAI-compatible HTTP API (Litestar + Granian + vLLM).
@@ -158,7 +165,10 @@ def main(**opts: Any) -> None:
         raise click.UsageError("--ssl-certfile and --ssl-keyfile go together.")
     granian_kwargs = _granian_kwargs(s, opts)
     if opts["print_config"]:
-        click.echo(json.dumps({"settings": msgspec.to_builtins(s), "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()}}, indent=2, default=str))
+        shown = msgspec.to_builtins(s)
+        if s.api_key:  # printed configs end up in tickets and logs: never the keys
+            shown["api_key"] = ["<redacted>"] * len(s.api_key)
+        click.echo(json.dumps({"settings": shown, "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()}}, indent=2, default=str))
         click.echo("equivalent: " + _equivalent_command(s, granian_kwargs))
         return
     _check_combination(s, opts["workers"])
@@ -170,7 +180,7 @@ def main(**opts: Any) -> None:
     for key in [k for k in os.environ if k.startswith(settings_mod.ENV_PREFIX)]:
         del os.environ[key]
     os.environ.update(s.to_env())
-    sys.exit(supervise.serve(sock, granian_kwargs))
+    sys.exit(supervise.serve(sock, granian_kwargs, s.drain_timeout))
 
 
 def _take_port(s: Settings, opts: dict[str, Any]):

@@ -87,6 +87,28 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: Annotated[
         Literal["critical", "error", "warning", "info", "debug"], _doc("Log level of the server.")
     ] = "info"
+    log_format: Annotated[
+        Literal["text", "json"], _doc("Log lines as text or as one JSON object per line.")
+    ] = "text"
+    api_key: Annotated[
+        list[str] | None, _doc("API key(s) clients must send as `Authorization: Bearer <key>` on /v1/*.")
+    ] = None
+    api_key_file: Annotated[str | None, _doc("File with one API key per line (# comments allowed).")] = None
+    protect_probes: Annotated[bool, _doc("Require the API key on /health and /metrics too.")] = False
+    max_pending_requests: Annotated[
+        int | None,
+        _doc("Inference requests a worker admits at once (in the engine or preparing); more get 429 at "
+             "once. Default: 4 x the engine's max_num_seqs."),
+    ] = None
+    request_timeout: Annotated[
+        float | None, _doc("Seconds a request may take in all; then its engine request is aborted.")
+    ] = None
+    drain_timeout: Annotated[
+        float, _doc("On SIGTERM, seconds in-flight requests may take to finish before they are aborted.")
+    ] = 30.0
+    cors_allow_origins: Annotated[
+        list[str] | None, _doc("Origins allowed by CORS (e.g. https://app.example.com, or *); unset: no CORS.")
+    ] = None
 
     # --- media ---
     max_image_bytes: Annotated[int, _doc("Largest encoded image accepted.", _MEDIA)] = 20 * 1024 * 1024
@@ -139,6 +161,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
                 problems.append(f"{env_name('allowed_media_networks')}: {exc}")
+        if self.max_pending_requests is not None and self.max_pending_requests < 1:
+            problems.append(f"{env_name('max_pending_requests')}: must be at least 1, got {self.max_pending_requests}")
+        for name in ("request_timeout", "drain_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{env_name(name)}: must be positive, got {value}")
+        if self.api_key_file and not os.path.isfile(self.api_key_file):
+            problems.append(f"{env_name('api_key_file')}: not a file: {self.api_key_file!r}")
         if self.allowed_local_media_path and not os.path.isdir(self.allowed_local_media_path):
             problems.append(f"{env_name('allowed_local_media_path')}: not a directory: {self.allowed_local_media_path!r}")
         if self.root_path and not self.root_path.startswith("/"):
