@@ -6,6 +6,7 @@ no engine, binds no socket and imports neither torch nor vLLM. The engine starts
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -13,10 +14,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
-from qwen_server import __version__
+from qwen_server import __version__, drain, logs, metrics
 from qwen_server import settings as settings_mod
+from qwen_server.edge import Edge
 from qwen_server.engine import Engine
 from qwen_server.errors import exception_handlers
 from qwen_server.media import MediaLoader
@@ -27,43 +30,59 @@ from qwen_server.settings import Settings
 log = logging.getLogger("qwen_server")
 
 
-def _configure_logging(level: str) -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [qwen_server] %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level.upper())
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app for `settings` (default: from the QWEN_SERVER_* environment)."""
     settings = settings or settings_mod.from_env()
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
+    edge = Edge(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = Engine(settings)
-        app.state.engine = engine
         media = MediaLoader(settings)
+        app.state.engine = engine
+        edge.engine = engine
         app.state.service = Service(engine, media, settings)
         app.state.started_at = time.time()
         engine.start()
+        drain.arm(asyncio.get_running_loop(), lambda: _start_drain(edge, engine, settings))
         try:
             yield
         finally:
             await engine.stop()
             await media.aclose()
+            metrics.worker_exited()
 
     return Litestar(
         route_handlers=route_handlers,
         lifespan=[lifespan],
+        middleware=[edge.middleware],
         exception_handlers=exception_handlers,
         request_max_body_size=settings.max_request_body_bytes,
+        cors_config=CORSConfig(allow_origins=settings.cors_allow_origins) if settings.cors_allow_origins else None,
         openapi_config=OpenAPIConfig(title="qwen_server", version=__version__, path="/docs"),
         logging_config=None,
         debug=False,
     )
+
+
+_drains: set[asyncio.Task] = set()
+
+
+def _start_drain(edge: Edge, engine: Engine, settings: Settings) -> None:
+    if edge.draining:
+        return
+
+    async def run() -> None:
+        engine.begin_drain()
+        log.info("draining: in-flight requests have %.0f s to finish", settings.drain_timeout)
+        cut = await edge.drain(settings.drain_timeout)
+        log.info("drained%s", f"; {cut} request(s) cut at the drain timeout" if cut else "")
+        drain.report_drained()
+
+    task = asyncio.ensure_future(run())
+    _drains.add(task)  # keep a reference until it ends
+    task.add_done_callback(_drains.discard)
 
 
 def _app_or_exit() -> Litestar:

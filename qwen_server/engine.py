@@ -16,7 +16,7 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-from qwen_server import demo, media, procs
+from qwen_server import demo, media, metrics, procs
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 
@@ -46,6 +46,7 @@ class Engine:
         self.client: AsyncLLM | None = None
         self.tokenizer: Any = None
         self.max_model_len: int | None = None
+        self.max_num_seqs: int | None = None
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
         self.image_geometry: media.Geometry | None = None
@@ -66,8 +67,7 @@ class Engine:
         self._tasks.append(asyncio.create_task(self._load(), name="engine-load"))
 
     async def stop(self) -> None:
-        if self.state is not EngineState.DEAD:
-            self.state = EngineState.DRAINING
+        self.begin_drain()
         for task in self._tasks:
             task.cancel()
         if self.client is None:
@@ -79,6 +79,11 @@ class Engine:
             await asyncio.to_thread(client.shutdown)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("engine stopped")
+
+    def begin_drain(self) -> None:
+        """/health reports draining from now on; the load (if still running) is abandoned at stop."""
+        if self.state is not EngineState.DEAD:
+            self.state = EngineState.DRAINING
 
     async def _load(self) -> None:
         try:
@@ -95,7 +100,9 @@ class Engine:
             kwargs = self.settings.engine_kwargs(path)
             args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))
             client = await asyncio.to_thread(
-                async_llm_cls.from_engine_args, args, stat_loggers=[_scheduler_stats_recorder(self)]
+                async_llm_cls.from_engine_args,
+                args,
+                stat_loggers=[_scheduler_stats_recorder(self), metrics.engine_stat_logger()],
             )
             if self.state is not EngineState.LOADING:  # stopped while loading
                 await asyncio.to_thread(client.shutdown)
@@ -103,10 +110,12 @@ class Engine:
             self.client = client
             self.tokenizer = client.get_tokenizer()
             self.max_model_len = client.model_config.max_model_len
+            self.max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
+            self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
             self.loaded_in = time.monotonic() - self._t0
             self.state = EngineState.READY
-            self.stage = "ready"
+            self._set_stage("ready")
             log.info("engine ready in %.1f s: model %s, max_model_len %d", self.loaded_in, path, self.max_model_len)
             self._tasks.append(asyncio.create_task(self._watch(), name="engine-watch"))
         except asyncio.CancelledError:
@@ -154,13 +163,23 @@ class Engine:
 
     # --- status ---
 
+    def dead_reason(self) -> str | None:
+        """Why the engine is dead, or None. A client that errored counts at once: the watch loop
+        only looks every second, and /health must not report a dead engine as "ready" meanwhile."""
+        if self.state is EngineState.DEAD:
+            return self.error
+        client = self.client
+        if client is not None and client.errored:
+            return f"the engine died: {client.dead_error!r}"
+        return None
+
     def status(self) -> dict[str, Any]:
+        if (reason := self.dead_reason()) is not None:
+            return {"status": EngineState.DEAD.value, "reason": reason}
         body: dict[str, Any] = {"status": self.state.value}
         if self.state is EngineState.LOADING:
             body["stage"] = self.stage
             body["elapsed_seconds"] = round(time.monotonic() - self._t0, 1)
-        elif self.state is EngineState.DEAD:
-            body["reason"] = self.error
         elif self.client is not None:
             # Requests this worker still tracks, and the scheduler's own counts (running, waiting).
             body["requests_in_engine"] = self.client.get_num_unfinished_requests()
@@ -182,11 +201,11 @@ class Engine:
         if self.ready:
             return self.client
         retry = {"Retry-After": str(self.settings.retry_after_seconds)}
+        if (reason := self.dead_reason()) is not None:
+            raise APIError(503, f"The engine is not available: {reason}", code="engine_dead", headers=retry)
         if self.state is EngineState.LOADING:
             raise APIError(503, f"The model is loading ({self.stage}); retry shortly.", code="loading", headers=retry)
-        if self.state is EngineState.DRAINING:
-            raise APIError(503, "The server is shutting down.", code="draining", headers=retry)
-        raise APIError(503, f"The engine is not available: {self.error}", code="engine_dead", headers=retry)
+        raise APIError(503, "The server is shutting down.", code="draining", headers=retry)
 
 
 def _scheduler_stats_recorder(engine: Engine):

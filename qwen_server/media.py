@@ -20,6 +20,7 @@ import math
 import os
 import stat
 import threading
+import time
 import urllib.parse
 import warnings
 from collections import OrderedDict
@@ -29,6 +30,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qwen_server import metrics
 from qwen_server.fetch import Fetcher, FetchError
 from qwen_server.settings import Settings
 
@@ -322,17 +324,26 @@ class MediaLoader:
         tasks = [asyncio.ensure_future(self.load(url, param, geometry, budget)) for url, param in urls]
         try:
             return list(await asyncio.gather(*tasks))
+        except MediaError as exc:
+            metrics.IMAGE_REJECTIONS.labels(exc.reason).inc()
+            raise
         finally:
             for task in tasks:  # one failed: the others' fetches and decodes are not needed
                 task.cancel()
 
     async def load(self, url: str, param: str, geometry: Geometry | None, budget: _Budget | None = None) -> LoadedImage:
-        data, digest = await self._bytes(url, param)
+        source = _source(url)
+        t0 = time.perf_counter()
+        data, digest = await self._bytes(url, source, param)
+        metrics.IMAGE_SECONDS.labels(source, "read").observe(time.perf_counter() - t0)
+        metrics.IMAGE_BYTES.labels(source).inc(len(data))
         if budget is not None:
             budget.take(len(data), param)
         key = f"{digest}:{geometry.key if geometry else 'native'}"
         image = self._cache.get(key)
+        metrics.IMAGES.labels("cached" if image is not None else "decoded").inc()
         if image is None:
+            t0 = time.perf_counter()
             pending = self._inflight.get(key)
             if pending is None:
                 pending = asyncio.ensure_future(asyncio.to_thread(self._decode, data, param, geometry))
@@ -342,6 +353,7 @@ class MediaLoader:
                 image = await asyncio.shield(pending)
             except MediaError as exc:  # the decode may have been started for another request's part
                 raise MediaError(exc.message, param, exc.reason, exc.status) from None
+            metrics.IMAGE_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
             self._cache.put(key, image)
         return LoadedImage(image, key)
 
@@ -349,24 +361,34 @@ class MediaLoader:
         s = self.settings
         return decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
 
-    async def _bytes(self, url: str, param: str) -> tuple[bytes, str]:
+    async def _bytes(self, url: str, source: str, param: str) -> tuple[bytes, str]:
         max_bytes = self.settings.max_image_bytes
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme == "data":
+        if source == "data":
             return await asyncio.to_thread(_hashed, _data_url_bytes, url, param, max_bytes)
-        if scheme in ("http", "https"):
+        if source == "http":
             try:
                 data = await self._fetcher.fetch(url, max_bytes)
             except FetchError as exc:
                 raise MediaError(exc.message, param, exc.reason, exc.status) from None
             return data, await asyncio.to_thread(_digest, data)
-        if scheme == "file" or url.startswith("/"):
+        if source == "file":
             return await asyncio.to_thread(_hashed, _file_bytes, url, param, self._root, max_bytes)
+        scheme = url.split(":", 1)[0] if ":" in url else ""
         raise MediaError(
             f"Unsupported image URL scheme {scheme!r}: send a data:, http(s):// or (if enabled) file: URL.",
             param,
             "unsupported_url",
         )
+
+
+def _source(url: str) -> str:
+    """data, http (http and https), file (file: URLs and absolute paths) or other."""
+    scheme = url[: url.find(":")].lower() if ":" in url[:8] else ""
+    if scheme in ("data", "file"):
+        return scheme
+    if scheme in ("http", "https"):
+        return "http"
+    return "file" if url.startswith("/") else "other"
 
 
 def _hashed(read: Any, *args: Any) -> tuple[bytes, str]:

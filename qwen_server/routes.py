@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from qwen_server import __version__
+from qwen_server import __version__, metrics
 from qwen_server import protocol as p
+from qwen_server.edge import Exchange, exchange_of
 from qwen_server.engine import Engine
 from qwen_server.openapi import with_json_body
 from qwen_server.service import Prepared, Service, decode
@@ -26,6 +28,11 @@ def _engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
+def _exchange(request: Request) -> Exchange:
+    # Set by the edge for every request; a bare app without it (unit tests) gets a fresh one.
+    return exchange_of(request.scope) or Exchange(uuid.uuid4().hex)
+
+
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(content=p.encoder.encode(obj), status_code=status, media_type=_JSON, headers=headers)
 
@@ -39,7 +46,7 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 async def chat_completions(request: Request) -> Response:
     service = _service(request)
     req = decode(p.chat_request_decoder, await request.body())
-    return await _respond(request, service, await service.prepare_chat(req))
+    return await _respond(request, service, await service.prepare_chat(req, _exchange(request)))
 
 
 @post(
@@ -51,7 +58,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     service = _service(request)
     req = decode(p.completion_request_decoder, await request.body())
-    return await _respond(request, service, await service.prepare_completion(req))
+    return await _respond(request, service, await service.prepare_completion(req, _exchange(request)))
 
 
 async def _respond(request: Request, service: Service, prep: Prepared) -> Response:
@@ -73,11 +80,13 @@ async def _unless_disconnected(request: Request, work: Any) -> Any:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Cancelled ourselves (deadline, drain): the cancellation goes on after the work is stopped.
         watcher.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            return None
+    if task.cancelled():  # the client left first
+        return None
     return task.result()
 
 
@@ -115,6 +124,12 @@ async def health(request: Request) -> Response:
     return _json(body, 503, {"Retry-After": str(engine.settings.retry_after_seconds)})
 
 
+@get("/metrics", summary="Prometheus metrics (vLLM's engine metrics under their own names)")
+async def metrics_endpoint() -> Response:
+    body, content_type = await asyncio.to_thread(metrics.render)
+    return Response(content=body, media_type=content_type)
+
+
 @get("/version", summary="Server and engine versions")
 async def version() -> Response:
     from importlib.metadata import PackageNotFoundError
@@ -130,4 +145,4 @@ async def version() -> Response:
     return _json({"version": __version__, "vllm": engine_version})
 
 
-route_handlers = [chat_completions, completions, models, live, health, version]
+route_handlers = [chat_completions, completions, models, live, health, metrics_endpoint, version]

@@ -7,7 +7,6 @@ SSE frames (bytes). The engine is used in DELTA mode, so each step carries only 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import msgspec
 
 from qwen_server import protocol as p
+from qwen_server.edge import Exchange
 from qwen_server.engine import Engine
 from qwen_server.errors import APIError, bad_request, envelope, from_validation_error
 from qwen_server.media import LoadedImage, MediaError, MediaLoader
@@ -27,7 +27,9 @@ _DONE = b"data: [DONE]\n\n"
 class Prepared:
     """A request ready for the engine: the rendered input and its sampling parameters."""
 
-    request_id: str
+    request_id: str  # the response's id
+    engine_request_id: str  # the client's X-Request-Id (or a generated one)
+    exchange: Exchange
     model: str
     engine_input: Any
     sampling: Any
@@ -63,12 +65,13 @@ class Service:
             )
         return names[0]
 
-    async def prepare_chat(self, req: p.ChatCompletionRequest) -> Prepared:
+    async def prepare_chat(self, req: p.ChatCompletionRequest, exchange: Exchange) -> Prepared:
         client = self.engine.ready_client()
         model = self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
         conversation, image_urls = self._conversation(req.messages)
+        exchange.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
         try:
             text = self.engine.tokenizer.apply_chat_template(
@@ -93,8 +96,11 @@ class Service:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         prompt_len = len(engine_input["prompt_token_ids"])
         top = (req.top_logprobs or 0) if req.logprobs else None
+        exchange.prompt_tokens = prompt_len
         return Prepared(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            request_id=f"chatcmpl-{exchange.request_id}",
+            engine_request_id=exchange.request_id,
+            exchange=exchange,
             model=model,
             engine_input=engine_input,
             sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), top),
@@ -106,7 +112,7 @@ class Service:
             chat=True,
         )
 
-    async def prepare_completion(self, req: p.CompletionRequest) -> Prepared:
+    async def prepare_completion(self, req: p.CompletionRequest, exchange: Exchange) -> Prepared:
         client = self.engine.ready_client()
         model = self._check_model(req.model)
         if req.suffix:
@@ -116,8 +122,11 @@ class Service:
         engine_input = await self._render(client, {"prompt_token_ids": token_ids})
         prompt_len = len(engine_input["prompt_token_ids"])
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        exchange.prompt_tokens = prompt_len
         return Prepared(
-            request_id=f"cmpl-{uuid.uuid4().hex}",
+            request_id=f"cmpl-{exchange.request_id}",
+            engine_request_id=exchange.request_id,
+            exchange=exchange,
             model=model,
             engine_input=engine_input,
             sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), req.logprobs),
@@ -222,6 +231,7 @@ class Service:
 
     def _sampling(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         kwargs: dict[str, Any] = {
@@ -261,14 +271,14 @@ class Service:
                 output_kind=RequestOutputKind.DELTA,
                 **kwargs,
             )
-        except ValueError as exc:
+        except (ValueError, VLLMClientError) as exc:  # vLLM's checks raise VLLMValidationError
             raise bad_request(f"Invalid sampling parameters: {exc}", getattr(exc, "parameter", None)) from None
 
     # --- running requests ---
 
     def _generate(self, prep: Prepared) -> AsyncIterator[Any]:
         client = self.engine.ready_client()
-        return client.generate(prep.engine_input, prep.sampling, prep.request_id)
+        return client.generate(prep.engine_input, prep.sampling, prep.engine_request_id)
 
     async def complete(self, prep: Prepared) -> p.ChatCompletion | p.Completion:
         n = prep.n
@@ -284,6 +294,7 @@ class Service:
                     logprobs[o.index].extend(self._token_logprobs(o, prep.logprobs))
                 if o.finish_reason is not None:
                     finish[o.index] = o.finish_reason
+            prep.exchange.completion_tokens = completion_tokens
         choices = [
             _choice(prep, i, prep.echo_text + "".join(texts[i]), logprobs[i] if prep.logprobs is not None else None,
                     finish[i], delta=False)
@@ -304,6 +315,7 @@ class Service:
                 choices = []
                 for o in out.outputs:
                     completion_tokens += len(o.token_ids)
+                    prep.exchange.completion_tokens = completion_tokens
                     if not o.text and o.finish_reason is None:
                         continue
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None

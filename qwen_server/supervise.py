@@ -15,18 +15,21 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
 
-from qwen_server import procs
+from qwen_server import drain, procs
 from qwen_server.ports import SERVER_MARKERS
 
 log = logging.getLogger("qwen_server.launcher")
 
 _PR_SET_CHILD_SUBREAPER = 36
+_METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; read by metrics.py in the workers
 VERIFIED_GRANIAN = ((2, 8, 7), (2, 9, 0))  # [low, high) of the versions the hand-off was verified on
 
 
@@ -45,6 +48,26 @@ def _server_class():
         """Granian's multi-process server, serving on a socket it is given instead of one it binds."""
 
         handed_socket: socket.socket
+        run_dir: str
+        drain_timeout: float
+        _draining = False
+
+        def signal_handler_interrupt(self, signum: int | None = None, *args: Any, **kwargs: Any) -> None:
+            # SIGTERM: drain the workers first (drain.py), then Granian's own graceful stop.
+            # SIGINT (Ctrl+C reaches every process of the terminal at once) and a second SIGTERM stop now.
+            if signum == signal.SIGTERM and not self._draining:
+                self._draining = True
+                threading.Thread(target=self._drain_then_stop, name="qwen-server-drain", daemon=True).start()
+                return
+            super().signal_handler_interrupt(signum, *args, **kwargs)
+
+        def _drain_then_stop(self) -> None:
+            pids = [w.inner.pid for w in list(self.wrks)]
+            log.info("SIGTERM: draining %d worker(s) for up to %.0f s", len(pids), self.drain_timeout)
+            late = drain.drain_workers(self.run_dir, pids, self.drain_timeout + 10)
+            if late:
+                log.warning("worker(s) %s did not report drained in time; stopping anyway", late)
+            super().signal_handler_interrupt(signal.SIGTERM)
 
         def _init_shared_socket(self) -> None:
             # What MPServer._init_shared_socket leaves behind for a shared (non-REUSEPORT) socket:
@@ -81,8 +104,10 @@ def _start_watchdog(supervisor: int) -> None:
     threading.Thread(target=watch, name="qwen-server-orphan-watchdog", daemon=True).start()
 
 
-def serve(sock: socket.socket, granian_kwargs: dict[str, Any]) -> int:
-    """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind."""
+def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: float = 30.0) -> int:
+    """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind.
+    The workers share a run directory (drain markers; Prometheus files unless the caller chose a
+    PROMETHEUS_MULTIPROC_DIR), removed at the end."""
     if not granian_version_ok():
         import granian
 
@@ -91,8 +116,15 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any]) -> int:
             f"({'.'.join(map(str, VERIFIED_GRANIAN[0]))} to <{'.'.join(map(str, VERIFIED_GRANIAN[1]))})."
         )
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    run_dir = tempfile.mkdtemp(prefix="qwen-server-")
+    os.environ[drain.RUN_DIR_ENV] = run_dir
+    if not os.environ.get(_METRICS_DIR_ENV):
+        os.mkdir(os.path.join(run_dir, "metrics"))
+        os.environ[_METRICS_DIR_ENV] = os.path.join(run_dir, "metrics")
     server = _server_class()(**granian_kwargs)
     server.handed_socket = sock
+    server.run_dir = run_dir
+    server.drain_timeout = drain_timeout
     stop = threading.Event()
     reaper = threading.Thread(target=_reap_orphans, args=(server, stop), name="qwen-server-reaper", daemon=True)
     reaper.start()
@@ -105,14 +137,22 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any]) -> int:
         stop.set()
         sock.close()
         procs.terminate_children(os.getpid(), grace=5.0)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return code
 
 
 def _reap_orphans(server: Any, stop: threading.Event) -> None:
-    """End children that are not Granian's workers: orphans re-parented to us by a dead worker."""
+    """End children that are not Granian's workers: orphans re-parented to us by a dead worker.
+    Also drop the live gauges of workers that are gone: one killed outright never drops its own,
+    and /metrics would report its last values (requests running, ...) for good."""
     me = os.getpid()
+    known_workers: set[int] = set()
     while not stop.wait(1.0):
         workers = {w.inner.pid for w in list(getattr(server, "wrks", []))}
+        known_workers |= workers
+        for pid in [p for p in known_workers if not procs.alive(p)]:
+            known_workers.discard(pid)
+            _forget_worker_metrics(pid)
         for pid in procs.children(me):
             if pid in workers:
                 continue
@@ -124,6 +164,14 @@ def _reap_orphans(server: Any, stop: threading.Event) -> None:
             if info is not None and info.ppid == me:
                 log.warning("ending orphaned process %d (%s) left by a dead worker", pid, info.short)
                 procs.terminate([pid, *procs.descendants(pid)], grace=3.0)
+
+
+def _forget_worker_metrics(pid: int) -> None:
+    path = os.environ.get(_METRICS_DIR_ENV)
+    if path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)
 
 
 # --- replacing a running server (launcher --replace) ---
