@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwen_server import metrics
@@ -144,7 +145,9 @@ def decode_image(
         raise MediaError(f"Image refused as a decompression bomb: {exc}", param, "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MediaError(f"Image could not be decoded (truncated or corrupt): {exc}", param, "corrupt") from None
-    image = _to_rgb(ImageOps.exif_transpose(image) or image)
+    if _orientation(image) != 1:  # exif_transpose copies even when there is nothing to turn
+        image = ImageOps.exif_transpose(image) or image
+    image = _to_rgb(image)
     if target is not None and image.size != target:
         # reducing_gap: a cheap box reduction first, then bicubic over at most 3x the final size.
         image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -250,7 +253,10 @@ def _digest(data: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LoadedImage:
-    image: Image.Image
+    """Pixels as an (height, width, 3) uint8 array: the model's processor takes arrays directly,
+    which skips the PIL-to-tensor copy (and vLLM's EXIF pass) a PIL image costs it per request."""
+
+    pixels: np.ndarray
     uuid: str  # content hash + geometry: the same image at the same budget has the same id
 
 
@@ -275,28 +281,27 @@ class _Cache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.used = 0
-        self._items: OrderedDict[str, Image.Image] = OrderedDict()
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Image.Image | None:
+    def get(self, key: str) -> np.ndarray | None:
         with self._lock:
             image = self._items.get(key)
             if image is not None:
                 self._items.move_to_end(key)
             return image
 
-    def put(self, key: str, image: Image.Image) -> None:
-        size = image.width * image.height * 3
-        if size > self.max_bytes:
+    def put(self, key: str, pixels: np.ndarray) -> None:
+        if pixels.nbytes > self.max_bytes:
             return
         with self._lock:
             if key in self._items:
                 return
-            self._items[key] = image
-            self.used += size
+            self._items[key] = pixels
+            self.used += pixels.nbytes
             while self.used > self.max_bytes:
                 _, old = self._items.popitem(last=False)
-                self.used -= old.width * old.height * 3
+                self.used -= old.nbytes
 
 
 class MediaLoader:
@@ -313,7 +318,7 @@ class MediaLoader:
             allowed_networks=settings.allowed_media_networks or (),
         )
         self._cache = _Cache(settings.image_cache_bytes)
-        self._inflight: dict[str, asyncio.Future[Image.Image]] = {}
+        self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
@@ -340,9 +345,9 @@ class MediaLoader:
         if budget is not None:
             budget.take(len(data), param)
         key = f"{digest}:{geometry.key if geometry else 'native'}"
-        image = self._cache.get(key)
-        metrics.IMAGES.labels("cached" if image is not None else "decoded").inc()
-        if image is None:
+        pixels = self._cache.get(key)
+        metrics.IMAGES.labels("cached" if pixels is not None else "decoded").inc()
+        if pixels is None:
             t0 = time.perf_counter()
             pending = self._inflight.get(key)
             if pending is None:
@@ -350,16 +355,19 @@ class MediaLoader:
                 self._inflight[key] = pending
                 pending.add_done_callback(lambda _: self._inflight.pop(key, None))
             try:
-                image = await asyncio.shield(pending)
+                pixels = await asyncio.shield(pending)
             except MediaError as exc:  # the decode may have been started for another request's part
                 raise MediaError(exc.message, param, exc.reason, exc.status) from None
             metrics.IMAGE_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
-            self._cache.put(key, image)
-        return LoadedImage(image, key)
+            self._cache.put(key, pixels)
+        return LoadedImage(pixels, key)
 
-    def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> Image.Image:
+    def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
         s = self.settings
-        return decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
+        image = decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
+        # Shared through the cache: the model's processor reads it (tests/test_media.py checks it
+        # does not write to it); writable, because torch warns on read-only arrays.
+        return np.array(image)
 
     async def _bytes(self, url: str, source: str, param: str) -> tuple[bytes, str]:
         max_bytes = self.settings.max_image_bytes

@@ -86,7 +86,7 @@ class Service:
         token_ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
         prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
         if images:
-            prompt["multi_modal_data"] = {"image": [loaded.image for loaded in images]}
+            prompt["multi_modal_data"] = {"image": [loaded.pixels for loaded in images]}
             # Content hashes as item ids: vLLM's multimodal cache hits without hashing pixels.
             prompt["multi_modal_uuids"] = {"image": [loaded.uuid for loaded in images]}
         mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}

@@ -9,6 +9,7 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -45,7 +46,7 @@ def load(url: str, geometry: Geometry | None = None, **settings) -> Image.Image:
     async def run() -> Image.Image:
         media = loader(**settings)
         try:
-            return (await media.load(url, PARAM, geometry)).image
+            return Image.fromarray((await media.load(url, PARAM, geometry)).pixels)
         finally:
             await media.aclose()
 
@@ -241,9 +242,22 @@ def test_repeated_images_are_decoded_once() -> None:
             await media.aclose()
 
     first, second, third, smaller = asyncio.run(run())
-    assert first.image is second.image is third.image  # one decode, shared
+    assert first.pixels is second.pixels is third.pixels  # one decode, shared
     assert first.uuid == third.uuid != smaller.uuid  # the budget is part of the identity
-    assert smaller.image.size == other.target(640, 480)
+    width, height = other.target(640, 480)
+    assert smaller.pixels.shape == (height, width, 3)
+
+
+def test_the_model_processor_does_not_write_to_shared_pixels(tiny_model) -> None:
+    """Cached arrays go to every request with that image: the processor must only read them."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(str(tiny_model))
+    for size in ((224, 224), (600, 400)):  # as is, and through the processor's own resize
+        pixels = np.array(photo(*size))
+        before = pixels.copy()
+        processor(images=[pixels], return_tensors="pt")
+        assert (pixels == before).all()
 
 
 def test_total_image_bytes_per_request_is_limited() -> None:
