@@ -1,0 +1,226 @@
+"""Load generator for OpenAI chat completions with images, against any OpenAI-compatible server.
+
+Closed loop (`--concurrency N`: N clients, each sends its next request when the last one ends) or
+open loop (`--rate R`: Poisson arrivals at R requests/s, however slow the server is), streaming or
+not. Reports requests/s, output tokens/s, TTFT, inter-token latency and end-to-end latency at
+p50/p90/p99, errors, and (with `--server-pid`) the CPU seconds and peak RSS of the server's whole
+process tree. Prints progress while it runs; writes the result as JSON (`--json`).
+
+    .venv/bin/python benchmarks/loadgen.py --url http://127.0.0.1:8000 --model tiny \\
+        --concurrency 16 --requests 200 --image-size 224 --images 1 --max-tokens 16 --stream
+
+Images are distinct per request (seeded noise JPEGs, encoded before the run), so no server can
+answer from a cache what a real workload would make it decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from PIL import Image
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from proctree import TreeSampler
+
+
+@dataclass
+class Sample:
+    ok: bool
+    start: float
+    end: float
+    ttft: float | None = None
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def make_images(count: int, size: int, seed: int = 0) -> list[str]:
+    """`count` distinct JPEG data URLs of `size` x `size` (noise over a gradient, quality 90)."""
+    rng = random.Random(seed)
+    base = Image.linear_gradient("L").resize((size, size))
+    urls = []
+    for _ in range(count):
+        noise = Image.effect_noise((size, size), 30 + rng.random() * 40)
+        shift = Image.new("L", (size, size), rng.randrange(256))
+        image = Image.merge("RGB", (base, noise, shift))
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=90)
+        urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def build_bodies(args: argparse.Namespace) -> list[bytes]:
+    images = make_images(args.requests * args.images, args.image_size, args.seed)
+    bodies = []
+    for i in range(args.requests):
+        content = [{"type": "image_url", "image_url": {"url": images[i * args.images + j]}} for j in range(args.images)]
+        content.append({"type": "text", "text": "Describe the picture in detail."})
+        body = {
+            "model": args.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": args.stream,
+        }
+        if args.stream:
+            body["stream_options"] = {"include_usage": True}
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> Sample:
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            if r.status != 200:
+                return Sample(False, start, time.perf_counter(), error=f"HTTP {r.status}: {(await r.text())[:200]}")
+            if not stream:
+                data = await r.json()
+                end = time.perf_counter()
+                tokens = data["usage"]["completion_tokens"]
+                return Sample(True, start, end, ttft=end - start, output_tokens=tokens)
+            sample = Sample(True, start, 0.0)
+            last = None
+            async for raw in r.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    sample.ok, sample.error = False, str(chunk["error"])[:200]
+                    continue
+                if chunk.get("usage"):
+                    sample.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    now = time.perf_counter()
+                    if last is None:
+                        sample.ttft = now - start
+                    else:
+                        sample.itl.append(now - last)
+                    last = now
+            sample.end = time.perf_counter()
+            return sample
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+        return Sample(False, start, time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
+
+
+async def run(args: argparse.Namespace, bodies: list[bytes]) -> tuple[list[Sample], float]:
+    url = args.url.rstrip("/") + "/v1/chat/completions"
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    samples: list[Sample] = []
+    done = 0
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            errors = sum(not s.ok for s in samples)
+            print(f"\r  {done}/{len(bodies)} done, {errors} errors", end="", file=sys.stderr, flush=True)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        ticker = asyncio.ensure_future(progress())
+        t0 = time.perf_counter()
+        if args.rate:
+            rng = random.Random(args.seed)
+            tasks = []
+            for body in bodies:
+                tasks.append(asyncio.ensure_future(one(session, url, body, args.stream)))
+                await asyncio.sleep(rng.expovariate(args.rate))
+            for task in asyncio.as_completed(tasks):
+                samples.append(await task)
+                done += 1
+        else:
+            queue = list(reversed(bodies))
+
+            async def worker() -> None:
+                nonlocal done
+                while queue:
+                    samples.append(await one(session, url, queue.pop(), args.stream))
+                    done += 1
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - t0
+        ticker.cancel()
+    print(file=sys.stderr)
+    return samples, elapsed
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    qs = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return {"p50": qs[49], "p90": qs[89], "p99": qs[98]}
+
+
+def summarize(samples: list[Sample], elapsed: float) -> dict:
+    ok = [s for s in samples if s.ok]
+    tokens = sum(s.output_tokens for s in ok)
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "first_error": next((s.error for s in samples if not s.ok), None),
+        "elapsed_s": elapsed,
+        "requests_per_s": len(ok) / elapsed if elapsed else 0.0,
+        "output_tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "ttft_s": percentiles([s.ttft for s in ok if s.ttft is not None]),
+        "itl_s": percentiles([x for s in ok for x in s.itl]),
+        "e2e_s": percentiles([s.end - s.start for s in ok]),
+    }
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Build the bodies, run the load (sampling the server's tree if asked), and summarize."""
+    bodies = build_bodies(args)
+    sampler = TreeSampler(args.server_pid) if args.server_pid else None
+    if sampler:
+        sampler.start()
+    samples, elapsed = asyncio.run(run(args, bodies))
+    result = summarize(samples, elapsed)
+    if sampler:
+        result.update(sampler.stop())
+    result["scenario"] = {k: v for k, v in vars(args).items() if k not in ("json", "server_pid", "url")}
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default="qwen-server-demo")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, default=16, help="closed loop: clients in parallel")
+    mode.add_argument("--rate", type=float, default=None, help="open loop: requests per second (Poisson)")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--images", type=int, default=1, help="images per request")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-pid", type=int, default=None, help="sample CPU and RSS of this process tree")
+    ap.add_argument("--json", default=None, help="write the result here")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result = measure(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""CPU seconds and peak RSS of a process tree (a server and every process below it), from /proc."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from qwen_server import procs
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_and_rss(pid: int) -> tuple[float, int] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/statm") as f:
+            rss_pages = int(f.read().split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    # fields[11], [12]: utime, stime (the 14th and 15th fields of stat, after pid and comm).
+    return (int(fields[11]) + int(fields[12])) / _TICK, rss_pages * _PAGE
+
+
+class TreeSampler:
+    """Samples the tree every `interval` s between start() and stop(). RSS is summed over the
+    processes (shared pages counted once per process: an upper bound, the same for every server)."""
+
+    def __init__(self, root: int, interval: float = 0.2) -> None:
+        self.root = root
+        self.interval = interval
+        self._stop = threading.Event()
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self.peak_rss = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        total_rss = 0
+        for pid in [self.root, *procs.descendants(self.root)]:
+            got = _cpu_and_rss(pid)
+            if got is None:
+                continue
+            cpu, rss = got
+            self._first.setdefault(pid, cpu)
+            self._last[pid] = cpu
+            total_rss += rss
+        self.peak_rss = max(self.peak_rss, total_rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        cpu = sum(self._last[pid] - self._first[pid] for pid in self._last)
+        return {"server_cpu_s": round(cpu, 2), "server_peak_rss_mb": round(self.peak_rss / 2**20, 1)}

@@ -1,0 +1,196 @@
+"""qwen_server against vLLM's own OpenAI server, same checkpoint, same engine settings, one run.
+
+Starts vLLM's server, measures its time to ready (launch to the first answered image chat), drives
+every scenario with `loadgen.py`, stops it; then the same for qwen_server (the launcher); then runs
+the offline engine (`LLM.generate` on pre-decoded images) as the ceiling. Prints one table with
+each metric and the ratio qwen/vLLM, and writes JSON and Markdown to `benchmarks/results/`.
+
+    .venv/bin/python benchmarks/side_by_side.py            # the full matrix (about 25 min here)
+    .venv/bin/python benchmarks/side_by_side.py --quick    # 224/1024 px, c16, 16 tokens, streaming
+
+Loopback ports only. The machine's other load hits both servers alike only if nothing else runs:
+keep it quiet while this runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+import loadgen
+
+from qwen_server import procs
+from tests.serverproc import free_port
+
+MODEL_NAME = "tiny"
+ENGINE = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"image": 4}'}
+
+
+def engine_flags() -> list[str]:
+    return ["--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+            "--limit-mm-per-prompt", ENGINE["limit_mm_per_prompt"], "--enforce-eager",
+            "--served-model-name", MODEL_NAME]
+
+
+def scenarios(quick: bool) -> list[dict]:
+    if quick:
+        grid = itertools.product([224, 1024], [1], [16], [16], [True])
+    else:
+        grid = itertools.product([224, 1024], [1, 4], [1, 16, 64], [16, 128], [True, False])
+    out = []
+    for size, images, conc, tokens, stream in grid:
+        requests = min(320, max(32, 8 * conc)) // (2 if tokens > 16 else 1)
+        out.append({"image_size": size, "images": images, "concurrency": conc, "max_tokens": tokens,
+                    "stream": stream, "requests": requests})
+    return out
+
+
+class Server:
+    def __init__(self, name: str, args: list[str], port: int, log: Path) -> None:
+        self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVER_")}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        self._log = open(log, "wb")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Seconds from launch to the first answered chat with an image."""
+        body = {"model": MODEL_NAME, "max_tokens": 1, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": loadgen.make_images(1, 224, seed=99)[0]}},
+            {"type": "text", "text": "hi"}]}]}
+        while time.monotonic() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see its log")
+            try:
+                if httpx.post(self.url + "/v1/chat/completions", json=body, timeout=10).status_code == 200:
+                    return time.monotonic() - self.t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{self.name} not ready after {timeout} s")
+
+    def stop(self) -> None:
+        tree = [self.proc.pid, *procs.descendants(self.proc.pid)]
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            pass
+        procs.terminate([p for p in tree if procs.alive(p)], grace=2.0)
+        self._log.close()
+
+
+def run_server(name: str, args: list[str], port: int, cases: list[dict], out_dir: Path) -> dict:
+    print(f"== {name}: starting", file=sys.stderr)
+    server = Server(name, args, port, out_dir / f"{name}.log")
+    try:
+        ready = server.wait_ready()
+        print(f"== {name}: ready in {ready:.1f} s", file=sys.stderr)
+        results = []
+        for case in cases:
+            print(f"   {name} {case}", file=sys.stderr)
+            ns = loadgen.parser().parse_args([])
+            vars(ns).update(case, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid, rate=None)
+            results.append(loadgen.measure(ns))
+        return {"ready_s": ready, "results": results}
+    finally:
+        server.stop()
+
+
+def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
+    """The engine alone, per distinct (size, images, tokens), in a fresh process."""
+    shapes = sorted({(c["image_size"], c["images"], c["max_tokens"]) for c in cases})
+    args = [sys.executable, str(HERE / "offline.py"), "--model", model, "--shapes", json.dumps(shapes),
+            "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+            "--out", str(out_dir / "offline.json")]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    print("== offline engine", file=sys.stderr)
+    with open(out_dir / "offline.log", "wb") as log:
+        subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
+    return json.loads((out_dir / "offline.json").read_text())
+
+
+def _ms(x: float | None) -> str:
+    return f"{1000 * x:.0f}" if x is not None else "-"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
+    cols = ["size", "img", "conc", "tok", "stream", "vLLM req/s", "qwen req/s", "ratio", "vLLM TTFT p99 ms",
+            "qwen TTFT p99 ms", "ratio", "vLLM e2e p99 ms", "qwen e2e p99 ms", "qwen ITL p50 ms", "qwen/ceiling",
+            "errors v/q", "CPU s v/q", "peak RSS MB v/q"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for case, v, q in zip(cases, vllm["results"], qwen["results"], strict=True):
+        ceil = ceiling.get(f'{case["image_size"]}/{case["images"]}/{case["max_tokens"]}', {}).get("requests_per_s")
+        row = [case["image_size"], case["images"], case["concurrency"], case["max_tokens"],
+               "yes" if case["stream"] else "no", f'{v["requests_per_s"]:.1f}', f'{q["requests_per_s"]:.1f}',
+               _ratio(q["requests_per_s"], v["requests_per_s"]), _ms(v["ttft_s"]["p99"]), _ms(q["ttft_s"]["p99"]),
+               _ratio(q["ttft_s"]["p99"], v["ttft_s"]["p99"]), _ms(v["e2e_s"]["p99"]), _ms(q["e2e_s"]["p99"]),
+               _ms(q["itl_s"]["p50"]), f'{q["requests_per_s"] / ceil:.0%}' if ceil else "-",
+               f'{v["errors"]}/{q["errors"]}', f'{v.get("server_cpu_s")}/{q.get("server_cpu_s")}',
+               f'{v.get("server_peak_rss_mb")}/{q.get("server_peak_rss_mb")}']
+        lines.append("| " + " | ".join(map(str, row)) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None, help="checkpoint path (default: the built-in tiny demo model)")
+    ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
+    args = ap.parse_args()
+    if args.model is None:
+        from qwen_server.demo import demo_model_path
+
+        args.model = str(demo_model_path())
+    cases = scenarios(args.quick)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = HERE / "results" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flags = engine_flags()
+    vllm_args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+                 "--host", "127.0.0.1", "--port", "{port}", *flags]
+    qwen_args = [sys.executable, str(ROOT / "launcher.py"), "--model", args.model, "--port", "{port}", *flags]
+    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+                    "engine": ENGINE, "cases": cases}
+    for name, argv in (("vllm", vllm_args), ("qwen", qwen_args)):
+        if args.only and name != args.only:
+            continue
+        port = free_port()
+        report[name] = run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases, out_dir)
+        (out_dir / "result.json").write_text(json.dumps(report, indent=2))  # kept if a later step fails
+    report["offline"] = offline(args.model, cases, out_dir) if not args.only else {}
+    (out_dir / "result.json").write_text(json.dumps(report, indent=2))
+    if args.only:
+        print(json.dumps(report[args.only], indent=2))
+        return
+    text = (f"Machine: {report['machine']}; engine {ENGINE}, enforce_eager; time to ready: "
+            f"vLLM {report['vllm']['ready_s']:.1f} s, qwen {report['qwen']['ready_s']:.1f} s\n\n"
+            + table(cases, report["vllm"], report["qwen"], report["offline"]))
+    (out_dir / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten to {out_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
