@@ -1,7 +1,8 @@
 """From an OpenAI request to engine calls and back: prompts, images, sampling, results, streams.
 
 No HTTP here: routes hand in decoded requests and get a response struct or an async iterator of
-SSE frames (bytes). The engine is used in DELTA mode, so each step carries only the new tokens.
+SSE frames (bytes). Streams use the engine's DELTA mode (each step carries only the new tokens);
+non-streaming requests its FINAL_ONLY mode (one output at the end).
 """
 
 from __future__ import annotations
@@ -268,7 +269,9 @@ class Service:
                 logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                output_kind=RequestOutputKind.DELTA,
+                # Streams take each step's new tokens; a non-streaming request only its final output,
+                # so this worker is not woken once per token for a result nobody reads until the end.
+                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
                 **kwargs,
             )
         except (ValueError, VLLMClientError) as exc:  # vLLM's checks raise VLLMValidationError
