@@ -7,6 +7,7 @@ each metric and the ratio qwen/vLLM, and writes JSON and Markdown to `benchmarks
 
     .venv/bin/python benchmarks/side_by_side.py            # the full matrix (about 25 min here)
     .venv/bin/python benchmarks/side_by_side.py --quick    # 224/1024 px, c16, 16 tokens, streaming
+    (plus an open-loop rate sweep and `latency_vs_load.png`; --no-sweep skips it; needs the `bench` extra)
 
 Loopback ports only. The machine's other load hits both servers alike only if nothing else runs:
 keep it quiet while this runs.
@@ -60,6 +61,36 @@ def scenarios(quick: bool) -> list[dict]:
     return out
 
 
+SWEEP_RATES = (10, 20, 30, 45, 60, 80)
+
+
+def sweep_cases() -> list[dict]:
+    """Open loop (Poisson arrivals) at rising rates: latency against offered load, 224 px, streaming."""
+    return [{"image_size": 224, "images": 1, "max_tokens": 16, "stream": True, "rate": rate,
+             "requests": int(rate * 8), "concurrency": 0} for rate in SWEEP_RATES]
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, style in (("vllm", "o--"), ("qwen", "s-")):
+        rows = report[name]["sweep"]
+        rates = [r["scenario"]["rate"] for r in rows]
+        ax.plot(rates, [1000 * r["ttft_s"]["p99"] for r in rows], style, label=f"{name} TTFT p99")
+        ax.plot(rates, [1000 * r["ttft_s"]["p50"] for r in rows], style, alpha=0.4, label=f"{name} TTFT p50")
+    ax.set_xlabel("offered load (requests/s, Poisson), 224 px image, 16 tokens, streaming")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 class Server:
     def __init__(self, name: str, args: list[str], port: int, log: Path) -> None:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
@@ -97,19 +128,20 @@ class Server:
         self._log.close()
 
 
-def run_server(name: str, args: list[str], port: int, cases: list[dict], out_dir: Path) -> dict:
+def run_server(name: str, args: list[str], port: int, cases: list[dict], sweep: list[dict], out_dir: Path) -> dict:
     print(f"== {name}: starting", file=sys.stderr)
     server = Server(name, args, port, out_dir / f"{name}.log")
     try:
         ready = server.wait_ready()
         print(f"== {name}: ready in {ready:.1f} s", file=sys.stderr)
-        results = []
-        for case in cases:
-            print(f"   {name} {case}", file=sys.stderr)
-            ns = loadgen.parser().parse_args([])
-            vars(ns).update(case, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid, rate=None)
-            results.append(loadgen.measure(ns))
-        return {"ready_s": ready, "results": results}
+        runs: dict[str, list] = {"results": [], "sweep": []}
+        for key, group in (("results", cases), ("sweep", sweep)):
+            for case in group:
+                print(f"   {name} {case}", file=sys.stderr)
+                ns = loadgen.parser().parse_args([])
+                vars(ns).update({"rate": None, **case}, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid)
+                runs[key].append(loadgen.measure(ns))
+        return {"ready_s": ready, **runs}
     finally:
         server.stop()
 
@@ -128,7 +160,7 @@ def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
 
 
 def _ms(x: float | None) -> str:
-    return f"{1000 * x:.0f}" if x is not None else "-"
+    return f"{1000 * x:.1f}" if x is not None else "-"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -158,12 +190,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default=None, help="checkpoint path (default: the built-in tiny demo model)")
     ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the open-loop rate sweep and its plot")
     args = ap.parse_args()
     if args.model is None:
         from qwen_server.demo import demo_model_path
 
         args.model = str(demo_model_path())
     cases = scenarios(args.quick)
+    sweep = [] if args.no_sweep else sweep_cases()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = HERE / "results" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +211,7 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         port = free_port()
-        report[name] = run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases, out_dir)
+        report[name] = run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases, sweep, out_dir)
         (out_dir / "result.json").write_text(json.dumps(report, indent=2))  # kept if a later step fails
     report["offline"] = offline(args.model, cases, out_dir) if not args.only else {}
     (out_dir / "result.json").write_text(json.dumps(report, indent=2))
@@ -187,6 +221,14 @@ def main() -> None:
     text = (f"Machine: {report['machine']}; engine {ENGINE}, enforce_eager; time to ready: "
             f"vLLM {report['vllm']['ready_s']:.1f} s, qwen {report['qwen']['ready_s']:.1f} s\n\n"
             + table(cases, report["vllm"], report["qwen"], report["offline"]))
+    if sweep:
+        text += "\n\nOpen loop, 224 px, 16 tokens, streaming: offered req/s -> achieved req/s, TTFT p50/p99 ms\n\n"
+        text += "| offered | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 |\n|---|---|---|---|---|\n"
+        for v, q in zip(report["vllm"]["sweep"], report["qwen"]["sweep"], strict=True):
+            text += (f'| {v["scenario"]["rate"]} | {v["requests_per_s"]:.1f} | {q["requests_per_s"]:.1f} | '
+                     f'{_ms(v["ttft_s"]["p50"])}/{_ms(v["ttft_s"]["p99"])} | '
+                     f'{_ms(q["ttft_s"]["p50"])}/{_ms(q["ttft_s"]["p99"])} |\n')
+        plot(report, out_dir / "latency_vs_load.png")
     (out_dir / "table.md").write_text(text + "\n")
     print(text)
     print(f"\nwritten to {out_dir}", file=sys.stderr)
