@@ -57,6 +57,9 @@ Temperature = Annotated[float, Meta(ge=0, le=100)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+# Integers handed to the engine as they are must fit its wire format (msgpack, 64 bits): vLLM fails a
+# larger one after registering the request, which then stays counted in the engine for good.
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=16)] | None
 
 
@@ -67,9 +70,9 @@ class SamplingFields(Struct, kw_only=True, frozen=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=2**63 - 1)] | None = None
     min_p: Probability | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: Stop = None
     stop_token_ids: list[int] | None = None
     n: Annotated[int, Meta(ge=1, le=16)] = 1
