@@ -172,23 +172,31 @@ def test_ctrl_c_during_model_load_stops_promptly(tiny_model: Path, tmp_path: Pat
     print(f"stopped {stopped_in:.2f} s after Ctrl+C during load")
 
 
+RESTART_CYCLES = int(os.environ.get("QWEN_RESTART_CYCLES", "50"))
+
+
 @pytest.mark.slow
-def test_ten_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> None:
+def test_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> None:
+    """Start, answer one chat, SIGTERM, port free: QWEN_RESTART_CYCLES times (50) on one port."""
     port = free_port()
-    for i in range(10):
+    ready_s, stop_s = [], []
+    for i in range(RESTART_CYCLES):
         t0 = time.monotonic()
         srv = ServerProcess.launcher(port, tmp_path / f"cycle{i}.log", "--model", str(tiny_model), *OPTIONS)
         try:
             srv.wait_ready()
-            ready = time.monotonic() - t0
+            ready_s.append(time.monotonic() - t0)
             chat_ok(srv.url)
             t1 = time.monotonic()
         finally:
             code = srv.stop()
-        print(f"cycle {i}: ready {ready:.1f} s, stopped in {time.monotonic() - t1:.1f} s, exit {code}")
-        assert code == 0
+        stop_s.append(time.monotonic() - t1)
+        print(f"cycle {i}: ready {ready_s[-1]:.1f} s, stopped in {stop_s[-1]:.1f} s, exit {code}")
+        assert code == 0, srv.log()[-3000:]
         assert srv.leftovers() == []
-        assert port_holder_report(port) is None
+        assert port_holder_report(port) is None  # free at once: the next cycle binds it again
+    print(f"{RESTART_CYCLES} restart cycles: ready in {min(ready_s):.1f}-{max(ready_s):.1f} s, "
+          f"stopped in {min(stop_s):.1f}-{max(stop_s):.1f} s, every exit 0, nothing left, port free each time")
 
 
 def test_demo_serves_with_no_options_then_a_dead_engine_ends_the_worker(tiny_model: Path, tmp_path: Path) -> None:
