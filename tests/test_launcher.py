@@ -176,6 +176,7 @@ RESTART_CYCLES = int(os.environ.get("QWEN_RESTART_CYCLES", "50"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120 * RESTART_CYCLES)  # the suite's 600 s per test would end the loop at about cycle 10
 def test_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> None:
     """Start, answer one chat, SIGTERM, port free: QWEN_RESTART_CYCLES times (50) on one port."""
     port = free_port()

@@ -924,6 +924,7 @@ def _quiescent(srv: ServerProcess) -> dict[str, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + 600)  # the run itself, plus start and stop
 def test_soak_mixed_traffic_keeps_memory_fds_and_engine_flat(tiny_model: Path, tmp_path: Path) -> None:
     srv = ServerProcess.launcher(
         free_port(), tmp_path / "soak.log", "--model", str(tiny_model), "--served-model-name", "tiny",
