@@ -7,6 +7,7 @@ non-streaming requests its FINAL_ONLY mode (one output at the end).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from qwen_server.media import LoadedImage, MediaError, MediaLoader
 from qwen_server.settings import Settings
 
 _DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("qwen_server")
 
 
 @dataclass(slots=True)
@@ -329,6 +331,9 @@ class Service:
                 yield _frame(encode(_body(prep, [], _usage(prep, completion_tokens), chunk=True)))
         except APIError as exc:
             yield _frame(envelope(exc.status, exc.message, exc.param, exc.code))
+        except Exception:  # a defect of ours or vLLM's: the 200 is sent, so it can only be an event now
+            log.exception("request %s failed mid-stream", prep.engine_request_id)
+            yield _frame(envelope(500, "The server failed while streaming this response.", None, "internal_error"))
         yield _DONE
 
     async def _run(self, prep: Prepared) -> AsyncIterator[Any]:
