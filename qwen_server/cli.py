@@ -80,6 +80,7 @@ def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
         "log_level": s.log_level,
         "log_access": opts["access_log"],
         "backlog": opts["backlog"],
+        "backpressure": opts["backpressure"],  # None: Granian's default, backlog / workers
         "workers_kill_timeout": opts["workers_kill_timeout"],
         "process_name": f"qwen-server {s.host}:{s.port}",
         "respawn_failed_workers": opts["respawn_failed_workers"],
@@ -105,6 +106,8 @@ def _equivalent_command(s: Settings, g: dict[str, Any]) -> str:
         parts += ["--reload", "--reload-paths", str(PACKAGE_DIR)]
     if g.get("workers_kill_timeout"):
         parts += ["--workers-kill-timeout", str(g["workers_kill_timeout"])]
+    if g.get("backpressure"):
+        parts += ["--backpressure", str(g["backpressure"])]
     if g.get("log_access"):
         parts += ["--access-log"]
     if g.get("url_path_prefix"):
@@ -144,6 +147,10 @@ def _has_nvidia_gpu() -> bool:
               help="Restart a worker that died (Granian's supervisor).")
 @click.option("--access-log/--no-access-log", default=False, help="Log every request (Granian's access log).")
 @click.option("--backlog", type=click.IntRange(1), default=1024, show_default=True, help="Listen backlog.")
+@click.option("--backpressure", type=click.IntRange(1), default=None,
+              help="Connections one worker serves at once, idle keep-alive ones included; more wait in the "
+                   "listen queue (Granian's backpressure; default backlog / workers). Requests beyond "
+                   "--max-pending-requests are refused with 429 either way.")
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 @click.option("--replace", is_flag=True, help="If a qwen_server holds the port, stop it gracefully and take its place.")

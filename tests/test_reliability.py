@@ -213,7 +213,7 @@ IDLE_CONNECTIONS = 1000
 
 
 def test_idle_keepalive_connections_do_not_block_new_requests(rel: ServerProcess) -> None:
-    # Granian admits backlog/workers = 1024 connections per worker at once (its "backpressure"); a
+    # Granian admits backlog/workers = 1024 connections per worker at once (--backpressure raises it); a
     # connection holds its slot while open, even silent, so 1000 idle ones leave room for a few more.
     socks: list[socket.socket] = []
     try:

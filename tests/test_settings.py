@@ -114,6 +114,16 @@ def test_print_config_starts_nothing(capsys: pytest.CaptureFixture[str]) -> None
     assert out.rstrip().endswith("qwen_server.app:app")
 
 
+def test_backpressure_reaches_granian(capsys: pytest.CaptureFixture[str]) -> None:
+    """Granian's per-worker connection cap is an option; unset, Granian's default applies."""
+    with pytest.raises(SystemExit):
+        cli.main(["--print-config", "--model", "m", "--port", "1", "--backpressure", "4096"])
+    assert "--backpressure 4096 " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--print-config", "--model", "m", "--port", "1"])
+    assert "--backpressure" not in capsys.readouterr().out
+
+
 def test_several_workers_on_one_gpu_need_a_memory_split(monkeypatch: pytest.MonkeyPatch) -> None:
     import click
 
