@@ -11,6 +11,17 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _role(pid: int) -> str:
+    """Which part of the server a process is: vLLM names its engine processes by title."""
+    info = procs.info(pid)
+    cmd = info.cmdline if info else ""
+    if "EngineCore" in cmd:
+        return "engine_core"
+    if "VLLM::Worker" in cmd:
+        return "model_worker"
+    return "front_end"  # HTTP, JSON, images, the HF processor, detokenization (and the launcher)
+
+
 def _cpu_and_rss(pid: int) -> tuple[float, int] | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -33,6 +44,7 @@ class TreeSampler:
         self._stop = threading.Event()
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._roles: dict[int, str] = {}
         self.peak_rss = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -43,7 +55,9 @@ class TreeSampler:
             if got is None:
                 continue
             cpu, rss = got
-            self._first.setdefault(pid, cpu)
+            if pid not in self._first:
+                self._first[pid] = cpu
+                self._roles[pid] = _role(pid)
             self._last[pid] = cpu
             total_rss += rss
         self.peak_rss = max(self.peak_rss, total_rss)
@@ -60,5 +74,9 @@ class TreeSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-        cpu = sum(self._last[pid] - self._first[pid] for pid in self._last)
-        return {"server_cpu_s": round(cpu, 2), "server_peak_rss_mb": round(self.peak_rss / 2**20, 1)}
+        by_role: dict[str, float] = {"front_end": 0.0, "engine_core": 0.0, "model_worker": 0.0}
+        for pid, last in self._last.items():
+            by_role[self._roles[pid]] += last - self._first[pid]
+        return {"server_cpu_s": round(sum(by_role.values()), 2),
+                "server_cpu_s_by_role": {k: round(v, 2) for k, v in by_role.items()},
+                "server_peak_rss_mb": round(self.peak_rss / 2**20, 1)}

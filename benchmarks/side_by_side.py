@@ -167,10 +167,16 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
+def _front_ms(result: dict) -> str:
+    """CPU of the serving layer (everything but EngineCore and the model worker) per request."""
+    front = result.get("server_cpu_s_by_role", {}).get("front_end")
+    return f'{front * 1000 / result["requests"]:.0f}' if front is not None and result.get("requests") else "-"
+
+
 def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
     cols = ["size", "img", "conc", "tok", "stream", "vLLM req/s", "qwen req/s", "ratio", "vLLM TTFT p99 ms",
             "qwen TTFT p99 ms", "ratio", "vLLM e2e p99 ms", "qwen e2e p99 ms", "qwen ITL p50 ms", "qwen/ceiling",
-            "errors v/q", "CPU s v/q", "peak RSS MB v/q"]
+            "errors v/q", "CPU s v/q", "front-end CPU ms/req v/q", "peak RSS MB v/q"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for case, v, q in zip(cases, vllm["results"], qwen["results"], strict=True):
         ceil = ceiling.get(f'{case["image_size"]}/{case["images"]}/{case["max_tokens"]}', {}).get("requests_per_s")
@@ -180,7 +186,7 @@ def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
                _ratio(q["ttft_s"]["p99"], v["ttft_s"]["p99"]), _ms(v["e2e_s"]["p99"]), _ms(q["e2e_s"]["p99"]),
                _ms(q["itl_s"]["p50"]), f'{q["requests_per_s"] / ceil:.0%}' if ceil else "-",
                f'{v["errors"]}/{q["errors"]}', f'{v.get("server_cpu_s")}/{q.get("server_cpu_s")}',
-               f'{v.get("server_peak_rss_mb")}/{q.get("server_peak_rss_mb")}']
+               f'{_front_ms(v)}/{_front_ms(q)}', f'{v.get("server_peak_rss_mb")}/{q.get("server_peak_rss_mb")}']
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
 
@@ -223,11 +229,12 @@ def main() -> None:
             + table(cases, report["vllm"], report["qwen"], report["offline"]))
     if sweep:
         text += "\n\nOpen loop, 224 px, 16 tokens, streaming: offered req/s -> achieved req/s, TTFT p50/p99 ms\n\n"
-        text += "| offered | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 |\n|---|---|---|---|---|\n"
+        text += ("| offered | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 | front-end CPU ms/req v/q |\n"
+                 "|---|---|---|---|---|---|\n")
         for v, q in zip(report["vllm"]["sweep"], report["qwen"]["sweep"], strict=True):
             text += (f'| {v["scenario"]["rate"]} | {v["requests_per_s"]:.1f} | {q["requests_per_s"]:.1f} | '
                      f'{_ms(v["ttft_s"]["p50"])}/{_ms(v["ttft_s"]["p99"])} | '
-                     f'{_ms(q["ttft_s"]["p50"])}/{_ms(q["ttft_s"]["p99"])} |\n')
+                     f'{_ms(q["ttft_s"]["p50"])}/{_ms(q["ttft_s"]["p99"])} | {_front_ms(v)}/{_front_ms(q)} |\n')
         plot(report, out_dir / "latency_vs_load.png")
     (out_dir / "table.md").write_text(text + "\n")
     print(text)
