@@ -185,8 +185,11 @@ def measure(args: argparse.Namespace) -> dict:
     sampler = TreeSampler(args.server_pid) if args.server_pid else None
     if sampler:
         sampler.start()
+    cpu0 = time.process_time()
     samples, elapsed = asyncio.run(run(args, bodies))
     result = summarize(samples, elapsed)
+    # The client shares the machine with the server: its CPU is CPU the server did not get.
+    result["client_cpu_s"] = round(time.process_time() - cpu0, 2)
     if sampler:
         result.update(sampler.stop())
     result["scenario"] = {k: v for k, v in vars(args).items() if k not in ("json", "server_pid", "url")}
