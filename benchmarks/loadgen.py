@@ -115,7 +115,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: boo
         return Sample(False, start, time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
 
 
-async def run(args: argparse.Namespace, bodies: list[bytes]) -> tuple[list[Sample], float]:
+async def run(args: argparse.Namespace, bodies: list[bytes], warm: list[bytes] = ()) -> tuple[list[Sample], float]:
     url = args.url.rstrip("/") + "/v1/chat/completions"
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
@@ -129,6 +129,8 @@ async def run(args: argparse.Namespace, bodies: list[bytes]) -> tuple[list[Sampl
             print(f"\r  {done}/{len(bodies)} done, {errors} errors", end="", file=sys.stderr, flush=True)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # Warm-up, not counted: connections opened, first-use paths of this shape taken, in both servers.
+        await asyncio.gather(*(one(session, url, body, args.stream) for body in warm))
         ticker = asyncio.ensure_future(progress())
         t0 = time.perf_counter()
         if args.rate:
@@ -181,12 +183,14 @@ def summarize(samples: list[Sample], elapsed: float) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     """Build the bodies, run the load (sampling the server's tree if asked), and summarize."""
-    bodies = build_bodies(args)
+    warmup = args.warmup if args.warmup >= 0 else min(args.concurrency if not args.rate else 4, 8)
+    bodies = build_bodies(argparse.Namespace(**{**vars(args), "requests": args.requests + warmup}))
+    warm, bodies = bodies[:warmup], bodies[warmup:]  # distinct images: the warm-up primes no cache
     sampler = TreeSampler(args.server_pid) if args.server_pid else None
     if sampler:
         sampler.start()
     cpu0 = time.process_time()
-    samples, elapsed = asyncio.run(run(args, bodies))
+    samples, elapsed = asyncio.run(run(args, bodies, warm))
     result = summarize(samples, elapsed)
     # The client shares the machine with the server: its CPU is CPU the server did not get.
     result["client_cpu_s"] = round(time.process_time() - cpu0, 2)
@@ -210,6 +214,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=-1,
+                    help="requests sent (at once, not counted) before the run; default min(concurrency, 8), 4 in open loop")
     ap.add_argument("--server-pid", type=int, default=None, help="sample CPU and RSS of this process tree")
     ap.add_argument("--json", default=None, help="write the result here")
     return ap
