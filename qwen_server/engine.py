@@ -99,9 +99,14 @@ class Engine:
             self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
             kwargs = self.settings.engine_kwargs(path)
             args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))
+            from vllm.usage.usage_lib import UsageContext
+
             client = await asyncio.to_thread(
                 async_llm_cls.from_engine_args,
                 args,
+                # vLLM's server context: its batch defaults (max_num_seqs, max_num_batched_tokens) are
+                # larger on big GPUs than the plain engine's (1024/8192 vs 128/2048 on an H100).
+                usage_context=UsageContext.OPENAI_API_SERVER,
                 stat_loggers=[_scheduler_stats_recorder(self), metrics.engine_stat_logger()],
             )
             if self.state is not EngineState.LOADING:  # stopped while loading
