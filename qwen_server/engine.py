@@ -95,18 +95,16 @@ class Engine:
                 log.warning(demo.NOISE_WARNING)
             self.model_path = path
             self._set_stage("importing vLLM")
-            engine_args_cls, async_llm_cls = await asyncio.to_thread(_import_vllm)
+            engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(_import_vllm)
             self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
             kwargs = self.settings.engine_kwargs(path)
             args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))
-            from vllm.usage.usage_lib import UsageContext
-
             client = await asyncio.to_thread(
                 async_llm_cls.from_engine_args,
                 args,
                 # vLLM's server context: its batch defaults (max_num_seqs, max_num_batched_tokens) are
                 # larger on big GPUs than the plain engine's (1024/8192 vs 128/2048 on an H100).
-                usage_context=UsageContext.OPENAI_API_SERVER,
+                usage_context=usage_context_cls.OPENAI_API_SERVER,
                 stat_loggers=[_scheduler_stats_recorder(self), metrics.engine_stat_logger()],
             )
             if self.state is not EngineState.LOADING:  # stopped while loading
@@ -236,9 +234,10 @@ def _scheduler_stats_recorder(engine: Engine):
 
 def _import_vllm():
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncEngineArgs, AsyncLLM
+    return AsyncEngineArgs, AsyncLLM, UsageContext
 
 
 def _image_geometry(model_config: Any) -> media.Geometry | None:
