@@ -7,6 +7,7 @@ each metric and the ratio qwen/vLLM, and writes JSON and Markdown to `benchmarks
 
     .venv/bin/python benchmarks/side_by_side.py            # the full matrix (about 25 min here)
     .venv/bin/python benchmarks/side_by_side.py --quick    # 224/1024 px, c16, 16 tokens, streaming
+    .venv/bin/python benchmarks/side_by_side.py --targets --repeat 5 --no-sweep  # target rows, median of 5
     (plus an open-loop rate sweep and `latency_vs_load.png`; --no-sweep skips it; needs the `bench` extra)
 
 Loopback ports only. The machine's other load hits both servers alike only if nothing else runs:
