@@ -1,13 +1,17 @@
 """qwen_server against vLLM's own OpenAI server, same checkpoint, same engine settings, one run.
 
 Starts vLLM's server, measures its time to ready (launch to the first answered image chat), drives
-every scenario with `loadgen.py`, stops it; then the same for qwen_server (the launcher); then runs
-the offline engine (`LLM.generate` on pre-decoded images) as the ceiling. Prints one table with
-each metric and the ratio qwen/vLLM, and writes JSON and Markdown to `benchmarks/results/`.
+every scenario with `loadgen.py`, stops it; then the same for qwen_server (the launcher). That is one
+pass; the next pass runs qwen_server first (`--passes`, default 2: the order alternates so neither
+server always runs second). Each scenario's runs from every pass are pooled and the median-throughput
+run stands for it. Then the offline engine (`LLM.generate` on pre-decoded images) runs as the
+ceiling. Prints one table with each metric and the ratio qwen/vLLM, and writes JSON and Markdown
+to `benchmarks/results/`; each run also records the load average before it and the CPU share the
+hypervisor stole during it.
 
-    .venv/bin/python benchmarks/side_by_side.py            # the full matrix (about 25 min here)
+    .venv/bin/python benchmarks/side_by_side.py            # the full matrix, 2 passes (about 50 min here)
     .venv/bin/python benchmarks/side_by_side.py --quick    # 224/1024 px, c16, 16 tokens, streaming
-    .venv/bin/python benchmarks/side_by_side.py --targets --repeat 5 --no-sweep  # target rows, median of 5
+    .venv/bin/python benchmarks/side_by_side.py --targets --repeat 3 --no-sweep  # target rows, median of 2x3
     (plus an open-loop rate sweep and `latency_vs_load.png`; --no-sweep skips it; needs the `bench` extra)
 
 Loopback ports only. The machine's other load hits both servers alike only if nothing else runs:
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -134,31 +139,60 @@ class Server:
         self._log.close()
 
 
+def _cpu_times() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _box_during(run):
+    """Run `run()` and note what else the machine did: the 1-minute load average before it and the
+    share of CPU time stolen by the hypervisor during it (this box is shared)."""
+    load1 = float(Path("/proc/loadavg").read_text().split()[0])
+    before = _cpu_times()
+    result = run()
+    delta = [b - a for a, b in zip(before, _cpu_times(), strict=True)]
+    steal = delta[7] if len(delta) > 7 else 0
+    result["box"] = {"load1_before": load1, "steal_pct": round(100 * steal / max(1, sum(delta)), 1)}
+    return result
+
+
 def run_server(name: str, args: list[str], port: int, cases: list[dict], sweep: list[dict], out_dir: Path,
-               repeat: int = 1) -> dict:
-    print(f"== {name}: starting", file=sys.stderr)
-    server = Server(name, args, port, out_dir / f"{name}.log")
+               repeat: int = 1, label: str = "") -> dict:
+    """One server started, every case run `repeat` times (the sweep once), stopped. Returns every run."""
+    print(f"== {name}{label}: starting", file=sys.stderr)
+    server = Server(name, args, port, out_dir / f"{name}{label}.log")
     try:
         ready = server.wait_ready()
-        print(f"== {name}: ready in {ready:.1f} s", file=sys.stderr)
+        print(f"== {name}{label}: ready in {ready:.1f} s", file=sys.stderr)
         runs: dict[str, list] = {"results": [], "sweep": []}
         for key, group in (("results", cases), ("sweep", sweep)):
             for case in group:
                 tries = []
                 for _ in range(repeat if key == "results" else 1):
-                    print(f"   {name} {case}", file=sys.stderr)
+                    print(f"   {name}{label} {case}", file=sys.stderr)
                     ns = loadgen.parser().parse_args([])
                     vars(ns).update({"rate": None, **case}, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid)
-                    tries.append(loadgen.measure(ns))
-                # The run with the median throughput stands for the scenario (a noisy box: one run
-                # of a few seconds can be off by 2x); every run's rate is kept beside it.
-                tries.sort(key=lambda r: r["requests_per_s"])
-                chosen = tries[len(tries) // 2]
-                chosen["runs_requests_per_s"] = [round(r["requests_per_s"], 1) for r in tries]
-                runs[key].append(chosen)
+                    tries.append(_box_during(lambda ns=ns: loadgen.measure(ns)))
+                runs[key].append(tries)
         return {"ready_s": ready, **runs}
     finally:
         server.stop()
+
+
+def _pool(passes: list[dict]) -> dict:
+    """Every pass's runs of a scenario together; the run with the median throughput stands for it
+    (on a noisy box one run of a few seconds can be off by 2x), every run's rate kept beside it."""
+    out: dict = {"ready_s": statistics.median(p["ready_s"] for p in passes),
+                 "ready_s_runs": [round(p["ready_s"], 1) for p in passes]}
+    for key in ("results", "sweep"):
+        out[key] = []
+        for tries in zip(*(p[key] for p in passes), strict=True):
+            pooled = sorted((run for group in tries for run in group), key=lambda r: r["requests_per_s"])
+            chosen = dict(pooled[len(pooled) // 2])
+            chosen["runs_requests_per_s"] = [round(r["requests_per_s"], 1) for r in pooled]
+            chosen["runs_box"] = [r["box"] for r in pooled]
+            out[key].append(chosen)
+    return out
 
 
 def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
@@ -210,7 +244,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="224/1024 px, c16, 16 tokens, streaming")
     ap.add_argument("--targets", action="store_true", help="only the rows the targets are set on (1 image, c16/c64, 16 tokens)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per scenario; the median-throughput run is reported")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per scenario and pass; the median-throughput run is reported")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="server starts each, order alternating (vLLM first, then qwen first, ...); runs pooled")
     ap.add_argument("--model", default=None, help="checkpoint path (default: the built-in tiny demo model)")
     ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the open-loop rate sweep and its plot")
@@ -230,26 +266,39 @@ def main() -> None:
     qwen_args = [sys.executable, str(ROOT / "launcher.py"), "--model", args.model, "--port", "{port}", *flags]
     report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
                     "engine": ENGINE, "cases": cases}
-    for name, argv in (("vllm", vllm_args), ("qwen", qwen_args)):
-        if args.only and name != args.only:
-            continue
-        port = free_port()
-        report[name] = run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases, sweep, out_dir, args.repeat)
-        (out_dir / "result.json").write_text(json.dumps(report, indent=2))  # kept if a later step fails
+    # Passes alternate the order (vLLM, qwen; qwen, vLLM; ...) so that neither server always runs
+    # second, on a machine warmed, cached or loaded by the first; each pass starts a fresh server.
+    servers = [(n, a) for n, a in (("vllm", vllm_args), ("qwen", qwen_args)) if not args.only or n == args.only]
+    passes: dict[str, list] = {name: [] for name, _ in servers}
+    for i in range(args.passes):
+        for name, argv in servers if i % 2 == 0 else servers[::-1]:
+            port = free_port()
+            passes[name].append(run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases,
+                                           sweep, out_dir, args.repeat, label=f"-pass{i + 1}"))
+            report["passes"] = passes
+            (out_dir / "result.json").write_text(json.dumps(report, indent=2))  # kept if a later step fails
+    for name, runs_of in passes.items():
+        report[name] = _pool(runs_of)
+    del report["passes"]
+    report["order"] = [[n for n, _ in (servers if i % 2 == 0 else servers[::-1])] for i in range(args.passes)]
     report["offline"] = offline(args.model, cases, out_dir) if not args.only else {}
     (out_dir / "result.json").write_text(json.dumps(report, indent=2))
     if args.only:
         print(json.dumps(report[args.only], indent=2))
         return
+    runs = args.repeat * args.passes
     text = (f"Machine: {report['machine']}; engine {ENGINE}, enforce_eager; time to ready: "
             f"vLLM {report['vllm']['ready_s']:.1f} s, qwen {report['qwen']['ready_s']:.1f} s"
-            + (f"; each row the median-throughput run of {args.repeat}" if args.repeat > 1 else "") + "\n\n"
+            + f" (medians of {args.passes} starts: vLLM {report['vllm']['ready_s_runs']}, qwen {report['qwen']['ready_s_runs']})"
+            + f"; order per pass {report['order']}; each row the median-throughput run of {runs}\n\n"
             + table(cases, report["vllm"], report["qwen"], report["offline"]))
-    if args.repeat > 1:
-        text += "\n\nEvery run's req/s (sorted)\n\n| size | conc | stream | vLLM | qwen |\n|---|---|---|---|---|\n"
+    if runs > 1:
+        text += ("\n\nEvery run's req/s (sorted), and the most CPU stolen by the hypervisor during any of them\n\n"
+                 "| size | img | conc | tok | stream | vLLM | qwen | max steal % v/q |\n|---|---|---|---|---|---|---|---|\n")
         for case, v, q in zip(cases, report["vllm"]["results"], report["qwen"]["results"], strict=True):
-            text += (f'| {case["image_size"]} | {case["concurrency"]} | {"yes" if case["stream"] else "no"} | '
-                     f'{v["runs_requests_per_s"]} | {q["runs_requests_per_s"]} |\n')
+            steal = "/".join(str(max(b["steal_pct"] for b in r["runs_box"])) for r in (v, q))
+            text += (f'| {case["image_size"]} | {case["images"]} | {case["concurrency"]} | {case["max_tokens"]} | '
+                     f'{"yes" if case["stream"] else "no"} | {v["runs_requests_per_s"]} | {q["runs_requests_per_s"]} | {steal} |\n')
     if sweep:
         text += "\n\nOpen loop, 224 px, 16 tokens, streaming: offered req/s -> achieved req/s, TTFT p50/p99 ms\n\n"
         text += ("| offered | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 | front-end CPU ms/req v/q |\n"
