@@ -117,6 +117,8 @@ class Engine:
             self.max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
+            if self.settings.keep_off_engine_cores:
+                _keep_off_engine_cores()
             frozen = _freeze_heap()
             self.loaded_in = time.monotonic() - self._t0
             self.state = EngineState.READY
@@ -243,6 +245,26 @@ def _import_vllm():
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncEngineArgs, AsyncLLM, UsageContext
+
+
+def _keep_off_engine_cores() -> set[int] | None:
+    """On a CPU engine vLLM pins each model (OpenMP) thread to a core of its own and leaves the rest
+    "reserved" for everything else (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU). A front-end
+    thread scheduled on a pinned core stalls the model's step, and with it every request: on 2 cores
+    that halved throughput in some runs. So this worker's threads move to the other cores. Returns
+    the cores kept, or None when nothing was pinned (GPU engines) or no other core is left."""
+    mine = os.sched_getaffinity(0)
+    pinned: set[int] = set()
+    for pid in procs.descendants(os.getpid()):
+        for cpus in procs.thread_cpus(pid):
+            if len(cpus) == 1:
+                pinned |= cpus
+    rest = mine - pinned
+    if not pinned or not rest:
+        return None
+    procs.restrict_cpus(os.getpid(), rest)
+    log.info("front end kept off the engine's pinned cores %s: runs on %s", sorted(pinned), sorted(rest))
+    return rest
 
 
 def _freeze_heap() -> int:

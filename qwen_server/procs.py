@@ -65,6 +65,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of `pid` may run on (affinity is per thread on Linux)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    found = []
+    for tid in tids:
+        try:
+            found.append(os.sched_getaffinity(int(tid)))
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
+def restrict_cpus(pid: int, cpus: set[int]) -> None:
+    """Allow every current thread of `pid` only `cpus`; threads started later inherit their creator's."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            continue
+
+
 def alive(pid: int) -> bool:
     return info(pid) is not None
 

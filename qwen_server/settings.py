@@ -90,6 +90,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_format: Annotated[
         Literal["text", "json"], _doc("Log lines as text or as one JSON object per line.")
     ] = "text"
+    keep_off_engine_cores: Annotated[
+        bool,
+        _doc(
+            "CPU engines: keep this worker's threads (HTTP, JSON, images) off the cores vLLM pinned its "
+            "model threads to, so they never preempt an engine step. No effect when vLLM pins nothing (GPUs)."
+        ),
+    ] = True
     api_key: Annotated[
         list[str] | None, _doc("API key(s) clients must send as `Authorization: Bearer <key>` on /v1/*.")
     ] = None

@@ -1,10 +1,16 @@
-"""The engine's lifecycle details that the HTTP tests cannot see (engine.py)."""
+"""The engine's lifecycle details that the HTTP tests cannot see (engine.py), and the /proc helpers they use."""
 
 from __future__ import annotations
 
 import gc
+import os
 import re
+import subprocess
+import sys
 
+import pytest
+
+from qwen_server import procs
 from qwen_server.engine import _freeze_heap
 from tests.serverproc import ServerProcess
 
@@ -24,3 +30,29 @@ def test_real_worker_froze_its_startup_heap(server: ServerProcess) -> None:
     found = re.search(r"(\d+) startup objects frozen out of GC", server.log())
     assert found, server.log()[-2000:]
     assert int(found.group(1)) > 100_000
+
+
+def test_thread_cpus_and_restrict_cpus_on_a_real_process() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        one = {min(os.sched_getaffinity(0))}
+        procs.restrict_cpus(child.pid, one)
+        assert procs.thread_cpus(child.pid) == [one]
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.thread_cpus(child.pid) == []  # gone: nothing, no error
+
+
+def test_real_worker_stays_off_the_cores_vllm_pinned(server: ServerProcess) -> None:
+    tree = procs.descendants(server.proc.pid)
+    worker = next(pid for pid in tree if (i := procs.info(pid)) and i.cmdline.endswith("worker-1"))
+    pinned = set()
+    for pid in procs.descendants(worker):
+        pinned |= set().union(*(c for c in procs.thread_cpus(pid) if len(c) == 1))
+    if not pinned or pinned >= os.sched_getaffinity(0):
+        pytest.skip(f"vLLM pinned {sorted(pinned)} of {sorted(os.sched_getaffinity(0))}: no other core to move to")
+    worker_cpus = procs.thread_cpus(worker)
+    assert worker_cpus, "no threads read"
+    assert all(not (cpus & pinned) for cpus in worker_cpus), (pinned, worker_cpus)
+    assert "front end kept off the engine's pinned cores" in server.log()
