@@ -191,6 +191,7 @@ def _pool(passes: list[dict]) -> dict:
             chosen = dict(pooled[len(pooled) // 2])
             chosen["runs_requests_per_s"] = [round(r["requests_per_s"], 1) for r in pooled]
             chosen["runs_box"] = [r["box"] for r in pooled]
+            chosen["runs_requests_per_s_by_pass"] = [[round(r["requests_per_s"], 1) for r in group] for group in tries]
             out[key].append(chosen)
     return out
 
