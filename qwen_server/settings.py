@@ -93,10 +93,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     keep_off_engine_cores: Annotated[
         bool,
         _doc(
-            "CPU engines: keep this worker's threads (HTTP, JSON, images) off the cores vLLM pinned its "
-            "model threads to, so they never preempt an engine step. No effect when vLLM pins nothing (GPUs)."
+            "CPU engines: move this worker's threads (HTTP, JSON, images) off the cores vLLM pinned its "
+            "model threads to, onto the cores it reserved. Helps short outputs, hurts long decodes on few "
+            "cores (see benchmarks/README.md); no effect when vLLM pins nothing (GPUs)."
         ),
-    ] = True
+    ] = False
     api_key: Annotated[
         list[str] | None, _doc("API key(s) clients must send as `Authorization: Bearer <key>` on /v1/*.")
     ] = None

@@ -70,7 +70,10 @@ def server(tiny_model: Path, media_dir: Path, tmp_path_factory: pytest.TempPathF
     """One real server (launcher -> Granian -> Litestar -> vLLM on the tiny model) for the session."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     media = ("--allowed-media-networks", "127.0.0.1/32", "--allowed-local-media-path", str(media_dir))
-    srv = ServerProcess.launcher(free_port(), log, "--model", str(tiny_model), *SERVER_OPTIONS, *media)
+    # --keep-off-engine-cores (opt-in) so that test_engine sees it work against the real engine.
+    srv = ServerProcess.launcher(
+        free_port(), log, "--model", str(tiny_model), *SERVER_OPTIONS, "--keep-off-engine-cores", *media
+    )
     try:
         srv.wait_ready()
         yield srv
