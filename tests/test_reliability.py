@@ -255,15 +255,16 @@ def test_burst_of_ten_times_the_bound_gets_fast_429s_and_admitted_requests_finis
     rejected_before = metric_sum(rel, "qwen_server_requests_rejected_total")
     images_before = metric_sum(rel, "qwen_server_images_total")
     start = threading.Barrier(BURST)
-    limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=0)
 
-    with httpx.Client(limits=limits, timeout=120) as client:
-        def one(body: bytes) -> tuple[httpx.Response, float]:
+    # One client (one connection) per thread: a pool shared by 320 threads once failed in the CLIENT
+    # with EBADF on read (an fd closed under a reading thread; only the caller's process can see EBADF).
+    def one(body: bytes) -> tuple[httpx.Response, float]:
+        with httpx.Client(timeout=120) as client:
             start.wait()  # all at once
             return timed_post(rel, body, client=client, timeout=120)
 
-        with concurrent.futures.ThreadPoolExecutor(BURST) as pool:
-            results = list(pool.map(one, bodies))
+    with concurrent.futures.ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(one, bodies))
 
     ok = [lat for r, lat in results if r.status_code == 200]
     refused = [lat for r, lat in results if r.status_code == 429]
