@@ -119,6 +119,8 @@ class Engine:
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
             if self.settings.keep_off_engine_cores:
                 _keep_off_engine_cores()
+            if self.settings.engine_nice and client.vllm_config.device_config.device_type == "cpu":
+                _renice_engine(self.settings.engine_nice)
             frozen = _freeze_heap()
             self.loaded_in = time.monotonic() - self._t0
             self.state = EngineState.READY
@@ -267,6 +269,21 @@ def _keep_off_engine_cores() -> set[int] | None:
     procs.restrict_cpus(os.getpid(), rest)
     log.info("front end kept off the engine's pinned cores %s: runs on %s", sorted(pinned), sorted(rest))
     return rest
+
+
+def _renice_engine(nice: int) -> int:
+    """vLLM's CPU engine busy-waits: EngineCore spins on shared memory for the model worker's output
+    while the model runs, and the worker spins for the next step (for 1 s after each message, with
+    sched_yield). On few cores those spins hold the cores this worker needs to parse requests, decode
+    images and stream tokens, so the requests the engine waits for arrive late. At a lower priority
+    the engine still gets every cycle nobody else wants. Returns how many engine threads changed."""
+    try:
+        changed = sum(procs.renice(pid, nice) for pid in procs.descendants(os.getpid()))
+    except PermissionError:
+        log.warning("engine processes left at their priority: nice %d is below this worker's (%d)", nice, os.getpriority(os.PRIO_PROCESS, 0))
+        return 0
+    log.info("engine processes run at nice %d (%d threads): a core they share goes to the front end first", nice, changed)
+    return changed
 
 
 def _freeze_heap() -> int:

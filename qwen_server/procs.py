@@ -89,6 +89,24 @@ def restrict_cpus(pid: int, cpus: set[int]) -> None:
             continue
 
 
+def renice(pid: int, nice: int) -> int:
+    """Set every current thread of `pid` to `nice` (Linux keeps it per thread; threads started later
+    inherit their creator's). Returns how many threads were changed. Raises PermissionError for a
+    value below the current one without the privilege to raise priority."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    changed = 0
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            changed += 1
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+    return changed
+
+
 def alive(pid: int) -> bool:
     return info(pid) is not None
 

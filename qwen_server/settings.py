@@ -98,6 +98,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "cores (see benchmarks/README.md); no effect when vLLM pins nothing (GPUs)."
         ),
     ] = False
+    engine_nice: Annotated[
+        int,
+        _doc(
+            "CPU engines: run vLLM's engine processes (EngineCore, model workers) at this nice value "
+            "(0-19), so a core they share with this worker goes to HTTP, JSON and image work first: they "
+            "busy-wait between engine steps. 0 leaves them as started; no effect on GPU engines."
+        ),
+    ] = 10
     api_key: Annotated[
         list[str] | None, _doc("API key(s) clients must send as `Authorization: Bearer <key>` on /v1/*.")
     ] = None
@@ -181,6 +189,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             problems.append(f"{env_name('allowed_local_media_path')}: not a directory: {self.allowed_local_media_path!r}")
         if self.root_path and not self.root_path.startswith("/"):
             problems.append(f"{env_name('root_path')}: must start with '/', got {self.root_path!r}")
+        if not 0 <= self.engine_nice <= 19:
+            problems.append(f"{env_name('engine_nice')}: must be in 0..19 (raising priority needs privileges), got {self.engine_nice}")
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 

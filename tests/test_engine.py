@@ -44,6 +44,35 @@ def test_thread_cpus_and_restrict_cpus_on_a_real_process() -> None:
     assert procs.thread_cpus(child.pid) == []  # gone: nothing, no error
 
 
+def test_renice_sets_every_thread_of_a_real_process() -> None:
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); print(flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # its second thread runs
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) == 2
+        assert procs.renice(child.pid, 7) == 2
+        assert [os.getpriority(os.PRIO_PROCESS, t) for t in tids] == [7, 7]
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.renice(child.pid, 7) == 0  # gone: nothing, no error
+
+
+def test_real_engine_runs_below_the_front_end(server: ServerProcess) -> None:
+    # The session server runs with the default --engine-nice 10 on vLLM's CPU engine.
+    tree = procs.descendants(server.proc.pid)
+    worker = next(pid for pid in tree if (i := procs.info(pid)) and i.cmdline.endswith("worker-1"))
+    engine = procs.descendants(worker)
+    titles = {procs.info(pid).cmdline.split()[0] for pid in engine if procs.info(pid)}
+    assert {"VLLM::EngineCore", "VLLM::Worker"} <= titles, titles
+    nice = {os.getpriority(os.PRIO_PROCESS, int(t)) for pid in engine for t in os.listdir(f"/proc/{pid}/task")}
+    assert nice == {10}, nice
+    mine = os.getpriority(os.PRIO_PROCESS, 0)  # the worker inherits the test run's
+    assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{worker}/task")} == {mine}
+    assert re.search(r"engine processes run at nice 10 \(\d+ threads\)", server.log())
+
+
 def test_real_worker_stays_off_the_cores_vllm_pinned(server: ServerProcess) -> None:
     tree = procs.descendants(server.proc.pid)
     worker = next(pid for pid in tree if (i := procs.info(pid)) and i.cmdline.endswith("worker-1"))

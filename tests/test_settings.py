@@ -52,6 +52,8 @@ def test_every_bad_value_is_named() -> None:
         ({"QWEN_SERVER_GPU_MEMORY_UTILIZATION": "1.5"}, "QWEN_SERVER_GPU_MEMORY_UTILIZATION: must be in (0, 1]"),
         ({"QWEN_SERVER_ROOT_PATH": "api"}, "QWEN_SERVER_ROOT_PATH: must start with '/'"),
         ({"QWEN_SERVER_TENSOR_PARALLEL_SIZE": "0"}, "QWEN_SERVER_TENSOR_PARALLEL_SIZE: must be at least 1"),
+        ({"QWEN_SERVER_ENGINE_NICE": "-5"}, "QWEN_SERVER_ENGINE_NICE: must be in 0..19"),
+        ({"QWEN_SERVER_ENGINE_NICE": "20"}, "QWEN_SERVER_ENGINE_NICE: must be in 0..19"),
     ],
 )
 def test_range_checks(env: dict[str, str], fragment: str) -> None:
