@@ -116,7 +116,11 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: boo
         return Sample(False, start, time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
 
 
-async def run(args: argparse.Namespace, bodies: list[bytes], warm: list[bytes] = ()) -> tuple[list[Sample], float]:
+async def run(
+    args: argparse.Namespace, bodies: list[bytes], warm: list[bytes] = ()
+) -> tuple[list[Sample], float, float | None]:
+    """The samples, the elapsed time, and (open loop) how long the sends took: on a busy machine the
+    client's own loop falls behind the Poisson schedule, so the rate it really offered is lower."""
     url = args.url.rstrip("/") + "/v1/chat/completions"
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
@@ -134,12 +138,14 @@ async def run(args: argparse.Namespace, bodies: list[bytes], warm: list[bytes] =
         await asyncio.gather(*(one(session, url, body, args.stream) for body in warm))
         ticker = asyncio.ensure_future(progress())
         t0 = time.perf_counter()
+        sent_s = None
         if args.rate:
             rng = random.Random(args.seed)
             tasks = []
             for body in bodies:
                 tasks.append(asyncio.ensure_future(one(session, url, body, args.stream)))
                 await asyncio.sleep(rng.expovariate(args.rate))
+            sent_s = time.perf_counter() - t0
             for task in asyncio.as_completed(tasks):
                 samples.append(await task)
                 done += 1
@@ -156,7 +162,7 @@ async def run(args: argparse.Namespace, bodies: list[bytes], warm: list[bytes] =
         elapsed = time.perf_counter() - t0
         ticker.cancel()
     print(file=sys.stderr)
-    return samples, elapsed
+    return samples, elapsed, sent_s
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -166,7 +172,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": qs[49], "p90": qs[89], "p99": qs[98]}
 
 
-def summarize(samples: list[Sample], elapsed: float) -> dict:
+def summarize(samples: list[Sample], elapsed: float, sent_s: float | None = None) -> dict:
     ok = [s for s in samples if s.ok]
     tokens = sum(s.output_tokens for s in ok)
     return {
@@ -175,6 +181,8 @@ def summarize(samples: list[Sample], elapsed: float) -> dict:
         "first_error": next((s.error for s in samples if not s.ok), None),
         "elapsed_s": elapsed,
         "requests_per_s": len(ok) / elapsed if elapsed else 0.0,
+        # open loop: the arrival rate the client achieved (below --rate when its own loop lagged)
+        "offered_requests_per_s": len(samples) / sent_s if sent_s else None,
         "output_tokens_per_s": tokens / elapsed if elapsed else 0.0,
         "ttft_s": percentiles([s.ttft for s in ok if s.ttft is not None]),
         "itl_s": percentiles([x for s in ok for x in s.itl]),
@@ -191,8 +199,8 @@ def measure(args: argparse.Namespace) -> dict:
     if sampler:
         sampler.start()
     cpu0 = time.process_time()
-    samples, elapsed = asyncio.run(run(args, bodies, warm))
-    result = summarize(samples, elapsed)
+    samples, elapsed, sent_s = asyncio.run(run(args, bodies, warm))
+    result = summarize(samples, elapsed, sent_s)
     # The client shares the machine with the server: its CPU is CPU the server did not get.
     result["client_cpu_s"] = round(time.process_time() - cpu0, 2)
     if sampler:

@@ -90,10 +90,10 @@ def plot(report: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style in (("vllm", "o--"), ("qwen", "s-")):
         rows = report[name]["sweep"]
-        rates = [r["scenario"]["rate"] for r in rows]
+        rates = [r.get("offered_requests_per_s") or r["scenario"]["rate"] for r in rows]
         ax.plot(rates, [1000 * r["ttft_s"]["p99"] for r in rows], style, label=f"{name} TTFT p99")
         ax.plot(rates, [1000 * r["ttft_s"]["p50"] for r in rows], style, alpha=0.4, label=f"{name} TTFT p50")
-    ax.set_xlabel("offered load (requests/s, Poisson), 224 px image, 16 tokens, streaming")
+    ax.set_xlabel("offered load (requests/s the client sent, Poisson), 224 px image, 16 tokens, streaming")
     ax.set_ylabel("time to first token (ms)")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
@@ -270,9 +270,10 @@ def main() -> None:
     # Passes alternate the order (vLLM, qwen; qwen, vLLM; ...) so that neither server always runs
     # second, on a machine warmed, cached or loaded by the first; each pass starts a fresh server.
     servers = [(n, a) for n, a in (("vllm", vllm_args), ("qwen", qwen_args)) if not args.only or n == args.only]
+    orders = [servers if i % 2 == 0 else servers[::-1] for i in range(args.passes)]
     passes: dict[str, list] = {name: [] for name, _ in servers}
-    for i in range(args.passes):
-        for name, argv in servers if i % 2 == 0 else servers[::-1]:
+    for i, order in enumerate(orders):
+        for name, argv in order:
             port = free_port()
             passes[name].append(run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases,
                                            sweep, out_dir, args.repeat, label=f"-pass{i + 1}"))
@@ -281,7 +282,7 @@ def main() -> None:
     for name, runs_of in passes.items():
         report[name] = _pool(runs_of)
     del report["passes"]
-    report["order"] = [[n for n, _ in (servers if i % 2 == 0 else servers[::-1])] for i in range(args.passes)]
+    report["order"] = [[name for name, _ in order] for order in orders]
     report["offline"] = offline(args.model, cases, out_dir) if not args.only else {}
     (out_dir / "result.json").write_text(json.dumps(report, indent=2))
     if args.only:
@@ -301,11 +302,13 @@ def main() -> None:
             text += (f'| {case["image_size"]} | {case["images"]} | {case["concurrency"]} | {case["max_tokens"]} | '
                      f'{"yes" if case["stream"] else "no"} | {v["runs_requests_per_s"]} | {q["runs_requests_per_s"]} | {steal} |\n')
     if sweep:
-        text += "\n\nOpen loop, 224 px, 16 tokens, streaming: offered req/s -> achieved req/s, TTFT p50/p99 ms\n\n"
-        text += ("| offered | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 | front-end CPU ms/req v/q |\n"
-                 "|---|---|---|---|---|---|\n")
+        text += ("\n\nOpen loop, 224 px, 16 tokens, streaming: target rate, the rate the client really offered "
+                 "(v/q: its loop lags on a busy machine), achieved req/s, TTFT p50/p99 ms\n\n")
+        text += ("| target | offered v/q | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 | front-end CPU ms/req v/q |\n"
+                 "|---|---|---|---|---|---|---|\n")
         for v, q in zip(report["vllm"]["sweep"], report["qwen"]["sweep"], strict=True):
-            text += (f'| {v["scenario"]["rate"]} | {v["requests_per_s"]:.1f} | {q["requests_per_s"]:.1f} | '
+            offered = "/".join(f'{r["offered_requests_per_s"]:.1f}' for r in (v, q))
+            text += (f'| {v["scenario"]["rate"]} | {offered} | {v["requests_per_s"]:.1f} | {q["requests_per_s"]:.1f} | '
                      f'{_ms(v["ttft_s"]["p50"])}/{_ms(v["ttft_s"]["p99"])} | '
                      f'{_ms(q["ttft_s"]["p50"])}/{_ms(q["ttft_s"]["p99"])} | {_front_ms(v)}/{_front_ms(q)} |\n')
         plot(report, out_dir / "latency_vs_load.png")
