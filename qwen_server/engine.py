@@ -249,14 +249,14 @@ def _import_vllm():
     return AsyncEngineArgs, AsyncLLM, UsageContext
 
 
-def _keep_off_engine_cores() -> set[int] | None:
+def _keep_off_engine_cores() -> None:
     """On a CPU engine vLLM pins each model (OpenMP) thread to a core of its own and leaves the rest
     "reserved" for everything else (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU). A front-end
     thread scheduled on a pinned core stalls the model's step, and with it every request. Moving this
     worker's threads to the other cores (opt-in) helped short outputs on 2 cores (224 px c16, 16
     tokens: median 53 -> 89 req/s) but halved long decodes (128 tokens: ~21 -> ~12), where the front
-    end then shares its one core with EngineCore. Returns the cores kept, or None when nothing was
-    pinned (GPU engines) or no other core is left."""
+    end then shares its one core with EngineCore. Nothing happens when nothing was pinned (GPU
+    engines) or no other core is left."""
     mine = os.sched_getaffinity(0)
     pinned: set[int] = set()
     for pid in procs.descendants(os.getpid()):
@@ -265,10 +265,9 @@ def _keep_off_engine_cores() -> set[int] | None:
                 pinned |= cpus
     rest = mine - pinned
     if not pinned or not rest:
-        return None
+        return
     procs.restrict_cpus(os.getpid(), rest)
     log.info("front end kept off the engine's pinned cores %s: runs on %s", sorted(pinned), sorted(rest))
-    return rest
 
 
 def _renice_engine(nice: int) -> int:
