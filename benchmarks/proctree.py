@@ -34,6 +34,23 @@ def _cpu_and_rss(pid: int) -> tuple[float, int] | None:
     return (int(fields[11]) + int(fields[12])) / _TICK, rss_pages * _PAGE
 
 
+def _runqueue_wait(pid: int) -> float:
+    """Seconds the threads of `pid` spent runnable but not running (schedstat's second field,
+    summed over the live threads): how long that process waited for a core."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total / 1e9
+
+
 class TreeSampler:
     """Samples the tree every `interval` s between start() and stop(). RSS is summed over the
     processes (shared pages counted once per process: an upper bound, the same for every server)."""
@@ -45,6 +62,7 @@ class TreeSampler:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._roles: dict[int, str] = {}
+        self._wait0: dict[int, float] = {}
         self.peak_rss = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -66,8 +84,12 @@ class TreeSampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
+    def _waits(self) -> dict[int, float]:
+        return {pid: _runqueue_wait(pid) for pid in [self.root, *procs.descendants(self.root)]}
+
     def start(self) -> None:
         self._sample()
+        self._wait0 = self._waits()
         self._thread.start()
 
     def stop(self) -> dict[str, float]:
@@ -77,6 +99,12 @@ class TreeSampler:
         by_role: dict[str, float] = {"front_end": 0.0, "engine_core": 0.0, "model_worker": 0.0}
         for pid, last in self._last.items():
             by_role[self._roles[pid]] += last - self._first[pid]
+        # Waiting for a core, by role: where the machine is oversubscribed, and who pays for it.
+        wait_by_role = dict.fromkeys(by_role, 0.0)
+        for pid, wait in self._waits().items():
+            if pid in self._wait0 and pid in self._roles:
+                wait_by_role[self._roles[pid]] += wait - self._wait0[pid]
         return {"server_cpu_s": round(sum(by_role.values()), 2),
                 "server_cpu_s_by_role": {k: round(v, 2) for k, v in by_role.items()},
+                "server_runqueue_wait_s_by_role": {k: round(v, 2) for k, v in wait_by_role.items()},
                 "server_peak_rss_mb": round(self.peak_rss / 2**20, 1)}
