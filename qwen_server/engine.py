@@ -270,19 +270,20 @@ def _keep_off_engine_cores() -> None:
     log.info("front end kept off the engine's pinned cores %s: runs on %s", sorted(pinned), sorted(rest))
 
 
-def _renice_engine(nice: int) -> int:
+def _renice_engine(nice: int) -> None:
     """vLLM's CPU engine busy-waits: EngineCore spins on shared memory for the model worker's output
     while the model runs, and the worker spins for the next step (for 1 s after each message, with
     sched_yield). On few cores those spins hold the cores this worker needs to parse requests, decode
     images and stream tokens, so the requests the engine waits for arrive late. At a lower priority
-    the engine still gets every cycle nobody else wants. Returns how many engine threads changed."""
+    the engine still gets every cycle nobody else wants."""
     try:
         changed = sum(procs.renice(pid, nice) for pid in procs.descendants(os.getpid()))
-    except PermissionError:
-        log.warning("engine processes left at their priority: nice %d is below this worker's (%d)", nice, os.getpriority(os.PRIO_PROCESS, 0))
-        return 0
-    log.info("engine processes run at nice %d (%d threads): a core they share goes to the front end first", nice, changed)
-    return changed
+    except PermissionError:  # this worker already runs above `nice`; raising priority needs a privilege
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        log.warning("engine processes left at this worker's nice %d: %d would raise their priority", mine, nice)
+        return
+    log.info("engine processes run at nice %d (%d threads): a core they share goes to the front end first",
+             nice, changed)
 
 
 def _freeze_heap() -> int:

@@ -190,7 +190,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if self.root_path and not self.root_path.startswith("/"):
             problems.append(f"{env_name('root_path')}: must start with '/', got {self.root_path!r}")
         if not 0 <= self.engine_nice <= 19:
-            problems.append(f"{env_name('engine_nice')}: must be in 0..19 (raising priority needs privileges), got {self.engine_nice}")
+            problems.append(f"{env_name('engine_nice')}: must be in 0..19 (a priority above normal needs privileges), "
+                            f"got {self.engine_nice}")
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 

@@ -45,7 +45,10 @@ def test_thread_cpus_and_restrict_cpus_on_a_real_process() -> None:
 
 
 def test_renice_sets_every_thread_of_a_real_process() -> None:
-    code = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); print(flush=True); time.sleep(60)"
+    code = (
+        "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); "
+        "print(flush=True); time.sleep(60)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         child.stdout.readline()  # its second thread runs
