@@ -101,9 +101,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     engine_nice: Annotated[
         int,
         _doc(
-            "CPU engines: run vLLM's engine processes (EngineCore, model workers) at this nice value "
-            "(0-19), so a core they share with this worker goes to HTTP, JSON and image work first: they "
-            "busy-wait between engine steps. 0 leaves them as started; no effect on GPU engines."
+            "CPU engines: run vLLM's EngineCore (and any engine process it did not pin to cores) at this "
+            "nice value (0-19), so a core it shares with this worker goes to HTTP, JSON and image work "
+            "first: it busy-waits while the model runs. 0 leaves it as started; no effect on GPU engines."
         ),
     ] = 10
     api_key: Annotated[
