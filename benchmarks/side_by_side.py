@@ -252,6 +252,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the open-loop rate sweep and its plot")
     args = ap.parse_args()
+    # SIGTERM ends the run like Ctrl+C: the server being measured is stopped (`finally`), not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.model is None:
         from qwen_server.demo import demo_model_path
 
