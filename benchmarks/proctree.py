@@ -38,11 +38,7 @@ def _runqueue_wait(pid: int) -> float:
     """Seconds the threads of `pid` spent runnable but not running (schedstat's second field,
     summed over the live threads): how long that process waited for a core."""
     total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    for tid in tids:
+    for tid in procs.threads(pid):
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[1])

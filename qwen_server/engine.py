@@ -258,11 +258,7 @@ def _keep_off_engine_cores() -> None:
     end then shares its one core with EngineCore. Nothing happens when nothing was pinned (GPU
     engines) or no other core is left."""
     mine = os.sched_getaffinity(0)
-    pinned: set[int] = set()
-    for pid in procs.descendants(os.getpid()):
-        for cpus in procs.thread_cpus(pid):
-            if len(cpus) == 1:
-                pinned |= cpus
+    pinned = set().union(*(procs.pinned_cpus(pid) for pid in procs.descendants(os.getpid())))
     rest = mine - pinned
     if not pinned or not rest:
         return
@@ -281,7 +277,7 @@ def _renice_engine(nice: int) -> None:
     changed = 0
     try:
         for pid in procs.descendants(os.getpid()):
-            if not any(len(cpus) == 1 for cpus in procs.thread_cpus(pid)):
+            if not procs.pinned_cpus(pid):
                 changed += procs.renice(pid, nice)
     except PermissionError:  # this worker already runs above `nice`; raising priority needs a privilege
         mine = os.getpriority(os.PRIO_PROCESS, 0)

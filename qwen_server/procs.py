@@ -65,27 +65,36 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def thread_cpus(pid: int) -> list[set[int]]:
-    """The CPUs each thread of `pid` may run on (affinity is per thread on Linux)."""
+def threads(pid: int) -> list[int]:
+    """The ids of `pid`'s current threads; none once the process is gone."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return []
+
+
+def thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of `pid` may run on (affinity is per thread on Linux)."""
     found = []
-    for tid in tids:
+    for tid in threads(pid):
         try:
-            found.append(os.sched_getaffinity(int(tid)))
+            found.append(os.sched_getaffinity(tid))
         except OSError:  # the thread ended meanwhile
             continue
     return found
 
 
+def pinned_cpus(pid: int) -> set[int]:
+    """The cores that a thread of `pid` is pinned to, one core per thread (vLLM's CPU model threads)."""
+    return set().union(*(cpus for cpus in thread_cpus(pid) if len(cpus) == 1))
+
+
 def restrict_cpus(pid: int, cpus: set[int]) -> None:
     """Allow every current thread of `pid` only `cpus`; threads started later inherit their creator's."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in threads(pid):
         try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
             continue
 
 
@@ -93,14 +102,10 @@ def renice(pid: int, nice: int) -> int:
     """Set every current thread of `pid` to `nice` (Linux keeps it per thread; threads started later
     inherit their creator's). Returns how many threads were changed. Raises PermissionError for a
     value below the current one without the privilege to raise priority."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0
     changed = 0
-    for tid in tids:
+    for tid in threads(pid):
         try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
             changed += 1
         except ProcessLookupError:  # the thread ended meanwhile
             continue

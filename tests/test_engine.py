@@ -32,16 +32,23 @@ def test_real_worker_froze_its_startup_heap(server: ServerProcess) -> None:
     assert int(found.group(1)) > 100_000
 
 
-def test_thread_cpus_and_restrict_cpus_on_a_real_process() -> None:
+def test_thread_cpus_pinned_cpus_and_restrict_cpus_on_a_real_process() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        one = {min(os.sched_getaffinity(0))}
+        mine = os.sched_getaffinity(0)
+        assert procs.pinned_cpus(child.pid) == (mine if len(mine) == 1 else set())  # inherited, unpinned
+        one = {min(mine)}
         procs.restrict_cpus(child.pid, one)
         assert procs.thread_cpus(child.pid) == [one]
+        assert procs.pinned_cpus(child.pid) == one
     finally:
         child.kill()
         child.wait()
-    assert procs.thread_cpus(child.pid) == []  # gone: nothing, no error
+    # Gone: nothing, no error.
+    assert procs.threads(child.pid) == []
+    assert procs.thread_cpus(child.pid) == []
+    assert procs.pinned_cpus(child.pid) == set()
+    procs.restrict_cpus(child.pid, one)
 
 
 def test_renice_sets_every_thread_of_a_real_process() -> None:
