@@ -1,11 +1,10 @@
 """Images in: from a request's image URLs to RGB Pillow images sized for the model, safely and fast.
 
 Sources: `data:` URLs, `http(s)://` URLs (`fetch.py`: SSRF guard, byte and time limits) and local
-files under one allowed directory. Decoding runs in threads (small images on the loop, where a thread
-hop costs more than the decode), behind a format whitelist and size checks made from the header
-before any pixel is decoded. Images are resized here to the model's pixel budget (Qwen's
-`smart_resize`), JPEGs through Pillow's draft mode (decoded at 1/2, 1/4 or 1/8 scale by the codec),
-so the model's processor finds them at their final size. A content hash
+files under one allowed directory. Decoding runs in threads, behind a format whitelist and size
+checks made from the header before any pixel is decoded. Images are resized here to the model's
+pixel budget (Qwen's `smart_resize`), JPEGs through Pillow's draft mode (decoded at 1/2, 1/4 or
+1/8 scale by the codec), so the model's processor finds them at their final size. A content hash
 keys a small cache of results and is handed to vLLM as the item's UUID, so its multimodal cache is
 hit without hashing pixels. No HTTP server code here: errors are `MediaError`s naming the part.
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import io
 import math
@@ -26,7 +24,7 @@ import time
 import urllib.parse
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,56 +109,32 @@ def geometry_of(image_processor: Any) -> Geometry | None:
 def decode_image(
     data: bytes, param: str, *, max_pixels: int, max_side: int, geometry: Geometry | None = None
 ) -> Image.Image:
-    """Bytes to an RGB image sized for the model: `open_image`, then `finish_image`."""
-    return finish_image(open_image(data, param, max_pixels=max_pixels, max_side=max_side), param, geometry)
-
-
-def open_image(data: bytes, param: str, *, max_pixels: int, max_side: int) -> Image.Image:
-    """The image's header, no pixel decoded yet: format whitelist, side and pixel limits checked."""
-    with _decoding(param):
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        width, height = image.size
-        if width > max_side or height > max_side:
-            raise MediaError(
-                f"Image is {width}x{height}; each side may be at most {max_side} pixels.", param, "too_many_pixels"
-            )
-        if width * height > max_pixels:
-            raise MediaError(
-                f"Image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}.",
-                param,
-                "too_many_pixels",
-            )
-    return image
-
-
-def finish_image(image: Image.Image, param: str, geometry: Geometry | None = None) -> Image.Image:
-    """An opened image's pixels as RGB: EXIF orientation applied, alpha composited on white, and (with a
-    geometry) resized to the model's budget, JPEGs decoded directly at a reduced scale when that is enough."""
-    with _decoding(param):
-        target = None
-        if geometry is not None:
-            target = _target_size(image, geometry, param)
-            if image.format == "JPEG":
-                # The codec scales by 1/2, 1/4 or 1/8 while decoding, never below the request.
-                draft = target if _orientation(image) < 5 else (target[1], target[0])
-                image.draft("RGB", draft)
-        image.load()
-    if _orientation(image) != 1:  # exif_transpose copies even when there is nothing to turn
-        image = ImageOps.exif_transpose(image) or image
-    image = _to_rgb(image)
-    if target is not None and image.size != target:
-        # reducing_gap: a cheap box reduction first, then bicubic over at most 3x the final size.
-        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return image
-
-
-@contextlib.contextmanager
-def _decoding(param: str) -> Iterator[None]:
-    """Pillow's failures as MediaErrors naming the part; a decompression-bomb warning refuses the image."""
+    """Bytes to an RGB image: format whitelist, dimensions checked before pixels are decoded, EXIF
+    orientation applied, alpha composited on white, and (with a geometry) resized to the model's
+    budget, JPEGs decoded directly at a reduced scale when that is enough."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width > max_side or height > max_side:
+                raise MediaError(
+                    f"Image is {width}x{height}; each side may be at most {max_side} pixels.", param, "too_many_pixels"
+                )
+            if width * height > max_pixels:
+                raise MediaError(
+                    f"Image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}.",
+                    param,
+                    "too_many_pixels",
+                )
+            target = None
+            if geometry is not None:
+                target = _target_size(image, geometry, param)
+                if image.format == "JPEG":
+                    # The codec scales by 1/2, 1/4 or 1/8 while decoding, never below the request.
+                    draft = target if _orientation(image) < 5 else (target[1], target[0])
+                    image.draft("RGB", draft)
+            image.load()
     except MediaError:
         raise
     except UnidentifiedImageError:
@@ -171,6 +145,13 @@ def _decoding(param: str) -> Iterator[None]:
         raise MediaError(f"Image refused as a decompression bomb: {exc}", param, "too_many_pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MediaError(f"Image could not be decoded (truncated or corrupt): {exc}", param, "corrupt") from None
+    if _orientation(image) != 1:  # exif_transpose copies even when there is nothing to turn
+        image = ImageOps.exif_transpose(image) or image
+    image = _to_rgb(image)
+    if target is not None and image.size != target:
+        # reducing_gap: a cheap box reduction first, then bicubic over at most 3x the final size.
+        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
 
 
 def _orientation(image: Image.Image) -> int:
@@ -323,14 +304,6 @@ class _Cache:
                 self.used -= old.nbytes
 
 
-# Work done on the event loop rather than in a thread, where the hop costs more than the work. Measured
-# on this 2-core machine for a 224 px noise JPEG (38 KB, a 51 KB data URL): base64 + hash 0.25 ms,
-# decode to an array 0.64 ms; a 1024 px one (782 KB) takes 3.6 ms and 16 ms, and stays in a thread.
-_INLINE_URL_CHARS = 96 * 1024
-_INLINE_BYTES = 64 * 1024
-_INLINE_PIXELS = 256 * 256
-
-
 class MediaLoader:
     """Loads a request's images concurrently; one per worker, created in the app's lifespan."""
 
@@ -378,7 +351,7 @@ class MediaLoader:
             t0 = time.perf_counter()
             pending = self._inflight.get(key)
             if pending is None:
-                pending = asyncio.ensure_future(self._decode(data, param, geometry))
+                pending = asyncio.ensure_future(asyncio.to_thread(self._decode, data, param, geometry))
                 self._inflight[key] = pending
                 pending.add_done_callback(lambda _: self._inflight.pop(key, None))
             try:
@@ -389,27 +362,16 @@ class MediaLoader:
             self._cache.put(key, pixels)
         return LoadedImage(pixels, key)
 
-    async def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
-        """Small images are decoded right here, on the loop: handing one to a thread and back cost more
-        than its decode (224 px c16 non-streaming, alternating in one server: front-end CPU 4.9-6.4 ms
-        per request with both hops, 2.5-3.9 without; median 69 vs 94 req/s). The header is read first,
-        so a small file that declares many pixels still goes to a thread."""
-        if len(data) > _INLINE_BYTES:  # its header too is read in the thread
-            return await asyncio.to_thread(lambda: _pixels(self._open(data, param), param, geometry))
-        image = self._open(data, param)
-        if image.width * image.height > _INLINE_PIXELS:
-            return await asyncio.to_thread(_pixels, image, param, geometry)
-        return _pixels(image, param, geometry)
-
-    def _open(self, data: bytes, param: str) -> Image.Image:
+    def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
         s = self.settings
-        return open_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side)
+        image = decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
+        # Shared through the cache: the model's processor reads it (tests/test_media.py checks it
+        # does not write to it); writable, because torch warns on read-only arrays.
+        return np.array(image)
 
     async def _bytes(self, url: str, source: str, param: str) -> tuple[bytes, str]:
         max_bytes = self.settings.max_image_bytes
         if source == "data":
-            if len(url) <= _INLINE_URL_CHARS:  # as for small decodes: cheaper here than a thread hop
-                return _hashed(_data_url_bytes, url, param, max_bytes)
             return await asyncio.to_thread(_hashed, _data_url_bytes, url, param, max_bytes)
         if source == "http":
             try:
@@ -435,12 +397,6 @@ def _source(url: str) -> str:
     if scheme in ("http", "https"):
         return "http"
     return "file" if url.startswith("/") else "other"
-
-
-def _pixels(image: Image.Image, param: str, geometry: Geometry | None) -> np.ndarray:
-    # Shared through the cache: the model's processor reads it (tests/test_media.py checks it does not
-    # write to it); writable, because torch warns on read-only arrays.
-    return np.array(finish_image(image, param, geometry))
 
 
 def _hashed(read: Any, *args: Any) -> tuple[bytes, str]:

@@ -7,14 +7,12 @@ import asyncio
 import base64
 import io
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_server import media as media_mod
 from qwen_server.media import Geometry, MediaError, MediaLoader, decode_image
 from qwen_server.settings import Settings
 
@@ -248,42 +246,6 @@ def test_repeated_images_are_decoded_once() -> None:
     assert first.uuid == third.uuid != smaller.uuid  # the budget is part of the identity
     width, height = other.target(640, 480)
     assert smaller.pixels.shape == (height, width, 3)
-
-
-def test_small_images_are_read_and_decoded_on_the_loop_large_ones_in_a_thread(monkeypatch) -> None:
-    # A thread hop costs more than a small image's work; a large file, or a small one declaring many
-    # pixels (seen from its header), must not stall the loop.
-    seen: dict[str, list[bool]] = {"read": [], "decode": []}
-    loop_thread = []
-
-    def spy(name: str, real):
-        def run(*args):
-            seen[name].append(threading.get_ident() == loop_thread[0])
-            return real(*args)
-
-        return run
-
-    monkeypatch.setattr(media_mod, "_hashed", spy("read", media_mod._hashed))
-    monkeypatch.setattr(media_mod, "_pixels", spy("decode", media_mod._pixels))
-    small = encode(photo(224, 224), "JPEG")
-    large = encode(photo(1024, 1024), "JPEG")
-    many_pixels = encode(Image.new("RGB", (2000, 2000)), "PNG")
-    assert len(data_url(small)) <= media_mod._INLINE_URL_CHARS and len(small) <= media_mod._INLINE_BYTES
-    assert len(data_url(large)) > media_mod._INLINE_URL_CHARS and len(large) > media_mod._INLINE_BYTES
-    assert len(many_pixels) <= media_mod._INLINE_BYTES < 2000 * 2000
-    assert 224 * 224 <= media_mod._INLINE_PIXELS < 2000 * 2000
-
-    async def run() -> list[tuple[int, ...]]:
-        loop_thread.append(threading.get_ident())
-        media = loader()
-        try:
-            return [(await media.load(data_url(d), PARAM, QWEN25)).pixels.shape for d in (small, large, many_pixels)]
-        finally:
-            await media.aclose()
-
-    shapes = asyncio.run(run())
-    assert seen == {"read": [True, False, True], "decode": [True, False, False]}
-    assert shapes == [(224, 224, 3), (*QWEN25.target(1024, 1024)[::-1], 3), (*QWEN25.target(2000, 2000)[::-1], 3)]
 
 
 def test_the_model_processor_does_not_write_to_shared_pixels(tiny_model) -> None:
