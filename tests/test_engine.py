@@ -17,10 +17,20 @@ from tests.serverproc import ServerProcess
 
 def test_freeze_heap_moves_live_objects_out_of_gc() -> None:
     keep = [{"n": i} for i in range(10_000)]
+    # Other threads of this process (the image server's poll loop) free objects that may just have
+    # been frozen, which lowers the count; a long switch interval keeps them off the GIL until it is read.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60)
     try:
         frozen = _freeze_heap()
-        assert frozen == gc.get_freeze_count()
+        count = gc.get_freeze_count()
+    finally:
+        sys.setswitchinterval(interval)
+    try:
+        assert frozen == count
         assert frozen >= len(keep)
+        in_reach = {id(o) for o in gc.get_objects()}  # the collector's generations, without the frozen
+        assert not any(id(d) in in_reach for d in keep)
     finally:
         gc.unfreeze()
 
