@@ -321,9 +321,9 @@ class Service:
                 for o in out.outputs:
                     completion_tokens += len(o.token_ids)
                     prep.exchange.completion_tokens = completion_tokens
-                    if not o.text and o.finish_reason is None:
-                        continue
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
+                    if not o.text and o.finish_reason is None and not lp:
+                        continue  # the detokenizer holds back a partial character; its logprobs are still sent
                     choices.append(_choice(prep, o.index, o.text, lp, o.finish_reason, delta=True))
                 if choices:
                     yield _frame(encode(_body(prep, choices, None, chunk=True)))

@@ -202,6 +202,21 @@ def test_logprobs(client: openai.OpenAI) -> None:
         assert item.top_logprobs[0].logprob >= item.top_logprobs[-1].logprob
 
 
+def test_streamed_logprobs_cover_every_token(client: openai.OpenAI) -> None:
+    # The random-weight model emits many byte tokens whose text the detokenizer holds back (about a
+    # third of 200 were); their chunks carry no text, but their logprobs must still be sent.
+    chat = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=64, logprobs=True, stream=True,
+                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(chat)
+    assert chunks[-1].usage.completion_tokens == 64
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs) == 64
+    text = client.completions.create(model="tiny", prompt="The cat", max_tokens=64, logprobs=1, stream=True,
+                                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(text)
+    assert chunks[-1].usage.completion_tokens == 64
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 64
+
+
 def test_json_schema_response_format(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model="tiny", messages=[user("yes or no?")], max_tokens=20, seed=3,
