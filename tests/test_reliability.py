@@ -767,31 +767,59 @@ def test_sigkill_of_the_worker_is_respawned_and_leaves_no_orphan(rel: ServerProc
 # --- 7. SIGTERM with streams in flight (stops the server: last) ---
 
 DRAIN_STREAMS = LIMIT
+SHORT_TOKENS = 400  # ~2.5 s at 16 at once here (150-200 tokens/s each); the long ones start before their first token
+LONG_TOKENS = 1900  # far beyond what the drain timeout lets a stream produce
+SHORT_LEFT_AT_SIGTERM = 1.0  # seconds of the short streams' measured pace left when SIGTERM goes
 
 
 def test_sigterm_with_32_streams_in_flight_loses_none(rel: ServerProcess) -> None:
-    # Half short (they finish during the drain), half far longer than the drain timeout (cut).
-    # The short ones go first, so that they hold the engine's running slots.
+    # 16 short streams hold the engine's 16 running slots; 16 long ones queue behind them. SIGTERM goes
+    # when the leading short stream is about a second from its end at the pace measured so far, so
+    # short streams are certainly in flight and can finish within the drain; the long ones cannot.
+    # Short streams ask for logprobs: one entry per token, so the client counts tokens exactly.
+    short = DRAIN_STREAMS // 2
     results: dict[int, tuple[str, float]] = {}
     started = [threading.Event() for _ in range(DRAIN_STREAMS)]
+    tokens = [0] * DRAIN_STREAMS
+    first_token_at = [math.inf] * DRAIN_STREAMS
+    first_tokens = [0] * DRAIN_STREAMS  # tokens in a stream's first chunk with any
 
     def stream(i: int) -> None:
-        max_tokens = 48 if i < DRAIN_STREAMS // 2 else 1900
-        with httpx.stream("POST", rel.url + CHAT, json=chat_body(max_tokens, stream=True), timeout=90) as r:
+        body = chat_body(SHORT_TOKENS, stream=True, logprobs=True) if i < short else chat_body(LONG_TOKENS, stream=True)
+        with httpx.stream("POST", rel.url + CHAT, json=body, timeout=90) as r:
             assert r.status_code == 200
             events = []
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
                     started[i].set()
+                    if i < short and line != "data: [DONE]":
+                        for choice in json.loads(line[6:]).get("choices", []):
+                            tokens[i] += len((choice.get("logprobs") or {}).get("content") or [])
+                        if tokens[i] and first_token_at[i] == math.inf:
+                            first_token_at[i], first_tokens[i] = time.monotonic(), tokens[i]
         results[i] = (stream_ending(events), time.monotonic())
 
+    def short_left_seconds() -> float:
+        """Seconds the leading short stream has left at the pace it has kept since its first token
+        (measured over half a second at least: one chunk's tokens over a few ms say nothing)."""
+        lead = max(range(short), key=lambda i: tokens[i])
+        since = time.monotonic() - first_token_at[lead]
+        if not since >= 0.5:
+            return math.inf
+        pace = (tokens[lead] - first_tokens[lead]) / since
+        return (SHORT_TOKENS - tokens[lead]) / pace if pace > 0 else math.inf
+
     with concurrent.futures.ThreadPoolExecutor(DRAIN_STREAMS) as pool:
-        futures = [pool.submit(stream, i) for i in range(DRAIN_STREAMS // 2)]
-        assert all(e.wait(30) for e in started[: DRAIN_STREAMS // 2])
-        futures += [pool.submit(stream, i) for i in range(DRAIN_STREAMS // 2, DRAIN_STREAMS)]
+        futures = [pool.submit(stream, i) for i in range(short)]
+        assert all(e.wait(30) for e in started[:short])
+        futures += [pool.submit(stream, i) for i in range(short, DRAIN_STREAMS)]
         assert all(e.wait(30) for e in started)  # all 32 admitted and streaming
+        deadline = time.monotonic() + 60
+        while short_left_seconds() > SHORT_LEFT_AT_SIGTERM and time.monotonic() < deadline:
+            time.sleep(0.01)
         streaming = DRAIN_STREAMS - len(results)
+        left = [SHORT_TOKENS - tokens[i] for i in range(short)]
         rel.remember_tree()  # for the leftovers check: once the launcher is gone, its tree is unknowable
         t0 = time.monotonic()
         rel.proc.send_signal(signal.SIGTERM)
@@ -801,14 +829,16 @@ def test_sigterm_with_32_streams_in_flight_loses_none(rel: ServerProcess) -> Non
     stopped_in = time.monotonic() - t0
     rel.stop()  # only closes the log: the launcher has exited
 
-    endings = [ending for ending, _ in results.values()]
-    during_drain = sum(1 for ending, at in results.values() if ending == "finished" and at > t0)
-    report(f"SIGTERM with {streaming} of {DRAIN_STREAMS} streams in flight: {endings.count('finished')} finished "
-           f"({during_drain} during the drain), {endings.count('drain_abort')} cut with an error event; "
-           f"launcher exited {code} after {stopped_in:.1f} s")
-    assert len(endings) == DRAIN_STREAMS
+    endings = [results[i][0] for i in range(DRAIN_STREAMS)]
+    during_drain = [i for i in range(short) if results[i][0] == "finished" and results[i][1] > t0]
+    report(f"SIGTERM with {streaming} of {DRAIN_STREAMS} streams in flight (short ones {min(left)}-{max(left)} of "
+           f"{SHORT_TOKENS} tokens from their end): {endings.count('finished')} finished ({len(during_drain)} during "
+           f"the drain), {endings.count('drain_abort')} cut with an error event; launcher exited {code} after "
+           f"{stopped_in:.1f} s")
     assert set(endings) <= {"finished", "drain_abort"}, endings  # none cut silently
-    assert "drain_abort" in endings and during_drain > 0
+    assert streaming == DRAIN_STREAMS, f"{DRAIN_STREAMS - streaming} short streams ended before SIGTERM"
+    assert during_drain, "no stream in flight at SIGTERM was let finish"
+    assert endings[short:] == ["drain_abort"] * (DRAIN_STREAMS - short), endings
     assert code == 0, rel.log()[-3000:]
     assert rel.leftovers() == []
     wait_port_free(rel.port, within=5)
