@@ -69,7 +69,7 @@ def test_renice_sets_every_thread_of_a_real_process() -> None:
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         child.stdout.readline()  # its second thread runs
-        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        tids = procs.threads(child.pid)
         assert len(tids) == 2
         assert procs.renice(child.pid, 7) == 2
         assert [os.getpriority(os.PRIO_PROCESS, t) for t in tids] == [7, 7]
@@ -88,13 +88,13 @@ def test_real_engine_core_runs_below_the_front_end(server: ServerProcess) -> Non
     def nice_of(title: str) -> set[int]:
         pids = [pid for pid in procs.descendants(worker) if (i := procs.info(pid)) and i.cmdline.startswith(title)]
         assert pids, title
-        return {os.getpriority(os.PRIO_PROCESS, int(t)) for pid in pids for t in os.listdir(f"/proc/{pid}/task")}
+        return {os.getpriority(os.PRIO_PROCESS, t) for pid in pids for t in procs.threads(pid)}
 
     mine = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits the test run's
     assert nice_of("VLLM::EngineCore") == {10}
     pinned = any(len(c) == 1 for pid in procs.descendants(worker) for c in procs.thread_cpus(pid))
     assert nice_of("VLLM::Worker") == ({mine} if pinned else {10})
-    assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{worker}/task")} == {mine}
+    assert {os.getpriority(os.PRIO_PROCESS, t) for t in procs.threads(worker)} == {mine}
     assert re.search(r"engine processes not pinned to cores run at nice 10 \(\d+ threads\)", server.log())
 
 
