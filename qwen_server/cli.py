@@ -76,7 +76,7 @@ def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
         "address": s.host,
         "port": s.port,
         "interface": "asgi",
-        "workers": opts["workers"],
+        "workers": s.workers,
         "log_level": s.log_level,
         "log_access": opts["access_log"],
         "backlog": opts["backlog"],
@@ -116,8 +116,9 @@ def _equivalent_command(s: Settings, g: dict[str, Any]) -> str:
     return (env + " " if env else "") + " ".join(shlex.quote(p) for p in parts)
 
 
-def _check_combination(s: Settings, workers: int) -> None:
+def _check_combination(s: Settings) -> None:
     """Refuse process layouts that cannot work, before anything is started."""
+    workers = s.workers
     if workers > 1 and _has_nvidia_gpu() and s.gpu_memory_utilization * workers > 1.0:
         raise click.UsageError(
             f"--workers {workers} would start {workers} engines on the same GPU, each taking "
@@ -138,8 +139,6 @@ def _has_nvidia_gpu() -> bool:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @_settings_options
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Granian worker processes; each loads its own engine.")
 @click.option("--reload/--no-reload", default=False, help="Restart workers when the package's source changes (development).")
 @click.option("--workers-kill-timeout", type=click.IntRange(1), default=60, show_default=True,
               help="Seconds a stopping worker may take (drain, engine shutdown) before it is killed.")
@@ -178,7 +177,7 @@ def main(**opts: Any) -> None:
         click.echo(json.dumps({"settings": shown, "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()}}, indent=2, default=str))
         click.echo("equivalent: " + _equivalent_command(s, granian_kwargs))
         return
-    _check_combination(s, opts["workers"])
+    _check_combination(s)
 
     sock = _take_port(s, opts)
     click.echo(f"qwen-server: port {s.host}:{s.port} taken in {1000 * (time.monotonic() - t0):.0f} ms", err=True)

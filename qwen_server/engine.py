@@ -15,9 +15,9 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from qwen_server import demo, media, metrics, procs
+from qwen_server import cpushare, demo, media, metrics, procs
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 
@@ -60,6 +60,7 @@ class Engine:
         self._t0 = time.monotonic()
         self._stage_t0 = self._t0
         self._tasks: list[asyncio.Task] = []
+        self._cpu_share: IO[str] | None = None  # this worker's claim on its CPUs, held while it lives
 
     # --- lifecycle ---
 
@@ -97,6 +98,9 @@ class Engine:
             self.model_path = path
             self._set_stage("importing vLLM")
             engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(_import_vllm)
+            if self.settings.workers > 1:
+                self._set_stage("claiming this worker's share of the CPUs")
+                self._cpu_share = await asyncio.to_thread(cpushare.claim, self.settings)
             self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
             kwargs = self.settings.engine_kwargs(path)
             args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))

@@ -80,6 +80,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     host: Annotated[str, _doc("Address to bind.")] = "127.0.0.1"
     port: Annotated[int, _doc("TCP port to bind.")] = 8000
     root_path: Annotated[str, _doc("Path prefix when served behind a reverse proxy.")] = ""
+    workers: Annotated[
+        int,
+        _doc("Worker processes (Granian's), each with its own engine. CPU engines split the CPUs into this many "
+             "shares, one per worker; under plain `granian --workers N`, set this to N as well."),
+    ] = 1
     max_request_body_bytes: Annotated[
         int, _doc("Largest request body accepted (images come inline as base64).")
     ] = 64 * 1024 * 1024
@@ -153,7 +158,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "port"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "port", "workers"):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
         if self.port > 65535:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import os
 import re
 import signal
 import time
@@ -19,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from qwen_server import procs
 from tests.conftest import image_data_url
 from tests.serverproc import ServerProcess, free_port
 
@@ -279,6 +281,22 @@ def test_metrics_cover_http_engine_and_images_across_both_workers(ops: ServerPro
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         pids = {re.search(r'pid="(\d+)"', lab).group(1) for lab in _series(after, gauge)}
         assert len(pids) == 2, (gauge, _series(after, gauge))  # one series per worker
+
+
+# --- placement ---
+
+
+def test_each_workers_engine_binds_its_own_cpus(ops: ServerProcess) -> None:
+    # vLLM pins a CPU engine's model threads to cores of the process's affinity: each worker claims a
+    # share of the CPUs first, so the two engines do not pin the same core (both took core 0 before).
+    tree = procs.descendants(ops.proc.pid)
+    workers = [pid for pid in tree if (i := procs.info(pid)) and re.search(r" worker-\d+$", i.cmdline)]
+    assert len(workers) == 2
+    pinned = [set().union(*(procs.pinned_cpus(pid) for pid in procs.descendants(w))) for w in workers]
+    assert pinned[0] and pinned[1] and not pinned[0] & pinned[1], pinned
+    for w, cpus in zip(workers, pinned, strict=True):
+        assert cpus <= os.sched_getaffinity(w)
+    assert {m.group(1) for m in re.finditer(r"CPU share (\d) of 2", ops.log())} == {"1", "2"}
 
 
 # --- logs ---

@@ -131,7 +131,7 @@ def test_several_workers_on_one_gpu_need_a_memory_split(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(cli, "_has_nvidia_gpu", lambda: True)
     with pytest.raises(click.UsageError, match="gpu-memory-utilization"):
-        cli._check_combination(Settings(), workers=2)
-    cli._check_combination(Settings(gpu_memory_utilization=0.45), workers=2)
+        cli._check_combination(Settings(workers=2))
+    cli._check_combination(Settings(workers=2, gpu_memory_utilization=0.45))
     with pytest.raises(click.UsageError, match="one worker"):
-        cli._check_combination(Settings(tensor_parallel_size=2, gpu_memory_utilization=0.4), workers=2)
+        cli._check_combination(Settings(workers=2, tensor_parallel_size=2, gpu_memory_utilization=0.4))
