@@ -5,8 +5,9 @@ physical core, leaving one core for the rest. Granian's workers are copies of on
 with `--workers N` every engine pinned its threads to the same cores while the others idled.
 Before its engine starts, a worker claims one of N shares (whole physical cores, in NUMA order)
 and confines itself to it; the engine processes inherit that affinity and vLLM's binding stays
-inside it. Claims are lock files: the lock is held by the worker and the engine processes it forks,
-so a respawned worker takes the share its predecessor's engine has released.
+inside it. Claims are lock files, released when the worker (and any engine process that inherited
+the lock) is gone: a respawned worker waits for its predecessor's share to come free. Shares need
+2 cores each; below that the workers keep vLLM's layout (see _MIN_CORES).
 """
 
 from __future__ import annotations

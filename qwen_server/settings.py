@@ -83,7 +83,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     workers: Annotated[
         int,
         _doc("Worker processes (Granian's), each with its own engine. CPU engines split the CPUs into this many "
-             "shares, one per worker; under plain `granian --workers N`, set this to N as well."),
+             "shares, one per worker, when each gets 2 cores or more; under plain `granian --workers N`, set "
+             "this to N as well."),
     ] = 1
     max_request_body_bytes: Annotated[
         int, _doc("Largest request body accepted (images come inline as base64).")
