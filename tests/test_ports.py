@@ -146,6 +146,31 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
     assert port_holder_report(port) is None
 
 
+BEFORE_FORK = textwrap.dedent(
+    """
+    import socket, sys
+    from qwen_server import supervise
+    assert "prometheus_client.multiprocess" not in sys.modules
+
+    class NoGranian:  # stands in for Granian: reports what a worker forked now would inherit
+        def __init__(self, **kwargs): pass
+        def serve(self, target_loader): print("imported before fork:", "prometheus_client.multiprocess" in sys.modules)
+
+    supervise._server_class = lambda: NoGranian
+    sys.exit(supervise.serve(socket.socket(), {}))
+    """
+)
+
+
+def test_serve_imports_what_its_threads_import_before_granian_forks() -> None:
+    # A fork while the reaper thread imports leaves the child a module lock no thread of its own
+    # holds: a worker respawned at that moment hung importing the app (seen once in CI).
+    out = subprocess.run([sys.executable, "-c", BEFORE_FORK], cwd=ROOT, env=base_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "imported before fork: True" in out.stdout
+
+
 ORPHAN = textwrap.dedent(
     """
     import os, socket, sys, time, setproctitle
