@@ -116,18 +116,20 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: fl
             f"({'.'.join(map(str, VERIFIED_GRANIAN[0]))} to <{'.'.join(map(str, VERIFIED_GRANIAN[1]))})."
         )
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    # Granian forks its workers from this process, also while the reaper thread runs. A fork while
-    # that thread is importing hands the child a module import lock that no thread of its own will
-    # release; importing the app then hangs. The likely cause of a respawned worker that logged
-    # nothing for 200 s in CI, after an EngineCore kill whose cleanup made the reaper import this
-    # for the first time. So what the threads use is imported here, before any fork.
-    from prometheus_client import multiprocess  # noqa: F401 - imported for _forget_worker_metrics
-
     run_dir = tempfile.mkdtemp(prefix="qwen-server-")
     os.environ[drain.RUN_DIR_ENV] = run_dir
     if not os.environ.get(_METRICS_DIR_ENV):
         os.mkdir(os.path.join(run_dir, "metrics"))
         os.environ[_METRICS_DIR_ENV] = os.path.join(run_dir, "metrics")
+    # Granian forks its workers from this process, also while the reaper thread runs. A fork while
+    # that thread is importing hands the child a module import lock that no thread of its own will
+    # release; importing the app then hangs. The likely cause of a respawned worker that logged
+    # nothing for 200 s in CI, after an EngineCore kill whose cleanup made the reaper import this
+    # for the first time. So what the threads use is imported here, before any fork, and after
+    # PROMETHEUS_MULTIPROC_DIR is set: prometheus_client picks its value store at import, and the
+    # workers inherit the module as imported here.
+    from prometheus_client import multiprocess  # noqa: F401 - imported for _forget_worker_metrics
+
     server = _server_class()(**granian_kwargs)
     server.handed_socket = sock
     server.run_dir = run_dir

@@ -154,7 +154,10 @@ BEFORE_FORK = textwrap.dedent(
 
     class NoGranian:  # stands in for Granian: reports what a worker forked now would inherit
         def __init__(self, **kwargs): pass
-        def serve(self, target_loader): print("imported before fork:", "prometheus_client.multiprocess" in sys.modules)
+        def serve(self, target_loader):
+            from prometheus_client import values
+            print("imported before fork:", "prometheus_client.multiprocess" in sys.modules)
+            print("value store:", values.ValueClass.__name__)  # the workers' metrics go to files
 
     supervise._server_class = lambda: NoGranian
     sys.exit(supervise.serve(socket.socket(), {}))
@@ -164,11 +167,13 @@ BEFORE_FORK = textwrap.dedent(
 
 def test_serve_imports_what_its_threads_import_before_granian_forks() -> None:
     # A fork while the reaper thread imports leaves the child a module lock no thread of its own
-    # holds: a worker respawned at that moment hung importing the app (seen once in CI).
+    # holds: a worker respawned at that moment hung importing the app (seen once in CI). Imported too
+    # early, before the metrics directory is set, the workers' metrics never reach /metrics.
     out = subprocess.run([sys.executable, "-c", BEFORE_FORK], cwd=ROOT, env=base_env(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "imported before fork: True" in out.stdout
+    assert "value store: MmapedValue" in out.stdout  # imported after PROMETHEUS_MULTIPROC_DIR was set
 
 
 ORPHAN = textwrap.dedent(
