@@ -33,14 +33,19 @@ _CLAIM_WAIT = 30.0  # seconds a worker waits for a share held by a dead predeces
 _MIN_CORES = 2
 
 
-def split(cpus: Sequence[Any], n: int) -> list[set[int]]:
-    """`n` shares of whole physical cores, contiguous in (NUMA node, core) order, sizes within one
-    core of each other. `cpus`: vLLM's LogicalCPUInfo (id, physical_core, numa_node). Empty when
-    a share would get fewer than _MIN_CORES cores."""
+def physical_cores(cpus: Sequence[Any]) -> list[set[int]]:
+    """The logical CPU ids of each physical core (hyperthreads together), in (NUMA node, core) order.
+    `cpus`: vLLM's LogicalCPUInfo (id, physical_core, numa_node)."""
     cores: dict[tuple[int, int], set[int]] = {}
     for cpu in cpus:
         cores.setdefault((cpu.numa_node, cpu.physical_core), set()).add(cpu.id)
-    ordered = [cores[key] for key in sorted(cores)]
+    return [cores[key] for key in sorted(cores)]
+
+
+def split(cpus: Sequence[Any], n: int) -> list[set[int]]:
+    """`n` shares of whole physical cores, contiguous in (NUMA node, core) order, sizes within one
+    core of each other. Empty when a share would get fewer than _MIN_CORES cores."""
+    ordered = physical_cores(cpus)
     if n < 1 or len(ordered) < n * _MIN_CORES:
         return []
     size, extra = divmod(len(ordered), n)
@@ -69,7 +74,7 @@ def claim(settings: Settings) -> IO[str] | None:
     if not shares:
         log.warning("%d workers on %d physical cores: too few for a share of %d cores each (the model's, and one "
                     "for EngineCore and HTTP work), so the workers' engines bind the same cores",
-                    settings.workers, len({(c.numa_node, c.physical_core) for c in cpus}), _MIN_CORES)
+                    settings.workers, len(physical_cores(cpus)), _MIN_CORES)
         return None
     deadline = time.monotonic() + _CLAIM_WAIT
     while True:

@@ -24,6 +24,11 @@ def test_split_keeps_hyperthreads_together_and_nodes_apart() -> None:
     assert cpushare.split(cpus, 4) == [{0, 1, 8, 9}, {2, 3, 10, 11}, {4, 5, 12, 13}, {6, 7, 14, 15}]
 
 
+def test_physical_cores_groups_hyperthreads_in_node_order() -> None:
+    cpus = [cpu(3, 1, 1), cpu(0, 0), cpu(2, 0, 1), cpu(1, 0)]  # listed out of order
+    assert cpushare.physical_cores(cpus) == [{0, 1}, {2}, {3}]
+
+
 def test_split_spreads_a_remainder_and_gives_no_share_under_two_cores() -> None:
     cpus = [cpu(i, i) for i in range(5)]
     assert cpushare.split(cpus, 2) == [{0, 1, 2}, {3, 4}]
