@@ -178,6 +178,8 @@ def _reap_orphans(server: Any, stop: threading.Event) -> None:
 def _forget_worker_metrics(pid: int) -> None:
     path = os.environ.get(_METRICS_DIR_ENV)
     if path:
+        # Runs in the reaper thread: serve() imported this before Granian's first fork (a first
+        # import here could hand a forked worker a held import lock), so this is a lookup.
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, path)
