@@ -4,8 +4,9 @@ Starts vLLM's server, measures its time to ready (launch to the first answered i
 every scenario with `loadgen.py`, stops it; then the same for qwen_server (the launcher). That is one
 pass; the next pass runs qwen_server first (`--passes`, default 2: the order alternates so neither
 server always runs second). Each scenario's runs from every pass are pooled and the median-throughput
-run stands for it. Then the offline engine (`LLM.generate` on pre-decoded images) runs as the
-ceiling. Prints one table with each metric and the ratio qwen/vLLM, and writes JSON and Markdown
+run stands for it. Then the offline engine (`LLM.generate` on pre-decoded images, at most as many
+sequences per step as the row's concurrency) runs as the ceiling: "ratio bound" = ceiling / vLLM is the
+highest qwen/vLLM ratio any server could reach in that row. Prints one table with each metric and the ratio qwen/vLLM, and writes JSON and Markdown
 to `benchmarks/results/`; each run also records the load average before it and the CPU share the
 hypervisor stole during it.
 
@@ -197,16 +198,23 @@ def _pool(passes: list[dict]) -> dict:
 
 
 def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
-    """The engine alone, per distinct (size, images, tokens), in a fresh process."""
-    shapes = sorted({(c["image_size"], c["images"], c["max_tokens"]) for c in cases})
-    args = [sys.executable, str(HERE / "offline.py"), "--model", model, "--shapes", json.dumps(shapes),
-            "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-            "--out", str(out_dir / "offline.json")]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    print("== offline engine", file=sys.stderr)
-    with open(out_dir / "offline.log", "wb") as log:
-        subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
-    return json.loads((out_dir / "offline.json").read_text())
+    """The engine alone, per distinct (size, images, tokens) and concurrency, in a fresh process per
+    concurrency: `max_num_seqs` = the concurrency, since N clients never have more than N requests in
+    the engine. That is the most any server can do at that concurrency (a server at c16 is bounded by
+    the engine's 16-sequence batches, not by its 64-sequence ones). Keys "size/images/tokens/cN"."""
+    out: dict = {}
+    for conc in sorted({c["concurrency"] for c in cases}):
+        shapes = sorted({(c["image_size"], c["images"], c["max_tokens"]) for c in cases if c["concurrency"] == conc})
+        seqs = min(conc, ENGINE["max_num_seqs"])
+        path = out_dir / f"offline-c{conc}.json"
+        args = [sys.executable, str(HERE / "offline.py"), "--model", model, "--shapes", json.dumps(shapes),
+                "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(seqs), "--out", str(path)]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        print(f"== offline engine, max_num_seqs {seqs}", file=sys.stderr)
+        with open(out_dir / f"offline-c{conc}.log", "wb") as log:
+            subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
+        out.update({f"{shape}/c{conc}": got for shape, got in json.loads(path.read_text()).items()})
+    return out
 
 
 def _ms(x: float | None) -> str:
@@ -225,16 +233,20 @@ def _front_ms(result: dict) -> str:
 
 def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
     cols = ["size", "img", "conc", "tok", "stream", "vLLM req/s", "qwen req/s", "ratio", "vLLM TTFT p99 ms",
-            "qwen TTFT p99 ms", "ratio", "vLLM e2e p99 ms", "qwen e2e p99 ms", "qwen ITL p50 ms", "qwen/ceiling",
+            "qwen TTFT p99 ms", "ratio", "vLLM e2e p99 ms", "qwen e2e p99 ms", "qwen ITL p50 ms", "ceiling req/s",
+            "of ceiling v/q", "ratio bound",
             "errors v/q", "CPU s v/q", "front-end CPU ms/req v/q", "peak RSS MB v/q"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for case, v, q in zip(cases, vllm["results"], qwen["results"], strict=True):
-        ceil = ceiling.get(f'{case["image_size"]}/{case["images"]}/{case["max_tokens"]}', {}).get("requests_per_s")
+        key = f'{case["image_size"]}/{case["images"]}/{case["max_tokens"]}/c{case["concurrency"]}'
+        ceil = ceiling.get(key, {}).get("requests_per_s")
         row = [case["image_size"], case["images"], case["concurrency"], case["max_tokens"],
                "yes" if case["stream"] else "no", f'{v["requests_per_s"]:.1f}', f'{q["requests_per_s"]:.1f}',
                _ratio(q["requests_per_s"], v["requests_per_s"]), _ms(v["ttft_s"]["p99"]), _ms(q["ttft_s"]["p99"]),
                _ratio(q["ttft_s"]["p99"], v["ttft_s"]["p99"]), _ms(v["e2e_s"]["p99"]), _ms(q["e2e_s"]["p99"]),
-               _ms(q["itl_s"]["p50"]), f'{q["requests_per_s"] / ceil:.0%}' if ceil else "-",
+               _ms(q["itl_s"]["p50"]), f"{ceil:.1f}" if ceil else "-",
+               f'{v["requests_per_s"] / ceil:.0%}/{q["requests_per_s"] / ceil:.0%}' if ceil else "-",
+               _ratio(ceil, v["requests_per_s"]),  # the highest ratio any server could reach in this row
                f'{v["errors"]}/{q["errors"]}', f'{v.get("server_cpu_s")}/{q.get("server_cpu_s")}',
                f'{_front_ms(v)}/{_front_ms(q)}', f'{v.get("server_peak_rss_mb")}/{q.get("server_peak_rss_mb")}']
         lines.append("| " + " | ".join(map(str, row)) + " |")
