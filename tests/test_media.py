@@ -100,6 +100,8 @@ def test_media_type_is_optional_but_must_be_an_image() -> None:
     ("url", "message"),
     [
         ("data:image/png;base64,@@@@", "not valid base64"),
+        ("data:image/png;base64,iVBORw0K\niVBO", "not valid base64"),  # a line break
+        ("data:image/png;base64,iVBORw0K==", "not valid base64"),  # padding after full quanta: vLLM refuses it too
         ("data:image/png,rawbytes", "Only base64"),
         ("data:image/png;base64", "Malformed data URL"),
         ("ftp://example.com/x.png", "Unsupported image URL scheme"),
