@@ -88,7 +88,7 @@ def _find(root: int, title: str) -> int | None:
     return None
 
 
-def profile(pid: int, seconds: int, out: Path, front_pid: int | None = None) -> dict:
+def profile(pid: int, seconds: int, out: Path, front_pid: int | None = None, rate: int = 50) -> dict:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     targets = {"engine_core": _find(pid, "EngineCore"), "model_worker": _find(pid, "VLLM::Worker"),
                "front_end": front_pid or pid}
@@ -98,7 +98,7 @@ def profile(pid: int, seconds: int, out: Path, front_pid: int | None = None) -> 
             continue
         idle = [] if role == "front_end" else ["--idle"]  # the front end: where its CPU goes
         running[role] = subprocess.Popen(
-            [spy, "record", "--nonblocking", *idle, "-r", "200", "-d", str(seconds), "-f", "raw",
+            [spy, "record", "--nonblocking", *idle, "-r", str(rate), "-d", str(seconds), "-f", "raw",
              "-o", str(out / f"{role}.txt"), "-p", str(target)],
             stdout=subprocess.DEVNULL, stderr=open(out / f"{role}.py-spy.log", "wb"))  # noqa: SIM115
     for proc in running.values():
@@ -118,11 +118,13 @@ def main() -> None:
     ap.add_argument("--pid", type=int, required=True, help="the server's root process")
     ap.add_argument("--front-pid", type=int, default=None, help="the HTTP process, if not --pid (qwen: a worker)")
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rate", type=int, default=50,
+                    help="samples/s per process; the samplers take CPU from the server on a small box")
     ap.add_argument("--out", default=None, help="keep the raw profiles here (default: a temporary directory)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="engine-profile-"))
     out.mkdir(parents=True, exist_ok=True)
-    report = profile(args.pid, args.seconds, out, args.front_pid)
+    report = profile(args.pid, args.seconds, out, args.front_pid, args.rate)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
