@@ -95,9 +95,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-@get("/v1/models", summary="Models served")
+@get("/v1/models", summary="Models served; 503 until the engine is ready")
 async def models(request: Request) -> Response:
     engine = _engine(request)
+    # 503 until the engine is ready, as for inference: clients commonly wait for this endpoint to answer
+    # before sending work (vLLM's server does not listen until then), and max_model_len is unknown before.
+    engine.ready_client()
     created = int(request.app.state.started_at)
     root = engine.model_path or engine.settings.model or ""
     return _json(

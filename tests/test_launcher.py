@@ -158,6 +158,9 @@ def test_ctrl_c_during_model_load_stops_promptly(tiny_model: Path, tmp_path: Pat
     early = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
     assert early.status_code == 503 and early.headers["retry-after"].isdigit()
     assert early.json()["error"]["code"] == "loading"
+    # So is the model list: clients wait for it to answer before they send work.
+    listed = httpx.get(srv.url + "/v1/models", timeout=10)
+    assert listed.status_code == 503 and listed.json()["error"]["code"] == "loading"
     health = httpx.get(srv.url + "/health", timeout=10)
     assert health.status_code == 503 and health.json()["elapsed_seconds"] > 0
     time.sleep(3)  # let vLLM spawn its EngineCore
