@@ -5,6 +5,7 @@ import functools
 import http.server
 import io
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,11 +13,26 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from qwen_server import procs
 from tests.serverproc import ServerProcess, free_port
 
 # vLLM's CPU backend sizes its KV cache from this (GiB); the tiny model needs little. Set before any
 # engine starts, in this process (engine tests) and in the servers the tests launch.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test() -> Iterator[None]:
+    """A test that fails before it stops its server would leave it running, engine and all, for the
+    rest of the session and beyond (seen: a load-time test failing before its SIGINT). Servers started
+    by session or module fixtures are set up before this and are left to them."""
+    before = len(ServerProcess.started)
+    yield
+    for srv in ServerProcess.started[before:]:
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)  # a launcher's workers take their engines down with it (watchdog)
+            procs.terminate(srv.leftovers(), grace=1.0)  # what a raw Granian left
+    del ServerProcess.started[before:]
 
 
 @pytest.fixture(scope="session")

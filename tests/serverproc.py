@@ -33,6 +33,8 @@ def base_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """A launcher (or raw granian) process with its log file."""
 
+    started: list[ServerProcess] = []  # every one, so conftest can stop what a failed test left running
+
     def __init__(self, args: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -40,6 +42,7 @@ class ServerProcess:
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env or base_env(), stdout=self._log, stderr=subprocess.STDOUT)
         self.tree: set[int] = set()
+        ServerProcess.started.append(self)
 
     @classmethod
     def launcher(cls, port: int, log_path: Path, *options: str, env: dict[str, str] | None = None) -> ServerProcess:
