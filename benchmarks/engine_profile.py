@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import shutil
@@ -31,6 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen_server import procs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import proctree
 
 # vLLM 0.32's frame names; a release that renames them shows up as "other" (the totals say so).
 _ENGINE_LOOP = "run_busy_loop"
@@ -80,29 +84,27 @@ def _top_frames(stacks: list[tuple[list[str], int]], n: int = 15) -> list[tuple[
     return [(frame, round(k / total, 3)) for frame, k in counts.most_common(n)]
 
 
-def _find(root: int, title: str) -> int | None:
+def _engine_pids(root: int) -> dict[str, int]:
+    """EngineCore and the (first) model worker below `root`, by the roles loadgen's CPU accounting uses."""
+    found: dict[str, int] = {}
     for pid in procs.descendants(root):
-        info = procs.info(pid)
-        if info and title in info.cmdline:
-            return pid
-    return None
+        found.setdefault(proctree.role(pid), pid)
+    return {r: found[r] for r in ("engine_core", "model_worker") if r in found}
 
 
 def profile(pid: int, seconds: int, out: Path, front_pid: int | None = None, rate: int = 50) -> dict:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    targets = {"engine_core": _find(pid, "EngineCore"), "model_worker": _find(pid, "VLLM::Worker"),
-               "front_end": front_pid or pid}
-    running = {}
-    for role, target in targets.items():
-        if target is None:
-            continue
-        idle = [] if role == "front_end" else ["--idle"]  # the front end: where its CPU goes
-        running[role] = subprocess.Popen(
-            [spy, "record", "--nonblocking", *idle, "-r", str(rate), "-d", str(seconds), "-f", "raw",
-             "-o", str(out / f"{role}.txt"), "-p", str(target)],
-            stdout=subprocess.DEVNULL, stderr=open(out / f"{role}.py-spy.log", "wb"))  # noqa: SIM115
-    for proc in running.values():
-        proc.wait()
+    targets = {**_engine_pids(pid), "front_end": front_pid or pid}
+    with contextlib.ExitStack() as logs:
+        running = []
+        for role, target in targets.items():
+            idle = [] if role == "front_end" else ["--idle"]  # the front end: where its CPU goes
+            running.append(subprocess.Popen(
+                [spy, "record", "--nonblocking", *idle, "-r", str(rate), "-d", str(seconds), "-f", "raw",
+                 "-o", str(out / f"{role}.txt"), "-p", str(target)],
+                stdout=subprocess.DEVNULL, stderr=logs.enter_context(open(out / f"{role}.py-spy.log", "wb"))))
+        for proc in running:
+            proc.wait()
     report: dict = {"pids": targets}
     if (out / "engine_core.txt").exists():
         report["engine_core_loop"] = _shares(_stacks(out / "engine_core.txt"), _ENGINE_LOOP, _engine_state)

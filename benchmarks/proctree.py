@@ -11,7 +11,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _role(pid: int) -> str:
+def role(pid: int) -> str:
     """Which part of the server a process is: vLLM names its engine processes by title."""
     info = procs.info(pid)
     cmd = info.cmdline if info else ""
@@ -71,7 +71,7 @@ class TreeSampler:
             cpu, rss = got
             if pid not in self._first:
                 self._first[pid] = cpu
-                self._roles[pid] = _role(pid)
+                self._roles[pid] = role(pid)
             self._last[pid] = cpu
             total_rss += rss
         self.peak_rss = max(self.peak_rss, total_rss)
