@@ -6,9 +6,9 @@ pass; the next pass runs qwen_server first (`--passes`, default 2: the order alt
 server always runs second). Each scenario's runs from every pass are pooled and the median-throughput
 run stands for it. Then the offline engine (`LLM.generate` on pre-decoded images, at most as many
 sequences per step as the row's concurrency) runs as the ceiling: "ratio bound" = ceiling / vLLM is the
-highest qwen/vLLM ratio any server could reach in that row. Prints one table with each metric and the ratio qwen/vLLM, and writes JSON and Markdown
-to `benchmarks/results/`; each run also records the load average before it and the CPU share the
-hypervisor stole during it.
+highest qwen/vLLM ratio any server could reach in that row. Prints one table with each metric and the
+ratio qwen/vLLM, and writes JSON and Markdown to `benchmarks/results/`; each run also records the load
+average before it and the CPU share the hypervisor stole during it.
 
     .venv/bin/python benchmarks/side_by_side.py            # the full matrix, 2 passes (about 50 min here)
     .venv/bin/python benchmarks/side_by_side.py --quick    # 224/1024 px, c16, 16 tokens, streaming
@@ -202,6 +202,7 @@ def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
     concurrency: `max_num_seqs` = the concurrency, since N clients never have more than N requests in
     the engine. That is the most any server can do at that concurrency (a server at c16 is bounded by
     the engine's 16-sequence batches, not by its 64-sequence ones). Keys "size/images/tokens/cN"."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     out: dict = {}
     for conc in sorted({c["concurrency"] for c in cases}):
         shapes = sorted({(c["image_size"], c["images"], c["max_tokens"]) for c in cases if c["concurrency"] == conc})
@@ -209,7 +210,6 @@ def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
         path = out_dir / f"offline-c{conc}.json"
         args = [sys.executable, str(HERE / "offline.py"), "--model", model, "--shapes", json.dumps(shapes),
                 "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(seqs), "--out", str(path)]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         print(f"== offline engine, max_num_seqs {seqs}", file=sys.stderr)
         with open(out_dir / f"offline-c{conc}.log", "wb") as log:
             subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
