@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +78,35 @@ def test_renice_sets_every_thread_of_a_real_process() -> None:
         child.kill()
         child.wait()
     assert procs.renice(child.pid, 7) == 0  # gone: nothing, no error
+
+
+_UNPRIVILEGED_WORKER = """
+import logging, os, subprocess, sys
+from qwen_server.engine import _renice_engine
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+os.nice(5)  # a server started with `nice -n 5`, say
+engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # inherits it
+try:
+    _renice_engine(os.getpriority(os.PRIO_PROCESS, 0) - 3)  # --engine-nice below the worker's own
+    print(os.getpriority(os.PRIO_PROCESS, engine.pid) - os.getpriority(os.PRIO_PROCESS, 0))
+finally:
+    engine.kill()
+"""
+
+
+def test_engine_nice_that_would_raise_priority_is_skipped_with_a_warning_when_unprivileged() -> None:
+    # A real unprivileged process: root drops CAP_SYS_NICE (util-linux's setpriv) so that raising a
+    # priority fails with EACCES, as it does for any other user.
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: cannot drop CAP_SYS_NICE")
+        prefix = ["setpriv", "--bounding-set", "-sys_nice"]
+    run = subprocess.run([*prefix, sys.executable, "-c", _UNPRIVILEGED_WORKER],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "0"  # the engine keeps the worker's nice
+    assert re.search(r"engine processes left at this worker's nice \d+: \d+ would raise their priority", run.stderr)
 
 
 def test_real_engine_core_runs_below_the_front_end(server: ServerProcess) -> None:
