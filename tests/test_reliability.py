@@ -688,8 +688,8 @@ def test_bodies_generated_from_the_servers_openapi_schema_never_get_a_5xx(rel: S
 # --- 6. faults (destructive: the worker is respawned) ---
 
 
-def _wait_ready_again(rel: ServerProcess, old_worker: int, within: float = 200) -> float:
-    """Seconds until a worker other than `old_worker` answers /health 200."""
+def _wait_ready_again(rel: ServerProcess, old_worker: int | None, within: float = 200) -> float:
+    """Seconds until a worker (other than `old_worker`, if given) answers /health 200."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
         assert rel.proc.poll() is None, "the launcher exited instead of respawning:\n" + rel.log()[-3000:]
@@ -770,6 +770,7 @@ def test_sigkill_of_the_engine_core_turns_health_dead_then_the_worker_is_respawn
 
 
 def test_sigkill_of_the_worker_is_respawned_and_leaves_no_orphan(rel: ServerProcess) -> None:
+    _wait_ready_again(rel, None)  # a fault test before this one that failed may have left a worker loading
     old_worker = worker_pid(rel)
     old_tree = [old_worker, *procs.descendants(old_worker)]
     (core,) = titled(rel, "VLLM::EngineCore")
@@ -803,6 +804,7 @@ SHORT_LEFT_AT_SIGTERM = 1.0  # seconds of the short streams' measured pace left 
 
 
 def test_sigterm_with_32_streams_in_flight_loses_none(rel: ServerProcess) -> None:
+    _wait_ready_again(rel, None)  # a fault test before this one that failed may have left a worker loading
     # 16 short streams hold the engine's 16 running slots; 16 long ones queue behind them. SIGTERM goes
     # when the leading short stream is about a second from its end at the pace measured so far, so
     # short streams are certainly in flight and can finish within the drain; the long ones cannot.
