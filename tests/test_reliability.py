@@ -727,8 +727,8 @@ def test_sigkill_of_the_engine_core_turns_health_dead_then_the_worker_is_respawn
 
     # /health is polled on a connection opened before the kill, each answer awaited up to 5 s: the dying
     # worker says `dead` only until it exits (its watch loop looks every second), and on 2 busy cores one
-    # answer can take longer than that. (With a 1 s timeout a CI run saw no `dead` at all: every answer in
-    # the window came too late, and the respawned worker then said `loading`.)
+    # answer can take longer than that. (Polls with a 1 s timeout, each on a new connection, once saw no
+    # `dead` in 5 s here: the respawned worker then said `loading`.)
     with httpx.Client(timeout=5) as client:
         assert client.get(rel.url + "/health").status_code == 200
         os.kill(core, signal.SIGKILL)
