@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 
@@ -33,7 +34,7 @@ def base_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """A launcher (or raw granian) process with its log file."""
 
-    started: list[ServerProcess] = []  # every one, so conftest can stop what a failed test left running
+    started: ClassVar[list[ServerProcess]] = []  # every one, so conftest can stop what a failed test left running
 
     def __init__(self, args: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.port = port
