@@ -80,10 +80,9 @@ def chat_body(max_tokens: int = 8, image: str | None = None, **extra) -> dict:
             "ignore_eos": True, **extra}
 
 
-def post(srv: ServerProcess, body: dict | bytes, timeout: float = 60, client: httpx.Client | None = None) -> httpx.Response:
+def post(srv: ServerProcess, body: dict | bytes, timeout: float = 60) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    send = client.post if client else httpx.post
-    return send(srv.url + CHAT, content=content, timeout=timeout, headers={"content-type": "application/json"})
+    return httpx.post(srv.url + CHAT, content=content, timeout=timeout, headers={"content-type": "application/json"})
 
 
 def timed_post(srv: ServerProcess, body: dict | bytes, **kwargs) -> tuple[httpx.Response, float]:
@@ -162,10 +161,20 @@ def raw_request(srv: ServerProcess, body: bytes, *, rcvbuf: int | None = None, s
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", srv.port))
-    head = (f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    sock.sendall(head + (body if send_body else b""))
+    sock.sendall(_request_head(body) + (body if send_body else b""))
     return sock
+
+
+def _request_head(body: bytes) -> bytes:
+    return (f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+
+def _response_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """Status and headers (names lower-cased) of a response head, its blank line excluded or not."""
+    status_line, *lines = head.decode("latin-1").strip().split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers
 
 
 def read_response(sock: socket.socket, timeout: float = 30) -> tuple[int, bytes]:
@@ -177,13 +186,13 @@ def read_response(sock: socket.socket, timeout: float = 30) -> tuple[int, bytes]
         assert chunk, f"connection closed before the response head: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+    status, headers = _response_head(head)
+    length = int(headers["content-length"])
     while len(body) < length:
         chunk = sock.recv(65536)
         assert chunk, "connection closed inside the response body"
         body += chunk
-    return int(lines[0].split()[1]), body
+    return status, body
 
 
 def hang_up(sock: socket.socket, reset: bool) -> None:
@@ -256,16 +265,10 @@ async def _burst(srv: ServerProcess, bodies: list[bytes], timeout: float) -> lis
     conns = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in bodies]
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes):
-        head = (f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
         t0 = time.perf_counter()
-        writer.write(head + body)
+        writer.write(_request_head(body) + body)
         await writer.drain()
-        status = int((await reader.readline()).split()[1])
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status, headers = _response_head(await reader.readuntil(b"\r\n\r\n"))
         payload = await reader.readexactly(int(headers["content-length"]))
         return httpx.Response(status, headers=headers, content=payload), time.perf_counter() - t0
 
