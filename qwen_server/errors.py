@@ -44,12 +44,24 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+_MESSAGE_LIMIT = 2000  # characters of an error message; longer ones quote client input at length
+_PARAM_LIMIT = 200
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, saying how long it was: error messages that quote client
+    input must not send it back whole (a 1 MB model name came back in its 404)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
     error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    message = clip(message, _MESSAGE_LIMIT)
+    param = clip(param, _PARAM_LIMIT) if param is not None else None
     return encoder.encode(ErrorResponse(ErrorBody(message=message, type=error_type, param=param, code=code)))
 
 
@@ -57,11 +69,13 @@ def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -
     return Response(content=body, status_code=status, media_type="application/json", headers=headers)
 
 
-def from_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> APIError:
-    """Turn msgspec's `... - at `$.messages[0].content`` into a message and a param path."""
+def from_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> APIError:
+    """Turn msgspec's `... - at `$.messages[0].content`` into a message and a param path; `prefix`
+    is the path of the part of the body that was decoded (e.g. `messages[3]`)."""
     text = str(exc)
     message, _, where = text.partition(" - at `")
-    param = where.rstrip("`").removeprefix("$").removeprefix(".") or None
+    where = where.rstrip("`").removeprefix("$")  # ".content[0].text", or "" for the value itself
+    param = (prefix + where if prefix else where.removeprefix(".")) or None
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         return bad_request(f"Request body is not valid JSON: {text}")
     return bad_request(f"{message} (at {param})" if param else message, param=param)

@@ -51,25 +51,61 @@ class MediaError(ValueError):
         self.status = status
 
 
+# Per-request mm_processor_kwargs any client may set: the image pixel budget, within the server's.
+REQUEST_MM_KEYS = ("min_pixels", "max_pixels")
+# Keys that fix the model's patch grid: any other value than the model's own breaks its vision tower
+# (temporal_patch_size 0 killed the engine), so they are refused even from trusted clients.
+_GRID_KEYS = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size",
+              "merge_size": "merge_size", "spatial_merge_size": "merge_size"}
+
+
+class MMKwargsError(ValueError):
+    """A per-request mm_processor_kwargs entry the server refuses; `key` names it."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
 @dataclass(frozen=True, slots=True)
 class Geometry:
     """The model processor's pixel budget: sides are multiples of `factor` (patch x merge size)
-    and the area lies within [min_pixels, max_pixels]."""
+    and the area lies within [min_pixels, max_pixels]. `grid` holds the processor's own patch
+    sizes (patch_size, temporal_patch_size, merge_size)."""
 
     factor: int
     min_pixels: int
     max_pixels: int
+    grid: tuple[tuple[str, int], ...] = ()
 
-    def with_kwargs(self, kwargs: Mapping[str, Any] | None) -> Geometry:
-        """Per-request `mm_processor_kwargs` (`min_pixels`/`max_pixels` or `size`) applied."""
+    def with_request_kwargs(self, kwargs: Mapping[str, Any] | None, *, trusted: bool, pixel_cap: int) -> Geometry:
+        """The budget for one request's `mm_processor_kwargs`, checked (see `check_request_mm_kwargs`)."""
+        check_request_mm_kwargs(kwargs, self, trusted=trusted)
         if not kwargs:
             return self
-        size = kwargs.get("size") if isinstance(kwargs.get("size"), Mapping) else {}
+        size = kwargs.get("size") if trusted and isinstance(kwargs.get("size"), Mapping) else {}
         low = kwargs.get("min_pixels", size.get("shortest_edge", self.min_pixels))
         high = kwargs.get("max_pixels", size.get("longest_edge", self.max_pixels))
-        if not (isinstance(low, int) and isinstance(high, int)) or not 0 < low <= high:
-            raise ValueError(f"min_pixels/max_pixels must be integers with 0 < min_pixels <= max_pixels, got {low}, {high}")
-        return Geometry(self.factor, low, high)
+        for key, value in (("min_pixels", low), ("max_pixels", high)):
+            if not _positive_int(value):
+                raise MMKwargsError(f"mm_processor_kwargs.{key} must be a positive integer.", key)
+        # A client lowers the budget; only a trusted one may raise it, and never past the decode cap.
+        cap = pixel_cap if trusted else self.max_pixels
+        if high > cap:
+            raise MMKwargsError(
+                f"mm_processor_kwargs.max_pixels {_clip_number(high)} is over this server's limit of {cap} pixels.",
+                "max_pixels",
+            )
+        if low > high:
+            raise MMKwargsError(
+                f"mm_processor_kwargs.min_pixels ({_clip_number(low)}) must not exceed max_pixels ({high}).", "min_pixels"
+            )
+        return Geometry(self.factor, low, high, self.grid)
 
     @property
     def key(self) -> str:
@@ -90,6 +126,45 @@ class Geometry:
         return w_bar, h_bar
 
 
+def check_request_mm_kwargs(kwargs: Mapping[str, Any] | None, geometry: Geometry | None, *, trusted: bool) -> None:
+    """Refuse per-request processor options that are not the pixel budget (unless `trusted`), and,
+    trusted or not, values that could crash the model: grid sizes other than the model's own, and
+    sizes that are not positive integers. Raises MMKwargsError naming the key."""
+    for key, value in (kwargs or {}).items():
+        if key in REQUEST_MM_KEYS:
+            if geometry is None and not trusted:
+                raise MMKwargsError(
+                    f"mm_processor_kwargs.{key} is not accepted per request for this model.", _clip(key)
+                )
+            continue
+        if not trusted:
+            raise MMKwargsError(
+                f"mm_processor_kwargs.{_clip(key)} is not accepted per request on this server: only "
+                f"{' and '.join(REQUEST_MM_KEYS)} are (--trust-request-mm-kwargs passes others to the processor).",
+                _clip(key),
+            )
+        if key in _GRID_KEYS:
+            own = dict(geometry.grid).get(_GRID_KEYS[key]) if geometry else None
+            if own is None or type(value) is not int or value != own:
+                raise MMKwargsError(
+                    f"mm_processor_kwargs.{key} must be the model's own ({own}): it fixes the vision tower's patch grid.",
+                    key,
+                )
+        elif key == "size":
+            if not isinstance(value, Mapping) or not all(_positive_int(v) for v in value.values()):
+                raise MMKwargsError("mm_processor_kwargs.size must map edges to positive integers.", key)
+        elif key.endswith(("_pixels", "_size", "_frames")) and not _positive_int(value):
+            raise MMKwargsError(f"mm_processor_kwargs.{_clip(key)} must be a positive integer.", _clip(key))
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _clip_number(value: int) -> str:
+    return _clip(str(value), 24)
+
+
 def geometry_of(image_processor: Any) -> Geometry | None:
     """The budget of a Qwen-VL image processor; None for processors this server does not pre-size for."""
     if not type(image_processor).__name__.startswith(("Qwen2VLImageProcessor", "Qwen3VLImageProcessor")):
@@ -100,7 +175,12 @@ def geometry_of(image_processor: Any) -> Geometry | None:
     high = get("longest_edge") or getattr(image_processor, "max_pixels", None)
     if not (low and high):
         return None
-    return Geometry(image_processor.patch_size * image_processor.merge_size, int(low), int(high))
+    grid = tuple(
+        (name, int(getattr(image_processor, name)))
+        for name in ("patch_size", "temporal_patch_size", "merge_size")
+        if isinstance(getattr(image_processor, name, None), int)
+    )
+    return Geometry(image_processor.patch_size * image_processor.merge_size, int(low), int(high), grid)
 
 
 # --- decoding ---
@@ -130,6 +210,12 @@ def decode_image(
             target = None
             if geometry is not None:
                 target = _target_size(image, geometry, param)
+                if target[0] * target[1] > max_pixels:  # the budget is checked per request; the last guard
+                    raise MediaError(
+                        f"Image would be resized to {target[0]}x{target[1]}, over the limit of {max_pixels} pixels.",
+                        param,
+                        "too_many_pixels",
+                    )
                 if image.format == "JPEG":
                     # The codec scales by 1/2, 1/4 or 1/8 while decoding, never below the request.
                     draft = target if _orientation(image) < 5 else (target[1], target[0])

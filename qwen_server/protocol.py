@@ -225,8 +225,27 @@ class ErrorResponse(Struct):
     error: ErrorBody
 
 
+# --- two-phase chat decoding ---
+# A body's cost grows with the objects it holds, and one decode call holds the event loop for all of
+# them. The outer pass keeps each message as raw JSON (`msgspec.Raw`, no objects built), so that the
+# message and part limits refuse a body of a million messages before they are built; then each
+# message, and each part, decodes on its own.
+
+
+class ChatRequestOuter(ChatCompletionRequest, kw_only=True, frozen=True):
+    messages: Annotated[list[msgspec.Raw], Meta(min_length=1)]
+
+
+class ChatMessageOuter(Struct, frozen=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[msgspec.Raw] | None = None
+    name: str | None = None
+
+
 # --- codecs (built once; msgspec caches the type plans) ---
 
-chat_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+chat_outer_decoder = msgspec.json.Decoder(ChatRequestOuter)
+chat_message_outer_decoder = msgspec.json.Decoder(ChatMessageOuter)
+content_part_decoder = msgspec.json.Decoder(ContentPart)
 completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
 encoder = msgspec.json.Encoder()

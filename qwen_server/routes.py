@@ -7,16 +7,19 @@ import uuid
 from typing import Any
 
 from litestar import Request, Response, get, post
+from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from qwen_server import __version__, metrics
 from qwen_server import protocol as p
 from qwen_server.edge import Exchange, exchange_of
 from qwen_server.engine import Engine
+from qwen_server.errors import APIError
 from qwen_server.openapi import with_json_body
-from qwen_server.service import Prepared, Service, decode
+from qwen_server.service import Prepared, Service, decode, decode_chat
 
 _JSON = "application/json"
+_CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an http.disconnect mid-body
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -45,7 +48,7 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 )
 async def chat_completions(request: Request) -> Response:
     service = _service(request)
-    req = decode(p.chat_request_decoder, await request.body())
+    req = decode_chat(await _body(request), service.settings)
     return await _respond(request, service, await service.prepare_chat(req, _exchange(request)))
 
 
@@ -57,8 +60,19 @@ async def chat_completions(request: Request) -> Response:
 )
 async def completions(request: Request) -> Response:
     service = _service(request)
-    req = decode(p.completion_request_decoder, await request.body())
+    req = decode(p.completion_request_decoder, await _body(request), service.settings.max_json_depth)
     return await _respond(request, service, await service.prepare_completion(req, _exchange(request)))
+
+
+async def _body(request: Request) -> bytes:
+    """The request body; a body cut short (the client went away, or broken chunked framing, which
+    Granian reports as a disconnect) is the client's error, not the server's."""
+    try:
+        return await request.body()
+    except InternalServerException as exc:
+        if exc.detail != _CLIENT_GONE:
+            raise
+        raise APIError(400, "The request body ended before it was complete.", param="body", code="incomplete_body") from None
 
 
 async def _respond(request: Request, service: Service, prep: Prepared) -> Response:

@@ -7,6 +7,7 @@ non-streaming requests its FINAL_ONLY mode (one output at the end).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,8 +19,8 @@ import msgspec
 from qwen_server import protocol as p
 from qwen_server.edge import Exchange
 from qwen_server.engine import Engine
-from qwen_server.errors import APIError, bad_request, envelope, from_validation_error
-from qwen_server.media import LoadedImage, MediaError, MediaLoader
+from qwen_server.errors import APIError, bad_request, clip, envelope, from_validation_error
+from qwen_server.media import LoadedImage, MediaError, MediaLoader, MMKwargsError, check_request_mm_kwargs
 from qwen_server.settings import Settings
 
 _DONE = b"data: [DONE]\n\n"
@@ -62,7 +63,7 @@ class Service:
         if model is not None and model not in names:
             raise APIError(
                 404,
-                f"The model {model!r} does not exist; this server serves {', '.join(map(repr, names))}.",
+                f"The model {clip(repr(model))} does not exist; this server serves {', '.join(map(repr, names))}.",
                 param="model",
                 code="model_not_found",
             )
@@ -73,20 +74,18 @@ class Service:
         model = self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+        template_kwargs = self._template_kwargs(req.chat_template_kwargs)
         conversation, image_urls = self._conversation(req.messages)
         exchange.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
-        try:
-            text = self.engine.tokenizer.apply_chat_template(
-                conversation,
-                tokenize=False,
-                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                continue_final_message=req.continue_final_message,
-                **(req.chat_template_kwargs or {}),
-            )
-        except Exception as exc:  # the template is the model's: any failure is about this input
-            raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
-        token_ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        # The template and the tokenizer take time that grows with the request: off the event loop.
+        token_ids = await asyncio.to_thread(
+            self._render_chat,
+            conversation,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            **template_kwargs,
+        )
         prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
         if images:
             prompt["multi_modal_data"] = {"image": [loaded.pixels for loaded in images]}
@@ -121,7 +120,7 @@ class Service:
         if req.suffix:
             raise bad_request("suffix is not supported.", "suffix")
         text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        token_ids = self.engine.tokenizer.encode(text)
+        token_ids = await asyncio.to_thread(self._encode_prompt, text)
         engine_input = await self._render(client, {"prompt_token_ids": token_ids})
         prompt_len = len(engine_input["prompt_token_ids"])
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
@@ -174,15 +173,75 @@ class Service:
             )
         return conversation, image_urls
 
+    def _template_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """The client's chat_template_kwargs, without what would change how the prompt is built
+        rather than what the template renders (a client's own template needs the operator's trust)."""
+        for key in kwargs or ():
+            if key == "chat_template" and self.settings.trust_request_chat_template:
+                continue
+            if key == "chat_template" or key in _RENDER_KEYS:
+                hint = " (--trust-request-chat-template allows it)" if key == "chat_template" else ""
+                raise bad_request(
+                    f"chat_template_kwargs.{key} is not accepted{hint}.", f"chat_template_kwargs.{key}"
+                )
+        return kwargs or {}
+
+    def _render_chat(self, conversation: list[dict], **kwargs: Any) -> list[int]:
+        """The chat template and the tokenizer (run in a thread): the prompt's token ids."""
+        tokenizer = self.engine.tokenizer
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+        except Exception as exc:  # the template is the model's (or the trusted client's): the input failed it
+            raise bad_request(f"The chat template could not render these messages: {clip(str(exc))}", "messages") from None
+        if not isinstance(text, str):
+            raise bad_request("The chat template did not render text.", "chat_template_kwargs")
+        self._check_text_fits(text, "messages")
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        self._check_prompt_fits(len(token_ids), "messages")
+        return token_ids
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        self._check_text_fits(text, "prompt")
+        token_ids = self.engine.tokenizer.encode(text)
+        self._check_prompt_fits(len(token_ids), "prompt")
+        return token_ids
+
+    def _check_text_fits(self, text: str, param: str) -> None:
+        """A text too long for the context whatever its tokens is refused before it is tokenized
+        (about 1 s per MB): each token covers at most `longest_token` bytes, each character one."""
+        limit = (self.engine.max_model_len or 0) * self.engine.longest_token
+        if len(text) > limit:
+            raise bad_request(
+                f"The prompt is {len(text)} characters long: more than the model's context of "
+                f"{self.engine.max_model_len} tokens can hold.",
+                param,
+                code="context_length_exceeded",
+            )
+
+    def _check_prompt_fits(self, tokens: int, param: str) -> None:
+        """Before the multimodal processor: images only add tokens."""
+        limit = self.engine.max_model_len or 0
+        if tokens >= limit:
+            raise bad_request(
+                f"The prompt is {tokens} tokens long, which leaves no room for output in the context of {limit} tokens.",
+                param,
+                code="context_length_exceeded",
+            )
+
     async def _load_images(self, urls: list[tuple[str, str]], mm_kwargs: dict[str, Any] | None) -> list[LoadedImage]:
+        geometry = self.engine.image_geometry
+        trusted = self.settings.trust_request_mm_kwargs
+        try:
+            if geometry is not None:
+                geometry = geometry.with_request_kwargs(
+                    mm_kwargs, trusted=trusted, pixel_cap=self.settings.max_image_pixels
+                )
+            else:
+                check_request_mm_kwargs(mm_kwargs, None, trusted=trusted)
+        except MMKwargsError as exc:
+            raise bad_request(exc.message, f"mm_processor_kwargs.{exc.key}") from None
         if not urls:
             return []
-        geometry = self.engine.image_geometry
-        if geometry is not None:
-            try:
-                geometry = geometry.with_kwargs(mm_kwargs)
-            except ValueError as exc:
-                raise bad_request(str(exc), "mm_processor_kwargs") from None
         try:
             return await self.media.load_all(urls, geometry)
         except MediaError as exc:
@@ -196,20 +255,16 @@ class Service:
             (engine_input,) = await client.renderer.render_cmpl_async([prompt], client.renderer.default_chat_tok_params)
         except VLLMClientError as exc:
             raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
-        except (ValueError, TypeError) as exc:
-            # The HF processor raises these for inputs it cannot use (e.g. bad mm_processor_kwargs).
-            raise bad_request(f"The input could not be processed: {exc}", None) from None
+        except Exception as exc:  # noqa: BLE001 - the model's processor failed on this request's input
+            # ValueError/TypeError for options it cannot use, AssertionError when a template drops the
+            # image placeholder, ...: each is about this input, none about the server.
+            log.info("the multimodal processor refused a request: %s: %s", type(exc).__name__, clip(str(exc)))
+            raise bad_request(f"The input could not be processed: {type(exc).__name__}: {clip(str(exc))}", None) from None
         return engine_input
 
     def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
         limit = self.engine.max_model_len or 0
-        if prompt_len >= limit:
-            raise bad_request(
-                f"The prompt is {prompt_len} tokens long, which leaves no room for output in the "
-                f"context of {limit} tokens.",
-                "messages",
-                code="context_length_exceeded",
-            )
+        self._check_prompt_fits(prompt_len, "messages")
         if requested is None:
             default = self._sampling_defaults().get("max_tokens")
             return min(limit - prompt_len, default) if default else limit - prompt_len
@@ -282,8 +337,7 @@ class Service:
     # --- running requests ---
 
     def _generate(self, prep: Prepared) -> AsyncIterator[Any]:
-        client = self.engine.ready_client()
-        return client.generate(prep.engine_input, prep.sampling, prep.engine_request_id)
+        return self.engine.generate(prep.engine_input, prep.sampling, prep.engine_request_id)
 
     async def complete(self, prep: Prepared) -> p.ChatCompletion | p.Completion:
         n = prep.n
@@ -416,9 +470,88 @@ def _frame(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-def decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
-    """Strict decoding of a request body; errors name the field."""
+def decode_chat(body: bytes, settings: Settings) -> p.ChatCompletionRequest:
+    """A chat request in two passes (see protocol.py): the limits on messages and parts refuse a
+    body before its objects are built."""
+    outer = decode(p.chat_outer_decoder, body, settings.max_json_depth)
+    if len(outer.messages) > settings.max_messages:
+        raise bad_request(
+            f"The request has {len(outer.messages)} messages; at most {settings.max_messages} are accepted.",
+            "messages",
+            code="too_many_messages",
+        )
+    messages = []
+    for i, raw in enumerate(outer.messages):
+        message = _decode_part(p.chat_message_outer_decoder, raw, f"messages[{i}]")
+        content = message.content
+        if isinstance(content, list):
+            if len(content) > settings.max_content_parts:
+                raise bad_request(
+                    f"Message {i} has {len(content)} content parts; at most {settings.max_content_parts} are accepted.",
+                    f"messages[{i}].content",
+                    code="too_many_content_parts",
+                )
+            content = [_decode_part(p.content_part_decoder, part, f"messages[{i}].content[{j}]")
+                       for j, part in enumerate(content)]
+        messages.append(p.ChatMessage(role=message.role, content=content, name=message.name))
+    fields = msgspec.structs.asdict(outer)
+    fields["messages"] = messages
+    return p.ChatCompletionRequest(**fields)
+
+
+def _decode_part(decoder: msgspec.json.Decoder, raw: msgspec.Raw, path: str) -> Any:
     try:
-        return decoder.decode(body)
+        return decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_validation_error(exc, path) from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply to decode.", path, code="too_deep") from None
+
+
+def decode(decoder: msgspec.json.Decoder, body: bytes, max_depth: int) -> Any:
+    """Strict decoding of a request body; errors name the field. Free-form JSON fields (processor
+    and template options, schemas) may nest at most `max_depth` levels: they reach code that recurses."""
+    try:
+        request = decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation_error(exc) from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply to decode.", "body", code="too_deep") from None
+    for name in _FREE_FORM:
+        value = getattr(request, name, None)
+        if value is not None and _depth_over(value, max_depth):
+            raise bad_request(f"{name} is nested more than {max_depth} levels deep.", name, code="too_deep")
+    format_ = getattr(request, "response_format", None)
+    schema = format_.json_schema.schema if format_ is not None and format_.json_schema is not None else None
+    if schema is not None and _depth_over(schema, max_depth):
+        raise bad_request(
+            f"response_format.json_schema.schema is nested more than {max_depth} levels deep.",
+            "response_format.json_schema.schema",
+            code="too_deep",
+        )
+    return request
+
+
+_FREE_FORM = ("mm_processor_kwargs", "chat_template_kwargs")
+# apply_chat_template arguments that change how the prompt is built, not what the template renders.
+_RENDER_KEYS = frozenset({
+    "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
+    "max_length", "conversation", "add_generation_prompt", "continue_final_message", "tokenizer_kwargs",
+})
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than `limit` in `value` (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False

@@ -131,6 +131,30 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cors_allow_origins: Annotated[
         list[str] | None, _doc("Origins allowed by CORS (e.g. https://app.example.com, or *); unset: no CORS.")
     ] = None
+    trust_request_mm_kwargs: Annotated[
+        bool,
+        _doc("Pass per-request mm_processor_kwargs beyond min_pixels/max_pixels to the model's processor "
+             "(vLLM's name). Off: those two are accepted within the server's budget, any other key is a 400. "
+             "Values that would crash the model (sizes that are not positive integers, patch sizes other "
+             "than the model's) are refused either way."),
+    ] = False
+    trust_request_chat_template: Annotated[
+        bool, _doc("Accept a client's own Jinja template in chat_template_kwargs.chat_template (vLLM's name).")
+    ] = False
+    max_messages: Annotated[int, _doc("Messages one chat request may hold.")] = 2048
+    max_content_parts: Annotated[int, _doc("Content parts one chat message may hold.")] = 512
+    max_json_depth: Annotated[
+        int, _doc("Nesting depth of free-form JSON fields (mm_processor_kwargs, chat_template_kwargs, schemas).")
+    ] = 64
+    engine_restarts: Annotated[
+        int,
+        _doc("Times the engine is restarted within --engine-restart-window seconds after it died (a vLLM "
+             "bug, an OOM, a kill), with a backoff of 1, 2, 4... s (at most 30); past that, or if the first "
+             "load fails, the worker exits with the reason. 0: never restart."),
+    ] = 5
+    engine_restart_window: Annotated[
+        float, _doc("Seconds over which --engine-restarts are counted.")
+    ] = 600.0
 
     # --- media ---
     max_image_bytes: Annotated[int, _doc("Largest encoded image accepted.", _MEDIA)] = 20 * 1024 * 1024
@@ -173,6 +197,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_request_image_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
+        for name in ("max_messages", "max_content_parts", "max_json_depth"):
+            if getattr(self, name) < 1:
+                problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
+        if self.engine_restarts < 0:
+            problems.append(f"{env_name('engine_restarts')}: must not be negative, got {self.engine_restarts}")
+        if self.engine_restart_window <= 0:
+            problems.append(f"{env_name('engine_restart_window')}: must be positive, got {self.engine_restart_window}")
         for name in ("image_cache_bytes", "media_max_redirects"):
             if getattr(self, name) < 0:
                 problems.append(f"{env_name(name)}: must not be negative, got {getattr(self, name)}")

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_server.media import Geometry, MediaError, MediaLoader, decode_image
+from qwen_server.media import Geometry, MediaError, MediaLoader, MMKwargsError, check_request_mm_kwargs, decode_image
 from qwen_server.settings import Settings
 
 PARAM = "messages[0].content[0].image_url"
 LIMITS = {"max_image_bytes": 5 * 1024 * 1024, "max_image_pixels": 10_000_000}
-QWEN25 = Geometry(factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+QWEN25 = Geometry(factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+                  grid=(("patch_size", 14), ("temporal_patch_size", 2), ("merge_size", 2)))
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -212,12 +213,75 @@ def test_exif_rotation_is_sized_on_the_displayed_sides() -> None:
     assert image.size == Geometry(28, 3136, 200_000).target(400, 1600)
 
 
+def budget(kwargs, trusted: bool = False) -> Geometry:
+    return QWEN25.with_request_kwargs(kwargs, trusted=trusted, pixel_cap=64_000_000)
+
+
 def test_request_kwargs_change_the_budget() -> None:
-    assert QWEN25.with_kwargs({"max_pixels": 50176}).target(3840, 2160) == (280, 168)
-    assert QWEN25.with_kwargs({"size": {"shortest_edge": 3136, "longest_edge": 50176}}).max_pixels == 50176
-    assert QWEN25.with_kwargs(None) is QWEN25
-    with pytest.raises(ValueError, match="min_pixels"):
-        QWEN25.with_kwargs({"min_pixels": 10, "max_pixels": 5})
+    assert budget({"max_pixels": 50176}).target(3840, 2160) == (280, 168)
+    assert budget({"size": {"shortest_edge": 3136, "longest_edge": 50176}}, trusted=True).max_pixels == 50176
+    assert budget(None) is QWEN25
+    with pytest.raises(MMKwargsError, match="min_pixels") as info:
+        budget({"min_pixels": 10, "max_pixels": 5})
+    assert info.value.key == "min_pixels"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"max_pixels": 28 * 28 * 1280 + 1}, "max_pixels"),  # above the server's budget
+        ({"min_pixels": 2**70}, "min_pixels"),  # was an OverflowError (500) in the resize
+        ({"min_pixels": 400_000_000, "max_pixels": 500_000_000}, "max_pixels"),  # upsized 16x16 to 20020x20020
+        ({"min_pixels": 0}, "min_pixels"),
+        ({"max_pixels": -5}, "max_pixels"),
+        ({"max_pixels": 1.5}, "max_pixels"),
+        ({"max_pixels": True}, "max_pixels"),
+        ({"max_pixels": "50176"}, "max_pixels"),
+        ({"temporal_patch_size": 0}, "temporal_patch_size"),  # killed EngineCore in the model's patch_embed
+        ({"size": {"shortest_edge": 3136}}, "size"),  # only the two budget keys without trust
+        ({"fps": 2}, "fps"),
+        ({"do_resize": False}, "do_resize"),
+    ],
+)
+def test_untrusted_request_kwargs_are_the_budget_within_the_servers(kwargs, key: str) -> None:
+    with pytest.raises(MMKwargsError) as info:
+        budget(kwargs)
+    assert info.value.key == key, info.value.message
+
+
+def test_trusted_request_kwargs_still_refuse_what_crashes_the_model() -> None:
+    # Trusted: other keys reach the processor, but the grid must stay the model's and sizes positive.
+    assert budget({"do_resize": True, "temporal_patch_size": 2, "patch_size": 14}, trusted=True) == QWEN25
+    assert budget({"max_pixels": 2_000_000}, trusted=True).max_pixels == 2_000_000  # above the default budget
+    for kwargs, key in (
+        ({"temporal_patch_size": 0}, "temporal_patch_size"),
+        ({"temporal_patch_size": 3}, "temporal_patch_size"),
+        ({"patch_size": 2.0}, "patch_size"),
+        ({"spatial_merge_size": 4}, "spatial_merge_size"),
+        ({"max_pixels": 64_000_001}, "max_pixels"),  # the decode cap bounds trusted budgets too
+        ({"size": {"longest_edge": 0}}, "size"),
+        ({"min_pixels": -1}, "min_pixels"),
+    ):
+        with pytest.raises(MMKwargsError) as info:
+            budget(kwargs, trusted=True)
+        assert info.value.key == key, (kwargs, info.value.message)
+
+
+def test_a_model_without_a_known_budget_takes_no_untrusted_kwargs() -> None:
+    check_request_mm_kwargs(None, None, trusted=False)
+    with pytest.raises(MMKwargsError):
+        check_request_mm_kwargs({"max_pixels": 50176}, None, trusted=False)
+    with pytest.raises(MMKwargsError):  # trusted, but the grid cannot be checked against the model's
+        check_request_mm_kwargs({"temporal_patch_size": 2}, None, trusted=True)
+    check_request_mm_kwargs({"max_pixels": 50176}, None, trusted=True)
+
+
+def test_a_resize_past_the_pixel_limit_is_refused_before_decoding() -> None:
+    data = encode(photo(16, 16), "PNG")
+    huge = Geometry(28, 400_000_000, 500_000_000)
+    with pytest.raises(MediaError, match="over the limit") as info:
+        decode_image(data, PARAM, max_pixels=64_000_000, max_side=16384, geometry=huge)
+    assert info.value.reason == "too_many_pixels"
 
 
 def test_extreme_aspect_ratio_is_a_clear_error() -> None:
@@ -231,7 +295,7 @@ def test_extreme_aspect_ratio_is_a_clear_error() -> None:
 
 def test_repeated_images_are_decoded_once() -> None:
     url = data_url(encode(photo(640, 480), "JPEG"), "image/jpeg")
-    other = QWEN25.with_kwargs({"max_pixels": 50176})
+    other = budget({"max_pixels": 50176})
 
     async def run():
         media = loader()
