@@ -1,20 +1,25 @@
-"""The vLLM engine's lifecycle: load in the background, report readiness, notice death, shut down.
+"""The vLLM engine's lifecycle: load in the background, report readiness, notice death, restart, shut down.
 
 The worker answers HTTP while the engine loads (`/live` 200, `/health` 503 `loading` with the
 stage), because the load runs in a thread started from the app's lifespan. vLLM is imported there
-too, so importing the app stays cheap. A load failure or a dead engine ends the worker process
-(non-zero), so that the supervisor (Granian, the launcher, systemd, Kubernetes) sees it.
+too, so importing the app stays cheap. An engine that dies after it was ready (a vLLM bug, an OOM,
+a kill) is restarted in place, with a backoff and a limit (`engine_restarts` per
+`engine_restart_window`): /health says `dead`, then `loading`, then `ready`, and the port never
+closes. A first load that fails, or deaths past the limit, end the worker process (non-zero), so
+that the supervisor (Granian, the launcher, systemd, Kubernetes) sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import gc
 import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import IO, TYPE_CHECKING, Any
 
 from qwen_server import cpushare, demo, media, metrics, procs
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qwen_server")
 
 _WATCH_INTERVAL = 1.0
+_MAX_BACKOFF = 30.0
 
 
 class EngineState(enum.StrEnum):
@@ -47,6 +53,9 @@ class Engine:
         self.client: AsyncLLM | None = None
         self.tokenizer: Any = None
         self.max_model_len: int | None = None
+        # Bytes of the vocabulary's longest token: a text of more than max_model_len times this many
+        # characters cannot fit the context, and is refused without being tokenized.
+        self.longest_token = 1
         self.max_num_seqs: int | None = None
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
@@ -61,12 +70,15 @@ class Engine:
         self._stage_t0 = self._t0
         self._tasks: list[asyncio.Task] = []
         self._cpu_share: IO[str] | None = None  # this worker's claim on its CPUs, held while it lives
+        self.restarts: list[float] = []  # monotonic times of the restarts within the window
+        # Engine request ids in flight, so that a death can be traced to the requests it hit.
+        self._inflight: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle ---
 
     def start(self) -> None:
         self._t0 = time.monotonic()
-        self._tasks.append(asyncio.create_task(self._load(), name="engine-load"))
+        self._tasks.append(asyncio.create_task(self._run(), name="engine"))
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -87,7 +99,63 @@ class Engine:
         if self.state is not EngineState.DEAD:
             self.state = EngineState.DRAINING
 
-    async def _load(self) -> None:
+    async def _run(self) -> None:
+        """Load, watch, and restart after a death until the restart limit; then end the worker."""
+        first = True
+        while True:
+            failure = await self._load()
+            if failure is None:
+                first = False
+                failure = await self._watch()
+            if failure is None or self.state is EngineState.DRAINING:
+                return
+            reason, exc = failure
+            if first:  # the model, the options or the machine: restarting would fail the same way
+                self._die(reason, exc)
+                return
+            if not await self._recover(reason, exc):
+                return
+
+    async def _recover(self, reason: str, exc: BaseException | None) -> bool:
+        """After a death: clear what is left of the engine, wait the backoff, and let `_run` load
+        again. False (the worker is ending) past the restart limit."""
+        now = time.monotonic()
+        window = self.settings.engine_restart_window
+        self.restarts = [t for t in self.restarts if now - t < window]
+        inflight = sorted(self._inflight)
+        log.error("%s; engine requests in flight then: %s", reason[0].upper() + reason[1:],
+                  ", ".join(inflight) if inflight else "none")
+        if len(self.restarts) >= self.settings.engine_restarts:
+            self._die(
+                f"{reason}; the engine was restarted {len(self.restarts)} time(s) in the last {window:g} s, "
+                f"the limit (--engine-restarts {self.settings.engine_restarts})",
+                exc,
+            )
+            return False
+        self.restarts.append(now)
+        delay = min(2.0 ** (len(self.restarts) - 1), _MAX_BACKOFF)
+        self.state = EngineState.DEAD
+        self.error = f"{reason}; restarting in {delay:g} s (restart {len(self.restarts)} of at most " \
+                     f"{self.settings.engine_restarts} in {window:g} s)"
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(client.shutdown), timeout=30)
+            except Exception as err:  # noqa: BLE001 - a dead engine's client may fail to shut down cleanly
+                log.warning("the dead engine's client did not shut down cleanly: %r", err)
+        # Whatever is left of the old engine (its model workers, vLLM's resource tracker) goes.
+        await asyncio.to_thread(procs.terminate_children, os.getpid(), 3.0)
+        await asyncio.sleep(delay)
+        if self.state is not EngineState.DEAD:  # drained meanwhile
+            return False
+        self.state = EngineState.LOADING
+        self.stage = "waiting to start"
+        self._t0 = time.monotonic()
+        log.warning("restarting the engine (restart %d in the last %g s)", len(self.restarts), window)
+        return True
+
+    async def _load(self) -> tuple[str, BaseException | None] | None:
+        """Build the engine; None once it is ready, else why it failed."""
         try:
             self._set_stage("locating the model")
             if self.settings.model:
@@ -98,7 +166,7 @@ class Engine:
             self.model_path = path
             self._set_stage("importing vLLM")
             engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(_import_vllm)
-            if self.settings.workers > 1:
+            if self.settings.workers > 1 and self._cpu_share is None:
                 self._set_stage("claiming this worker's share of the CPUs")
                 self._cpu_share = await asyncio.to_thread(cpushare.claim, self.settings)
             self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
@@ -114,9 +182,10 @@ class Engine:
             )
             if self.state is not EngineState.LOADING:  # stopped while loading
                 await asyncio.to_thread(client.shutdown)
-                return
+                return None
             self.client = client
             self.tokenizer = client.get_tokenizer()
+            self.longest_token = await asyncio.to_thread(_longest_token, self.tokenizer)
             self.max_model_len = client.model_config.max_model_len
             self.max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
             self._set_stage("inspecting the image processor")
@@ -133,21 +202,37 @@ class Engine:
                 "engine ready in %.1f s: model %s, max_model_len %d; %d startup objects frozen out of GC",
                 self.loaded_in, path, self.max_model_len, frozen,
             )
-            self._tasks.append(asyncio.create_task(self._watch(), name="engine-watch"))
+            return None
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - any load failure is fatal for this worker
+        except BaseException as exc:  # noqa: BLE001 - any load failure is reported to _run
             if self.state is not EngineState.LOADING:
-                return
-            self._die(f"the engine failed to load during '{self.stage}': {type(exc).__name__}: {exc}", exc)
+                return None
+            return f"the engine failed to load during '{self.stage}': {type(exc).__name__}: {exc}", exc
 
-    async def _watch(self) -> None:
-        while True:
+    async def _watch(self) -> tuple[str, None] | None:
+        """Wait until the engine dies (its reason) or is stopped (None)."""
+        while self.state is EngineState.READY or self.state is EngineState.DRAINING:
             await asyncio.sleep(_WATCH_INTERVAL)
             client = self.client
-            if client is not None and client.errored:
-                self._die(f"the engine died: {client.dead_error!r}", None)
-                return
+            if client is None:
+                return None
+            if client.errored:
+                return f"the engine died: {client.dead_error!r}", None
+        return None
+
+    async def generate(self, prompt: Any, sampling: Any, request_id: str) -> AsyncIterator[Any]:
+        """The engine's outputs for one request (a 503 when it is not ready)."""
+        outputs = self.ready_client().generate(prompt, sampling, request_id)
+        self._inflight[request_id] += 1
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            await outputs.aclose()  # a consumer that stopped early: vLLM aborts the request on close
+            self._inflight[request_id] -= 1
+            if not self._inflight[request_id]:
+                del self._inflight[request_id]
 
     def _die(self, reason: str, exc: BaseException | None) -> None:
         self.state = EngineState.DEAD
@@ -243,6 +328,10 @@ def _scheduler_stats_recorder(engine: Engine):
             pass
 
     return SchedulerStatsRecorder
+
+
+def _longest_token(tokenizer: Any) -> int:
+    return max((len(token.encode()) for token in tokenizer.get_vocab()), default=1)
 
 
 def _import_vllm():

@@ -34,6 +34,21 @@ def info(pid: int) -> ProcInfo | None:
     return ProcInfo(pid=pid, ppid=int(fields[1]), cmdline=cmdline)
 
 
+def zombie_children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the children of `pid` that have exited and wait to be reaped."""
+    found = []
+    for other in all_pids():
+        try:
+            with open(f"/proc/{other}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[0] == "Z" and int(fields[1]) == pid:
+            found.append((other, stat[stat.find("(") + 1 : stat.rfind(")")]))
+    return found
+
+
 def all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 

@@ -162,6 +162,14 @@ def _reap_orphans(server: Any, stop: threading.Event) -> None:
         for pid in [p for p in known_workers if not procs.alive(p)]:
             known_workers.discard(pid)
             _forget_worker_metrics(pid)
+        # Engine processes orphaned to us that exited (a killed EngineCore's model workers) are reaped
+        # here; Granian's own workers are left to Granian, which waits for them itself.
+        for pid, name in procs.zombie_children(me):
+            if name.startswith("VLLM") and pid not in workers:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
         for pid in procs.children(me):
             if pid in workers:
                 continue
