@@ -73,6 +73,7 @@ class Engine:
         self.restarts: list[float] = []  # monotonic times of the restarts within the window
         # Engine request ids in flight, so that a death can be traced to the requests it hit.
         self._inflight: collections.Counter[str] = collections.Counter()
+        self._hit_by_death: set[str] = set()
 
     # --- lifecycle ---
 
@@ -122,7 +123,8 @@ class Engine:
         now = time.monotonic()
         window = self.settings.engine_restart_window
         self.restarts = [t for t in self.restarts if now - t < window]
-        inflight = sorted(self._inflight)
+        inflight = sorted(self._hit_by_death | set(self._inflight))
+        self._hit_by_death.clear()
         log.error("%s; engine requests in flight then: %s", reason[0].upper() + reason[1:],
                   ", ".join(inflight) if inflight else "none")
         if len(self.restarts) >= self.settings.engine_restarts:
@@ -223,13 +225,16 @@ class Engine:
 
     async def generate(self, prompt: Any, sampling: Any, request_id: str) -> AsyncIterator[Any]:
         """The engine's outputs for one request (a 503 when it is not ready)."""
-        outputs = self.ready_client().generate(prompt, sampling, request_id)
+        client = self.ready_client()
+        outputs = client.generate(prompt, sampling, request_id)
         self._inflight[request_id] += 1
         try:
             async for out in outputs:
                 yield out
         finally:
             await outputs.aclose()  # a consumer that stopped early: vLLM aborts the request on close
+            if client.errored:  # ended by the engine's death: named when the death is logged
+                self._hit_by_death.add(request_id)
             self._inflight[request_id] -= 1
             if not self._inflight[request_id]:
                 del self._inflight[request_id]

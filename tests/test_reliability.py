@@ -844,7 +844,7 @@ def test_big_bodies_are_refused_without_stalling_the_event_loop(rel: ServerProce
     limit = 64 * 1024 * 1024
     bodies = {
         "300k messages": json.dumps({"model": "tiny", "messages": [message] * 300_000, "max_tokens": 2}).encode(),
-        "64 MiB of messages": json.dumps({"model": "tiny", "messages": [message] * 1_700_000}).encode(),
+        "64 MiB of messages": json.dumps({"model": "tiny", "messages": [message] * 1_500_000}).encode(),
         "64 MiB of parts": json.dumps({"model": "tiny", "messages": [
             {"role": "user", "content": [{"type": "text", "text": "a"}] * 2_000_000}]}).encode(),
         "64 MiB of text": json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hello " * 11_000_000}],
@@ -943,14 +943,16 @@ def test_sigkill_of_the_engine_core_is_recovered_in_place(rel: ServerProcess) ->
             assert client.get(rel.url + "/health").status_code == 200
             os.kill(core, signal.SIGKILL)
             t0 = time.monotonic()
+            reasons: list[str] = []
+            dead_after = math.inf
             while time.monotonic() - t0 < 5 and "dead" not in statuses:
                 body = client.get(rel.url + "/health").json()
                 if not statuses or statuses[-1] != body["status"]:
                     statuses.append(body["status"])
                 if body["status"] == "dead":
-                    assert "died" in body["reason"] and "restarting" in body["reason"], body
+                    dead_after = time.monotonic() - t0
+                    reasons.append(body["reason"])
                 time.sleep(0.02)
-            dead_after = time.monotonic() - t0
             assert "dead" in statuses, f"/health said {statuses} in the 5 s after EngineCore was killed"
             late = client.post(rel.url + CHAT, json=chat_body(4), timeout=60)
             assert assert_envelope(late, 503)["code"] in ("engine_dead", "loading")
@@ -965,12 +967,15 @@ def test_sigkill_of_the_engine_core_is_recovered_in_place(rel: ServerProcess) ->
                 if code == 200:
                     break
                 assert body["status"] in ("dead", "loading"), body
+                if body["status"] == "dead":
+                    reasons.append(body["reason"])
                 time.sleep(0.25)
             ready_after = time.monotonic() - t0
     finally:
         stop.set()
         watcher.join()
     assert statuses[-3:] == ["dead", "loading", "ready"], statuses
+    assert all("died" in r for r in reasons) and any("restarting in" in r for r in reasons), reasons
     assert refused == [], f"the port was let go {len(refused)} time(s) during the restart"
     assert len(streams) == 2 and len(plain) == 1  # each got an answer (a failed client records none)
     for status, events in streams:
