@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import enum
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
+from click.testing import CliRunner
 
 from qwen_server import cli, settings
 from qwen_server.settings import Settings, SettingsError
@@ -135,3 +143,80 @@ def test_several_workers_on_one_gpu_need_a_memory_split(monkeypatch: pytest.Monk
     cli._check_combination(Settings(workers=2, gpu_memory_utilization=0.45))
     with pytest.raises(click.UsageError, match="one worker"):
         cli._check_combination(Settings(workers=2, tensor_parallel_size=2, gpu_memory_utilization=0.4))
+
+
+# --- --print-config's equivalent command, read back by Granian's own CLI ---
+
+
+def _print_config(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """The launcher's --print-config: (its JSON, its equivalent command)."""
+    result = CliRunner().invoke(cli.main, [*argv, "--print-config"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shown, equivalent = result.output.split("\nequivalent: ")
+    return json.loads(shown), equivalent.strip()
+
+
+def _split_command(command: str) -> tuple[dict[str, str], list[str]]:
+    """`VAR=value ... granian ARGS` -> ({VAR: value}, ARGS)."""
+    words = shlex.split(command)
+    at = words.index("granian")
+    return dict(w.split("=", 1) for w in words[:at]), words[at + 1 :]
+
+
+def _plain(value: Any) -> Any:
+    """Granian's CLI hands its Server paths and enums; the launcher's JSON shows their text."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
+
+
+def _granian_server_kwargs(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What `granian ARGV` would hand Granian's Server: its own click CLI parses, a recorder stands in
+    for the Server."""
+    import granian.cli
+
+    seen: dict[str, Any] = {}
+
+    class Recorder:
+        def __init__(self, target: str, **kwargs: Any) -> None:
+            seen.update(target=target, **kwargs)
+
+        def serve(self) -> None:
+            pass
+
+    monkeypatch.setattr(granian.cli, "Server", Recorder)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Granian's CLI puts the working directory first
+    result = CliRunner().invoke(granian.cli.cli, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return {k: _plain(v) for k, v in seen.items()}
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not read by --print-config\n")
+    key.write_text("not read by --print-config\n")
+    return cert, key
+
+
+@pytest.mark.xfail(strict=True, reason="issue #18: the equivalent command drops Granian arguments")
+def test_equivalent_command_gives_granian_the_launchers_arguments(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every argument the launcher hands Granian, the equivalent `granian` command hands it too."""
+    cert, key = tls_files
+    shown, equivalent = _print_config(
+        ["--port", "8123", "--workers", "2", "--log-level", "debug", "--root-path", "/p", "--reload",
+         "--workers-kill-timeout", "30", "--respawn-failed-workers", "--access-log", "--backlog", "2048",
+         "--backpressure", "8", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    )
+    _, argv = _split_command(equivalent)
+    from_command = _granian_server_kwargs(argv, monkeypatch)
+    differences = {
+        name: (value, from_command.get(name, "<not given>"))
+        for name, value in shown["granian"].items()
+        if from_command.get(name, "<not given>") != value
+    }
+    assert differences == {}, f"launcher's vs equivalent command's: {differences}\n{equivalent}"
