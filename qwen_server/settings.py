@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 ENV_PREFIX = "QWEN_SERVER_"
+# prometheus_client's variable, not a setting: the launcher points it at a directory its workers share.
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _ENGINE = {"group": "engine"}
 _SERVER = {"group": "server"}
