@@ -2,10 +2,12 @@
 
     python launcher.py [OPTIONS]        (also installed as `qwen-server`)
 
-Server options are generated from the Settings struct (vLLM's names and value formats, so a
-`vllm serve` command line carries over); process options are Granian's. Settings reach Granian's
-workers through QWEN_SERVER_* environment variables, the same ones `granian ... qwen_server.app:app`
-reads. Nothing here imports torch or vLLM: the port answer comes first and fast.
+Every option but the launcher's own actions (--replace, --replace-timeout, --print-config) is
+generated from the Settings struct: vLLM's names and value formats for the engine, so a `vllm serve`
+command line carries over, and Granian's for the processes. Settings reach Granian's workers through
+QWEN_SERVER_* environment variables, the same ones `granian ... qwen_server.app:app` reads; the
+fields Granian takes reach it as the arguments they declare. Nothing here imports torch or vLLM:
+the port answer comes first and fast.
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ import click
 import msgspec
 
 from qwen_server import ports, settings as settings_mod, supervise
-from qwen_server.settings import Settings
+from qwen_server.settings import GranianArg, Settings
 
 APP_TARGET = "qwen_server.app:app"
 PACKAGE_DIR = Path(__file__).resolve().parent
+_DEFAULTS = Settings()
 
 
 def _option_for(name: str) -> click.Option:
     tp, meta = settings_mod.FIELDS[name]
     flag = "--" + name.replace("_", "-")
     base = settings_mod.strip_optional(tp)
-    help_text = (meta.description or "") + f"  [env: {settings_mod.env_name(name)}]"
+    # The option itself defaults to None: unset, the environment's value (or else the field's default) applies.
+    default = getattr(_DEFAULTS, name)
+    shown = [f"env: {settings_mod.env_name(name)}"]
+    if default not in (None, "") and not isinstance(default, bool):
+        shown.append(f"default: {default}")
+    help_text = (meta.description or "") + f"  [{'; '.join(shown)}]"
     if base is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text)
     if typing.get_origin(base) is list:
@@ -70,50 +78,40 @@ def resolve_settings(cli_values: dict[str, Any], environ: dict[str, str]) -> Set
     return Settings(**values)
 
 
-def _granian_kwargs(s: Settings, opts: dict[str, Any]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "target": APP_TARGET,
-        "address": s.host,
-        "port": s.port,
-        "interface": "asgi",
-        "workers": s.workers,
-        "log_level": s.log_level,
-        "log_access": opts["access_log"],
-        "backlog": opts["backlog"],
-        "backpressure": opts["backpressure"],  # None: Granian's default, backlog / workers
-        "workers_kill_timeout": opts["workers_kill_timeout"],
-        "process_name": f"qwen-server {s.host}:{s.port}",
-        "respawn_failed_workers": opts["respawn_failed_workers"],
-    }
-    if s.root_path:  # ASGI root_path: Litestar routes /prefix/v1/... and /v1/... alike
-        kwargs["url_path_prefix"] = s.root_path
-    if opts["reload"]:
-        kwargs["reload"] = True
-        kwargs["reload_paths"] = [PACKAGE_DIR]
-    if opts["ssl_certfile"]:
-        kwargs["ssl_cert"] = Path(opts["ssl_certfile"])
-        kwargs["ssl_key"] = Path(opts["ssl_keyfile"])
-    return kwargs
+def _granian_args(s: Settings) -> list[tuple[GranianArg, Any]]:
+    """Granian's arguments, each with the value Granian's server class takes: those of the fields
+    that declare one (unset or off: Granian's default applies), then the launcher's own."""
+    args: list[tuple[GranianArg, Any]] = [(GranianArg("interface", "--interface"), "asgi")]
+    args += [
+        (arg, arg.convert(value) if arg.convert else value)
+        for name, arg in settings_mod.GRANIAN_ARGS.items()
+        if (value := getattr(s, name)) is not None and value is not False and value != ""
+    ]
+    args.append((GranianArg("process_name", "--process-name"), f"qwen-server {s.host}:{s.port}"))  # ports.SERVER_MARKERS
+    if s.reload:  # the package only: Granian's default, the working directory, may hold log files
+        args.append((GranianArg("reload_paths", "--reload-paths"), [PACKAGE_DIR]))
+    return args
 
 
-def _equivalent_command(s: Settings, g: dict[str, Any]) -> str:
-    env_vars = s.to_env()
+def _granian_kwargs(s: Settings) -> dict[str, Any]:
+    return {"target": APP_TARGET, **{arg.kwarg: value for arg, value in _granian_args(s)}}
+
+
+def _equivalent_command(s: Settings) -> str:
+    """A `granian` command that serves these settings: the fields Granian takes as its flags, every
+    other changed one as its QWEN_SERVER_* variable (the API keys redacted)."""
+    env_vars = s.to_env(exclude=settings_mod.PROCESS_FIELDS)
     if s.api_key:
         env_vars[settings_mod.env_name("api_key")] = "<redacted>"
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env_vars.items()))
-    parts = ["granian", "--interface", "asgi", "--host", s.host, "--port", str(s.port), "--workers", str(g["workers"])]
-    if g.get("reload"):
-        parts += ["--reload", "--reload-paths", str(PACKAGE_DIR)]
-    if g.get("workers_kill_timeout"):
-        parts += ["--workers-kill-timeout", str(g["workers_kill_timeout"])]
-    if g.get("backpressure"):
-        parts += ["--backpressure", str(g["backpressure"])]
-    if g.get("log_access"):
-        parts += ["--access-log"]
-    if g.get("url_path_prefix"):
-        parts += ["--url-path-prefix", g["url_path_prefix"]]
-    parts.append(APP_TARGET)
-    return (env + " " if env else "") + " ".join(shlex.quote(p) for p in parts)
+    words = []
+    for arg, value in _granian_args(s):
+        if value is True:
+            words.append(arg.flag)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                words += [arg.flag, str(item)]
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(env_vars.items())]
+    return " ".join([*env, "granian", *map(shlex.quote, words), APP_TARGET])
 
 
 def _check_combination(s: Settings) -> None:
@@ -139,19 +137,6 @@ def _has_nvidia_gpu() -> bool:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @_settings_options
-@click.option("--reload/--no-reload", default=False, help="Restart workers when the package's source changes (development).")
-@click.option("--workers-kill-timeout", type=click.IntRange(1), default=60, show_default=True,
-              help="Seconds a stopping worker may take (drain, engine shutdown) before it is killed.")
-@click.option("--respawn-failed-workers/--no-respawn-failed-workers", default=False,
-              help="Restart a worker that died (Granian's supervisor).")
-@click.option("--access-log/--no-access-log", default=False, help="Log every request (Granian's access log).")
-@click.option("--backlog", type=click.IntRange(1), default=1024, show_default=True, help="Listen backlog.")
-@click.option("--backpressure", type=click.IntRange(1), default=None,
-              help="Connections one worker serves at once, idle keep-alive ones included; more wait in the "
-                   "listen queue (Granian's backpressure; default backlog / workers). Requests beyond "
-                   "--max-pending-requests are refused with 429 either way.")
-@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
-@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 @click.option("--replace", is_flag=True, help="If a qwen_server holds the port, stop it gracefully and take its place.")
 @click.option("--replace-timeout", type=float, default=90.0, show_default=True,
               help="Seconds to wait for the replaced server (its drain, then its engine shutdown) before it is killed.")
@@ -167,15 +152,13 @@ def main(**opts: Any) -> None:
         s = resolve_settings(cli_values, dict(os.environ))
     except settings_mod.SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    if bool(opts["ssl_certfile"]) != bool(opts["ssl_keyfile"]):
-        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together.")
-    granian_kwargs = _granian_kwargs(s, opts)
+    granian_kwargs = _granian_kwargs(s)
     if opts["print_config"]:
         shown = msgspec.to_builtins(s)
         if s.api_key:  # printed configs end up in tickets and logs: never the keys
             shown["api_key"] = ["<redacted>"] * len(s.api_key)
         click.echo(json.dumps({"settings": shown, "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()}}, indent=2, default=str))
-        click.echo("equivalent: " + _equivalent_command(s, granian_kwargs))
+        click.echo("equivalent: " + _equivalent_command(s))
         return
     _check_combination(s)
 
@@ -191,7 +174,7 @@ def main(**opts: Any) -> None:
 
 def _take_port(s: Settings, opts: dict[str, Any]):
     try:
-        return ports.take_port(s.host, s.port, opts["backlog"])
+        return ports.take_port(s.host, s.port, s.backlog)
     except ports.PortInUse as exc:
         if not opts["replace"]:
             click.echo(f"qwen-server: {exc}", err=True)
@@ -218,7 +201,7 @@ def _replace(s: Settings, opts: dict[str, Any], report: ports.PortReport):
     deadline = time.monotonic() + 5.0
     while True:
         try:
-            return ports.take_port(s.host, s.port, opts["backlog"])
+            return ports.take_port(s.host, s.port, s.backlog)
         except ports.PortInUse as exc:
             if time.monotonic() > deadline:
                 click.echo(f"qwen-server: the port is still held after the replaced server stopped:\n{exc}", err=True)

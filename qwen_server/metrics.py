@@ -26,7 +26,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from qwen_server.settings import PROMETHEUS_MULTIPROC_ENV
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 _IMAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -61,7 +61,7 @@ IMAGE_REJECTIONS = Counter("qwen_server_image_rejections_total", "Images refused
 
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type: all workers' metrics when multiprocess."""
-    if os.environ.get(MULTIPROC_ENV):
+    if os.environ.get(PROMETHEUS_MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
@@ -71,7 +71,7 @@ def render() -> tuple[bytes, str]:
 
 def worker_exited() -> None:
     """Drop this worker's live gauges from the shared directory (counters stay: they are totals)."""
-    if os.environ.get(MULTIPROC_ENV):
+    if os.environ.get(PROMETHEUS_MULTIPROC_ENV):
         multiprocess.mark_process_dead(os.getpid())
 
 

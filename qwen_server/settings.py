@@ -1,9 +1,13 @@
-"""The one settings struct: the launcher's options, the environment and the app all derive from it.
+"""The one settings struct: the launcher's options, the environment, Granian's arguments and the app
+all derive from it.
 
 Every field is read from `QWEN_SERVER_<FIELD>` (upper case). The launcher turns its options into those
 variables, which is how Granian's workers (separate processes) receive them. Engine fields keep
 vLLM's names and are passed to `AsyncEngineArgs` unchanged, so vLLM's parallelism (tensor, pipeline,
-data; the Ray backend for several nodes) works as it does under `vllm serve`.
+data; the Ray backend for several nodes) works as it does under `vllm serve`. A field that Granian
+takes declares its Granian argument (`GranianArg`); the process fields are Granian's alone: the
+launcher hands them to Granian, the app reads none of them, and under plain `granian` its own flags
+set them instead.
 """
 
 from __future__ import annotations
@@ -12,20 +16,33 @@ import ipaddress
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 ENV_PREFIX = "QWEN_SERVER_"
+# prometheus_client's variable, not a setting: the launcher points it at a directory its workers share.
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _ENGINE = {"group": "engine"}
 _SERVER = {"group": "server"}
 _MEDIA = {"group": "media"}
+_PROCESS = {"group": "process"}
 
 
-def _doc(text: str, group: dict = _SERVER) -> msgspec.Meta:
-    return msgspec.Meta(description=text, extra=group)
+class GranianArg(typing.NamedTuple):
+    """How a field reaches Granian: its keyword for Granian's server class and its `granian` CLI flag
+    (Granian 2.8's names); `convert` turns the field's value into what the server class takes."""
+
+    kwarg: str
+    flag: str
+    convert: Any = None
+
+
+def _doc(text: str, group: dict = _SERVER, granian: GranianArg | None = None) -> msgspec.Meta:
+    return msgspec.Meta(description=text, extra={**group, "granian": granian})
 
 
 class SettingsError(ValueError):
@@ -77,21 +94,26 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     served_model_name: Annotated[
         list[str] | None, _doc("Name(s) clients use in `model`; the first is reported (default: --model).")
     ] = None
-    host: Annotated[str, _doc("Address to bind.")] = "127.0.0.1"
-    port: Annotated[int, _doc("TCP port to bind.")] = 8000
-    root_path: Annotated[str, _doc("Path prefix when served behind a reverse proxy.")] = ""
+    host: Annotated[str, _doc("Address to bind.", granian=GranianArg("address", "--host"))] = "127.0.0.1"
+    port: Annotated[int, _doc("TCP port to bind.", granian=GranianArg("port", "--port"))] = 8000
+    # ASGI root_path: Litestar routes /prefix/v1/... and /v1/... alike.
+    root_path: Annotated[
+        str,
+        _doc("Path prefix when served behind a reverse proxy.", granian=GranianArg("url_path_prefix", "--url-path-prefix")),
+    ] = ""
     workers: Annotated[
         int,
         _doc("Worker processes (Granian's), each with its own engine. CPU engines split the CPUs into this many "
              "shares, one per worker, when each gets 2 cores or more; under plain `granian --workers N`, set "
-             "this to N as well."),
+             "this to N as well.", granian=GranianArg("workers", "--workers")),
     ] = 1
     max_request_body_bytes: Annotated[
         int, _doc("Largest request body accepted (images come inline as base64).")
     ] = 64 * 1024 * 1024
     retry_after_seconds: Annotated[int, _doc("Retry-After sent with 503 while the engine loads.")] = 5
     log_level: Annotated[
-        Literal["critical", "error", "warning", "info", "debug"], _doc("Log level of the server.")
+        Literal["critical", "error", "warning", "info", "debug"],
+        _doc("Log level of the server.", granian=GranianArg("log_level", "--log-level")),
     ] = "info"
     log_format: Annotated[
         Literal["text", "json"], _doc("Log lines as text or as one JSON object per line.")
@@ -181,9 +203,44 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         str | None, _doc("Directory whose files may be sent as file: URLs or paths (unset: no local files).", _MEDIA)
     ] = None
 
+    # --- processes (Granian's; the app reads none of these) ---
+    reload: Annotated[
+        bool,
+        _doc("Restart workers when the package's source changes (development).", _PROCESS,
+             GranianArg("reload", "--reload")),
+    ] = False
+    workers_kill_timeout: Annotated[
+        int,
+        _doc("Seconds a stopping worker may take (drain, engine shutdown) before it is killed.", _PROCESS,
+             GranianArg("workers_kill_timeout", "--workers-kill-timeout")),
+    ] = 60
+    respawn_failed_workers: Annotated[
+        bool,
+        _doc("Restart a worker that died (Granian's supervisor).", _PROCESS,
+             GranianArg("respawn_failed_workers", "--respawn-failed-workers")),
+    ] = False
+    access_log: Annotated[
+        bool, _doc("Log every request (Granian's access log).", _PROCESS, GranianArg("log_access", "--access-log"))
+    ] = False
+    backlog: Annotated[int, _doc("Listen backlog.", _PROCESS, GranianArg("backlog", "--backlog"))] = 1024
+    backpressure: Annotated[
+        int | None,
+        _doc("Connections one worker serves at once, idle keep-alive ones included; more wait in the listen "
+             "queue (Granian's backpressure; default backlog / workers). Requests beyond "
+             "--max-pending-requests are refused with 429 either way.", _PROCESS,
+             GranianArg("backpressure", "--backpressure")),
+    ] = None
+    ssl_certfile: Annotated[
+        str | None, _doc("TLS certificate (PEM).", _PROCESS, GranianArg("ssl_cert", "--ssl-certificate", Path))
+    ] = None
+    ssl_keyfile: Annotated[
+        str | None, _doc("TLS private key (PEM).", _PROCESS, GranianArg("ssl_key", "--ssl-keyfile", Path))
+    ] = None
+
     def __post_init__(self) -> None:
         problems = []
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "port", "workers"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "port", "workers",
+                     "workers_kill_timeout", "backlog"):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
         if self.port > 65535:
@@ -214,14 +271,22 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 ipaddress.ip_network(network, strict=False)
             except ValueError as exc:
                 problems.append(f"{env_name('allowed_media_networks')}: {exc}")
-        if self.max_pending_requests is not None and self.max_pending_requests < 1:
-            problems.append(f"{env_name('max_pending_requests')}: must be at least 1, got {self.max_pending_requests}")
+        for name in ("max_pending_requests", "backpressure"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{env_name(name)}: must be at least 1, got {value}")
         for name in ("request_timeout", "drain_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{env_name(name)}: must be positive, got {value}")
         if self.api_key_file and not os.path.isfile(self.api_key_file):
             problems.append(f"{env_name('api_key_file')}: not a file: {self.api_key_file!r}")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value and not os.path.isfile(value):
+                problems.append(f"{env_name(name)}: not a file: {value!r}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            problems.append(f"{env_name('ssl_certfile')} and {env_name('ssl_keyfile')} go together")
         if self.allowed_local_media_path and not os.path.isdir(self.allowed_local_media_path):
             problems.append(f"{env_name('allowed_local_media_path')}: not a directory: {self.allowed_local_media_path!r}")
         if self.root_path and not self.root_path.startswith("/"):
@@ -253,11 +318,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         kwargs.update(self.engine_args or {})
         return kwargs
 
-    def to_env(self, only_changed: bool = True) -> dict[str, str]:
-        """The environment that reproduces these settings in another process."""
+    def to_env(self, only_changed: bool = True, exclude: Collection[str] = ()) -> dict[str, str]:
+        """The environment that reproduces these settings (but the `exclude`d fields) in another process."""
         env = {}
         defaults = Settings()
         for name in FIELDS:
+            if name in exclude:
+                continue
             value = getattr(self, name)
             if only_changed and value == getattr(defaults, name):
                 continue
@@ -278,6 +345,11 @@ def _field_meta() -> dict[str, tuple[Any, msgspec.Meta]]:
 # name -> (type, Meta with the help text and group), in declaration order.
 FIELDS: dict[str, tuple[Any, msgspec.Meta]] = _field_meta()
 ENGINE_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if meta.extra["group"] == "engine")
+PROCESS_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if meta.extra["group"] == "process")
+# field -> its Granian argument, for the fields Granian takes.
+GRANIAN_ARGS: dict[str, GranianArg] = {
+    name: meta.extra["granian"] for name, (_, meta) in FIELDS.items() if meta.extra["granian"]
+}
 
 
 def env_name(field: str) -> str:

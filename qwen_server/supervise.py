@@ -25,11 +25,11 @@ from typing import Any
 
 from qwen_server import drain, procs
 from qwen_server.ports import SERVER_MARKERS
+from qwen_server.settings import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger("qwen_server.launcher")
 
 _PR_SET_CHILD_SUBREAPER = 36
-_METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; read by metrics.py in the workers
 VERIFIED_GRANIAN = ((2, 8, 7), (2, 9, 0))  # [low, high) of the versions the hand-off was verified on
 
 
@@ -118,9 +118,9 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: fl
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     run_dir = tempfile.mkdtemp(prefix="qwen-server-")
     os.environ[drain.RUN_DIR_ENV] = run_dir
-    if not os.environ.get(_METRICS_DIR_ENV):
+    if not os.environ.get(PROMETHEUS_MULTIPROC_ENV):
         os.mkdir(os.path.join(run_dir, "metrics"))
-        os.environ[_METRICS_DIR_ENV] = os.path.join(run_dir, "metrics")
+        os.environ[PROMETHEUS_MULTIPROC_ENV] = os.path.join(run_dir, "metrics")
     # Granian forks its workers from this process, also while the reaper thread runs. A fork while
     # that thread is importing hands the child a module import lock that no thread of its own will
     # release; importing the app then hangs. The likely cause of a respawned worker that logged
@@ -184,7 +184,7 @@ def _reap_orphans(server: Any, stop: threading.Event) -> None:
 
 
 def _forget_worker_metrics(pid: int) -> None:
-    path = os.environ.get(_METRICS_DIR_ENV)
+    path = os.environ.get(PROMETHEUS_MULTIPROC_ENV)
     if path:
         # Runs in the reaper thread: serve() imported this before Granian's first fork (a first
         # import here could hand a forked worker a held import lock), so this is a lookup.

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import enum
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
 import pytest
+from click.testing import CliRunner
 
 from qwen_server import cli, settings
 from qwen_server.settings import Settings, SettingsError
@@ -135,3 +145,189 @@ def test_several_workers_on_one_gpu_need_a_memory_split(monkeypatch: pytest.Monk
     cli._check_combination(Settings(workers=2, gpu_memory_utilization=0.45))
     with pytest.raises(click.UsageError, match="one worker"):
         cli._check_combination(Settings(workers=2, tensor_parallel_size=2, gpu_memory_utilization=0.4))
+
+
+# --- --print-config's equivalent command, read back by Granian's own CLI ---
+
+
+def _print_config(argv: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """The launcher's --print-config: (its JSON, its equivalent command)."""
+    result = CliRunner().invoke(cli.main, [*argv, "--print-config"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shown, equivalent = result.output.split("\nequivalent: ")
+    return json.loads(shown), equivalent.strip()
+
+
+def _split_command(command: str) -> tuple[dict[str, str], list[str]]:
+    """`VAR=value ... granian ARGS` -> ({VAR: value}, ARGS)."""
+    words = shlex.split(command)
+    at = words.index("granian")
+    return dict(w.split("=", 1) for w in words[:at]), words[at + 1 :]
+
+
+def _plain(value: Any) -> Any:
+    """Granian's CLI hands its Server paths and enums; the launcher's JSON shows their text."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
+
+
+def _granian_server_kwargs(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What `granian ARGV` would hand Granian's Server: its own click CLI parses, a recorder stands in
+    for the Server."""
+    import granian.cli
+
+    seen: dict[str, Any] = {}
+
+    class Recorder:
+        def __init__(self, target: str, **kwargs: Any) -> None:
+            seen.update(target=target, **kwargs)
+
+        def serve(self) -> None:
+            pass
+
+    monkeypatch.setattr(granian.cli, "Server", Recorder)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Granian's CLI puts the working directory first
+    result = CliRunner().invoke(granian.cli.cli, argv, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return {k: _plain(v) for k, v in seen.items()}
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not read by --print-config\n")
+    key.write_text("not read by --print-config\n")
+    return cert, key
+
+
+def test_equivalent_command_gives_granian_the_launchers_arguments(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every argument the launcher hands Granian, the equivalent `granian` command hands it too."""
+    cert, key = tls_files
+    shown, equivalent = _print_config(
+        ["--port", "8123", "--workers", "2", "--log-level", "debug", "--root-path", "/p", "--reload",
+         "--workers-kill-timeout", "30", "--respawn-failed-workers", "--access-log", "--backlog", "2048",
+         "--backpressure", "8", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    )
+    _, argv = _split_command(equivalent)
+    from_command = _granian_server_kwargs(argv, monkeypatch)
+    differences = {
+        name: (value, from_command.get(name, "<not given>"))
+        for name, value in shown["granian"].items()
+        if from_command.get(name, "<not given>") != value
+    }
+    assert differences == {}, f"launcher's vs equivalent command's: {differences}\n{equivalent}"
+
+
+# One value per field, none its default ("<file>", "<dir>": made by the test). A new field must be given one.
+NON_DEFAULT: dict[str, Any] = {
+    "model": "Qwen/Qwen2.5-VL-3B-Instruct", "tokenizer": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "main",
+    "dtype": "bfloat16", "max_model_len": 4096, "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+    "data_parallel_size": 2, "distributed_executor_backend": "ray", "gpu_memory_utilization": 0.5,
+    "limit_mm_per_prompt": {"image": 4}, "mm_processor_kwargs": {"max_pixels": 1003520}, "enforce_eager": True,
+    "max_num_seqs": 8, "max_num_batched_tokens": 2048, "trust_remote_code": True, "seed": 7,
+    "enable_prefix_caching": False, "quantization": "awq", "kv_cache_dtype": "fp8",
+    "engine_args": {"swap_space": 4, "disable_log_stats": True},
+    "served_model_name": ["qwen", "qwen vl"], "host": "0.0.0.0", "port": 8123, "root_path": "/api", "workers": 2,
+    "max_request_body_bytes": 1024, "retry_after_seconds": 9, "log_level": "debug", "log_format": "json",
+    "keep_off_engine_cores": True, "engine_nice": 0, "api_key": ["sk-one", "sk-two"], "api_key_file": "<file>",
+    "protect_probes": True, "max_pending_requests": 3, "request_timeout": 2.5, "drain_timeout": 4.5,
+    "cors_allow_origins": ["https://app.example.com"],
+    "trust_request_mm_kwargs": True, "trust_request_chat_template": True, "max_messages": 64,
+    "max_content_parts": 16, "max_json_depth": 16, "engine_restarts": 2, "engine_restart_window": 60.0,
+    "max_image_bytes": 1000, "max_image_pixels": 1000, "max_image_side": 100, "max_request_image_bytes": 2000,
+    "image_cache_bytes": 0, "media_fetch_timeout": 2.5, "media_max_redirects": 0,
+    "allowed_media_domains": ["example.com"], "allowed_media_networks": ["10.0.0.0/8"],
+    "allowed_local_media_path": "<dir>",
+    "reload": True, "workers_kill_timeout": 30, "respawn_failed_workers": True, "access_log": True,
+    "backlog": 2048, "backpressure": 8, "ssl_certfile": "<file>", "ssl_keyfile": "<file>",
+}
+TOGETHER = {"ssl_certfile": ("ssl_keyfile",), "ssl_keyfile": ("ssl_certfile",)}
+
+
+def test_every_field_has_a_non_default_test_value() -> None:
+    assert set(NON_DEFAULT) == set(settings.FIELDS)
+    defaults = Settings()
+    assert [name for name, value in NON_DEFAULT.items() if getattr(defaults, name) == value] == []
+
+
+def _launcher_argv(values: dict[str, Any]) -> list[str]:
+    """The launcher's command line for `values`: each field's flag is its name."""
+    argv = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [word for item in value for word in (flag, item)]
+        else:
+            argv += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return argv
+
+
+@pytest.mark.parametrize("changed", [*NON_DEFAULT, "every field at once"])
+def test_equivalent_command_round_trips_every_setting(
+    changed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each field set to a value not its default, on the launcher's command line: --print-config's
+    equivalent command, its QWEN_SERVER_* variables read as the app reads them and its flags parsed
+    by Granian's own CLI, resolves to the same settings, and gives Granian what the launcher gives it.
+    The API keys are printed redacted: the test checks that, then puts the keys back."""
+    for key in [k for k in os.environ if k.startswith(settings.ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    names = list(NON_DEFAULT) if changed == "every field at once" else [changed, *TOGETHER.get(changed, ())]
+    (tmp_path / "file").write_text("sk-from-file\n")
+    made = {"<file>": str(tmp_path / "file"), "<dir>": str(tmp_path)}
+    values = {name: made.get(v, v) if isinstance(v := NON_DEFAULT[name], str) else v for name in names}
+    expected = Settings(**values)
+    assert settings.from_env(expected.to_env()) == expected  # how the launcher hands the workers their settings
+
+    shown, equivalent = _print_config(_launcher_argv(values))
+    env, granian_argv = _split_command(equivalent)
+    assert all(key.startswith(settings.ENV_PREFIX) for key in env)
+    assert not {settings.env_name(name) for name in settings.PROCESS_FIELDS} & set(env), "Granian's flags carry those"
+    if expected.api_key:
+        assert env[settings.env_name("api_key")] == "<redacted>"
+        assert shown["settings"]["api_key"] == ["<redacted>"] * len(expected.api_key)
+        assert not any(key in equivalent or key in json.dumps(shown) for key in expected.api_key)
+        env[settings.env_name("api_key")] = ",".join(expected.api_key)
+
+    from_command = _granian_server_kwargs(granian_argv, monkeypatch)
+    from_flags = {
+        name: settings.convert_value(name, from_command[arg.kwarg])
+        for name, arg in settings.GRANIAN_ARGS.items()
+        if from_command[arg.kwarg] is not None  # not given: the field's default
+    }
+    from_variables = settings.from_env(env)
+    assert msgspec.structs.replace(from_variables, **from_flags) == expected
+    for name in set(settings.GRANIAN_ARGS) - set(settings.PROCESS_FIELDS):  # the app reads these from its variables
+        assert getattr(from_variables, name) == getattr(expected, name), name
+    assert {name: from_command.get(name) for name in shown["granian"]} == shown["granian"]
+
+
+def test_process_settings_in_the_environment_are_known_and_change_nothing_else(tls_files: tuple[Path, Path]) -> None:
+    """The launcher's workers, and a plain `granian` run given these variables, accept them."""
+    cert, key = tls_files
+    s = settings.from_env({"QWEN_SERVER_RELOAD": "true", "QWEN_SERVER_BACKLOG": "2048",
+                           "QWEN_SERVER_SSL_CERTFILE": str(cert), "QWEN_SERVER_SSL_KEYFILE": str(key)})
+    assert (s.reload, s.backlog, s.ssl_certfile) == (True, 2048, str(cert))
+    assert s.engine_kwargs("/m") == Settings().engine_kwargs("/m")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--backlog", "0"], "QWEN_SERVER_BACKLOG: must be at least 1"),
+        (["--backpressure", "0"], "QWEN_SERVER_BACKPRESSURE: must be at least 1"),
+        (["--workers-kill-timeout", "0"], "QWEN_SERVER_WORKERS_KILL_TIMEOUT: must be at least 1"),
+        (["--ssl-certfile", "/nonexistent.pem", "--ssl-keyfile", "/nonexistent.pem"], "QWEN_SERVER_SSL_CERTFILE: not a file"),
+        (["--ssl-certfile", __file__], "QWEN_SERVER_SSL_CERTFILE and QWEN_SERVER_SSL_KEYFILE go together"),
+    ],
+)
+def test_bad_process_options_are_refused(argv: list[str], fragment: str) -> None:
+    result = CliRunner().invoke(cli.main, [*argv, "--print-config"])
+    assert result.exit_code == 2 and fragment in result.output, result.output
