@@ -10,11 +10,13 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
+from litestar.exceptions import MethodNotAllowedException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 
 from qwen_server import __version__, drain, logs, metrics
@@ -30,15 +32,30 @@ from qwen_server.settings import Settings
 log = logging.getLogger("qwen_server")
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    """Build the app for `settings` (default: from the QWEN_SERVER_* environment)."""
+class App(Litestar):
+    """Litestar with the edge in front of its router. Litestar runs middleware only inside a matched
+    route; the edge must also see what routing answers itself (404, 405, CORS preflights), so that
+    every response carries X-Request-Id, is counted and gets its access line."""
+
+    def __init__(self, edge: Edge, **config: Any) -> None:
+        super().__init__(**config)
+        self.edge = edge
+        self._edged = edge.wrap(super().__call__)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._edged(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Settings], Engine] = Engine) -> App:
+    """Build the app for `settings` (default: from the QWEN_SERVER_* environment). `engine_factory`
+    makes the engine in the lifespan: in-process tests hand in a fake one."""
     settings = settings or settings_mod.from_env()
     logs.configure(settings.log_level, settings.log_format)
     edge = Edge(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = Engine(settings)
+        engine = engine_factory(settings)
         media = MediaLoader(settings)
         app.state.engine = engine
         edge.engine = engine
@@ -53,14 +70,22 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await media.aclose()
             metrics.worker_exited()
 
-    return Litestar(
+    return App(
+        edge,
         route_handlers=route_handlers,
         lifespan=[lifespan],
         middleware=[edge.middleware],
-        exception_handlers=exception_handlers,
+        exception_handlers={
+            **exception_handlers, NotFoundException: edge.unmatched, MethodNotAllowedException: edge.unmatched,
+        },
         request_max_body_size=settings.max_request_body_bytes,
         cors_config=CORSConfig(allow_origins=settings.cors_allow_origins) if settings.cors_allow_origins else None,
-        openapi_config=OpenAPIConfig(title="qwen_server", version=__version__, path="/docs"),
+        # The documentation stays open (as before routes declared their policy) and out of its own schema.
+        openapi_config=OpenAPIConfig(
+            title="qwen_server",
+            version=__version__,
+            openapi_router=Router("/docs", route_handlers=[], opt={"auth": False}, include_in_schema=False),
+        ),
         logging_config=None,
         debug=False,
     )
@@ -85,7 +110,7 @@ def _start_drain(edge: Edge, engine: Engine, settings: Settings) -> None:
     task.add_done_callback(_drains.discard)
 
 
-def _app_or_exit() -> Litestar:
+def _app_or_exit() -> App:
     try:
         return create_app()
     except settings_mod.SettingsError as exc:

@@ -1,11 +1,27 @@
 """The HTTP edge in front of every route: request IDs, API keys, admission control, deadlines,
 drain, metrics and the access log.
 
-Admission is decided here, before the body is read, so a refused request costs no image fetch or
-decode. Each admitted inference request runs under an `asyncio.timeout`: its deadline is the
-request timeout, and drain moves it to "now" for the requests still running at the end of the
-drain. Cancelling the handler aborts the engine request (vLLM's generator is cancelled); the
-client then gets an error response, or, if its stream had started, an error event and [DONE].
+Policy is declared on each route, in Litestar's per-handler `opt`, and read from the route the
+request matched (`scope["route_handler"]`); nothing here lists paths:
+
+- `opt={"inference": True}`: admission (429 beyond the limit, 503 while draining) and a deadline;
+- `opt={"auth": False}`: never asks for the API key;
+- `opt={"probe": True}`: asks for the key only with `--protect-probes` (readiness, metrics);
+- `opt={"quiet": True}`: its access line is logged at debug (probes and scrapes).
+
+A route that declares nothing needs the key (when keys are configured), is not inference, and is
+logged at info. A request that matched no route (404, 405) is held to that default: without a valid
+key it gets 401, whatever the path, so a client without a key cannot tell which paths exist.
+
+Litestar runs its middleware only inside a matched route, so the edge has two parts: `Edge.wrap`
+goes around the whole app (request ID, metrics labelled by the route's path template or
+"unmatched", access log: every response, 404/405 and CORS preflights included), and
+`Edge.middleware`, Litestar middleware, applies the matched route's policy before its handler reads
+the body, so a refused request costs no image fetch or decode. Each admitted inference request runs
+under an `asyncio.timeout`: its deadline is the request timeout, and drain moves it to "now" for the
+requests still running at the end of the drain. Cancelling the handler aborts the engine request
+(vLLM's generator is cancelled); the client then gets an error response, or, if its stream had
+started, an error event and [DONE].
 """
 
 from __future__ import annotations
@@ -20,16 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
 from qwen_server import logs, metrics
-from qwen_server.errors import envelope
+from qwen_server.errors import envelope, handle_http_exception
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
 
 EXCHANGE = "qwen_server.exchange"  # ASGI scope key of the request's Exchange
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-_PROBES = frozenset({"/health", "/metrics"})
-_QUIET = frozenset({"/live", "/health", "/metrics"})  # logged at debug: probes and scrapes
+UNMATCHED = "unmatched"  # the metrics route label of a request no route handler answered (404, 405)
+_UNAUTHORIZED = "Missing or invalid API key: send Authorization: Bearer <key>."
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 
 
@@ -42,10 +60,18 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cut: str | None = None  # why the edge ended it early: "timeout" or "drain_abort"
+    status: int | None = None  # the response's, once it has started
+    finished: bool = False  # the response's last body message was sent
 
 
 def exchange_of(scope: Any) -> Exchange | None:
     return scope.get(EXCHANGE)
+
+
+def route_opt(scope: Any) -> dict[str, Any]:
+    """The policy the matched route declares; {} (the default policy) when no route matched."""
+    handler = scope.get("route_handler")
+    return handler.opt if handler is not None else {}
 
 
 def load_keys(settings: Settings) -> tuple[bytes, ...]:
@@ -59,7 +85,8 @@ def load_keys(settings: Settings) -> tuple[bytes, ...]:
 
 
 class Edge:
-    """Per-worker state of the edge; `middleware` is what Litestar wraps around the routes."""
+    """Per-worker state of the edge: `wrap` goes around the whole app, `middleware` is what Litestar
+    wraps around each route, `unmatched` answers the requests no route matched."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -89,9 +116,9 @@ class Edge:
             await asyncio.sleep(0.02)
         return cut
 
-    # --- the middleware ---
+    # --- around the whole app: every response ---
 
-    def middleware(self, app: Any) -> Any:
+    def wrap(self, app: Any) -> Any:
         async def edge(scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] != "http":
                 await app(scope, receive, send)
@@ -102,59 +129,30 @@ class Edge:
 
     async def _serve(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
         t0 = time.perf_counter()
-        path, method = scope["path"], scope["method"]
+        path, method = scope["path"], scope["method"]  # as received: routing strips the root path
         exchange = Exchange(_request_id(scope))
         scope[EXCHANGE] = exchange
-        status = 500
-        started = finished = False
         rid_header = (b"x-request-id", exchange.request_id.encode())
 
         async def send_wrapper(message: Any) -> None:
-            nonlocal status, started, finished
             if message["type"] == "http.response.start":
-                status = message["status"]
-                started = True
+                exchange.status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), rid_header]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True
+                exchange.finished = True
             await send(message)
 
-        async def refuse(code: int, message: str, err: str, headers: dict[str, str] | None = None) -> None:
-            metrics.REJECTED.labels(err).inc()
-            await _send_error(send_wrapper, code, message, err, headers)
-
         metrics.HTTP_IN_FLIGHT.inc()
-        admitted = False
         try:
-            if self._needs_key(path, method) and not self._authorized(scope):
-                await refuse(401, "Missing or invalid API key: send Authorization: Bearer <key>.", "unauthorized",
-                             {"WWW-Authenticate": "Bearer"})
-                return
-            if path in INFERENCE_PATHS and method == "POST":
-                retry = str(self.settings.retry_after_seconds)
-                if self.draining:
-                    await refuse(503, "The server is shutting down; retry on another instance.", "draining",
-                                 {"Retry-After": retry})
-                    return
-                limit = self._limit()
-                if limit is not None and self.admitted >= limit:
-                    await refuse(429, f"The server is at its limit of {limit} requests in progress; retry shortly.",
-                                 "overloaded", {"Retry-After": "1"})
-                    return
-                admitted = True
-                self.admitted += 1
-                await self._run_admitted(app, scope, receive, send_wrapper, exchange, lambda: (started, finished))
-            else:
-                await app(scope, receive, send_wrapper)
+            await app(scope, receive, send_wrapper)
         finally:
-            if admitted:
-                self.admitted -= 1
             metrics.HTTP_IN_FLIGHT.dec()
             elapsed = time.perf_counter() - t0
-            route = path if path in _ROUTES else "other"
+            status = exchange.status or 500  # nothing sent: the app failed before its response
+            route = scope.get("path_template") if "route_handler" in scope else UNMATCHED
             metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
             metrics.HTTP_LATENCY.labels(method, route).observe(elapsed)
-            (logs.ACCESS.debug if path in _QUIET else logs.ACCESS.info)(
+            (logs.ACCESS.debug if route_opt(scope).get("quiet") else logs.ACCESS.info)(
                 "%s %s %d", method, path, status,
                 extra={"fields": {
                     "request_id": exchange.request_id,
@@ -167,8 +165,59 @@ class Edge:
                 }},
             )
 
-    async def _run_admitted(self, app: Any, scope: Any, receive: Any, send: Any, exchange: Exchange,
-                            progress: Any) -> None:
+    # --- around each route: its declared policy, before its handler reads the body ---
+
+    def middleware(self, app: Any) -> Any:
+        async def policy(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            await self._apply_policy(app, scope, receive, send)
+
+        return policy
+
+    async def _apply_policy(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
+        opt = route_opt(scope)
+        exchange = scope[EXCHANGE]
+
+        async def refuse(code: int, message: str, err: str, headers: dict[str, str]) -> None:
+            metrics.REJECTED.labels(err).inc()
+            await _send_error(send, code, message, err, headers)
+
+        if self._needs_key(opt, scope["method"]) and not self._authorized(scope):
+            await refuse(401, _UNAUTHORIZED, "unauthorized", {"WWW-Authenticate": "Bearer"})
+            return
+        if not opt.get("inference"):
+            await app(scope, receive, send)
+            return
+        if self.draining:
+            await refuse(503, "The server is shutting down; retry on another instance.", "draining",
+                         {"Retry-After": str(self.settings.retry_after_seconds)})
+            return
+        limit = self._limit()
+        if limit is not None and self.admitted >= limit:
+            await refuse(429, f"The server is at its limit of {limit} requests in progress; retry shortly.",
+                         "overloaded", {"Retry-After": "1"})
+            return
+        self.admitted += 1
+        try:
+            await self._run_admitted(app, scope, receive, send, exchange)
+        finally:
+            self.admitted -= 1
+
+    # --- the requests no route matched ---
+
+    def unmatched(self, request: Request, exc: HTTPException) -> Response:
+        """Litestar's exception handler for 404 and 405: a request that matched no route is held to
+        the default policy (the key, when keys are configured) before it learns the path is unknown."""
+        scope = request.scope
+        if "route_handler" not in scope and self._needs_key({}, scope["method"]) and not self._authorized(scope):
+            metrics.REJECTED.labels("unauthorized").inc()
+            return Response(content=envelope(401, _UNAUTHORIZED, None, "unauthorized"), status_code=401,
+                            media_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+        return handle_http_exception(request, exc)
+
+    async def _run_admitted(self, app: Any, scope: Any, receive: Any, send: Any, exchange: Exchange) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout if self.settings.request_timeout else None
         try:
@@ -179,8 +228,7 @@ class Edge:
                 finally:
                     self._running.pop(scope_timeout, None)
         except TimeoutError:
-            started, finished = progress()
-            if finished:
+            if exchange.finished:
                 return
             reason = exchange.cut or "timeout"
             exchange.cut = reason
@@ -190,7 +238,7 @@ class Edge:
             else:
                 code, text = 503, "The server is shutting down and stopped this request."
             log.warning("request %s cut: %s", exchange.request_id, reason)
-            if started:  # a stream: an error event, then the end of the stream
+            if exchange.status is not None:  # a stream: an error event, then the end of the stream
                 body = b"data: " + envelope(code, text, None, reason) + b"\n\ndata: [DONE]\n\n"
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             else:
@@ -201,10 +249,12 @@ class Edge:
             self.limit = 4 * self.engine.max_num_seqs
         return self.limit
 
-    def _needs_key(self, path: str, method: str) -> bool:
+    def _needs_key(self, opt: dict[str, Any], method: str) -> bool:
         if not self.keys or method == "OPTIONS":  # CORS preflights carry no credentials
             return False
-        return path.startswith("/v1/") or (self.settings.protect_probes and path in _PROBES)
+        if opt.get("probe"):
+            return self.settings.protect_probes
+        return opt.get("auth", True)
 
     def _authorized(self, scope: Any) -> bool:
         token = b""
@@ -221,8 +271,6 @@ class Edge:
             matched |= hmac.compare_digest(token, key)
         return matched
 
-
-_ROUTES = frozenset({*INFERENCE_PATHS, "/v1/models", "/live", "/health", "/version", "/metrics", "/docs"})
 
 
 def _request_id(scope: Any) -> str:

@@ -43,16 +43,20 @@ def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
+def may_connect(address: str, allowed_networks: Iterable[Network] = ()) -> bool:
+    """Whether the fetcher may connect to `address` (as getaddrinfo or a socket's peer names it, an
+    IPv6 scope id included): a public address, or one inside `allowed_networks`. The whole address
+    policy, as a pure function: it only decides, it connects to nothing."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return is_public(ip) or any(ip in net for net in allowed_networks)
+
+
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend with the address check in front of every TCP connect."""
 
     def __init__(self, allowed_networks: Iterable[Network]) -> None:
         self._inner = httpcore.AnyIOBackend()
         self._allowed = tuple(allowed_networks)
-
-    def _permitted(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        return is_public(ip) or any(ip in net for net in self._allowed)
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                           socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
@@ -61,7 +65,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         except socket.gaierror as exc:
             raise FetchError(f"The image host {host!r} could not be resolved: {exc.strerror}.", "unresolvable") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        refused = [a for a in addresses if not self._permitted(a)]
+        refused = [a for a in addresses if not may_connect(a, self._allowed)]
         if refused:
             raise FetchError(
                 f"The image host {host!r} resolves to {refused[0]}, a non-public address this server does "
@@ -78,7 +82,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
                 last = exc
                 continue
             peer = stream.get_extra_info("server_addr")
-            if not peer or not self._permitted(peer[0]):
+            if not peer or not may_connect(peer[0], self._allowed):
                 await stream.aclose()
                 raise FetchError(f"The connection to {host!r} reached a non-public address.", "forbidden_address")
             return stream

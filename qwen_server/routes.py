@@ -1,4 +1,7 @@
-"""HTTP only: decode the body, call the service, pick the response type, watch for disconnects."""
+"""HTTP only: decode the body, call the service, pick the response type, watch for disconnects.
+
+Each route declares its edge policy in `opt` (see edge.py): inference, open, probe, quiet. A route
+that declares nothing needs the API key and is logged at info."""
 
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     status_code=200,
     summary="Chat completion (OpenAI), images as image_url parts",
     operation_class=with_json_body(p.ChatCompletionRequest),
+    opt={"inference": True},
 )
 async def chat_completions(request: Request) -> Response:
     service = _service(request)
@@ -57,6 +61,7 @@ async def chat_completions(request: Request) -> Response:
     status_code=200,
     summary="Text completion (OpenAI)",
     operation_class=with_json_body(p.CompletionRequest),
+    opt={"inference": True},
 )
 async def completions(request: Request) -> Response:
     service = _service(request)
@@ -127,12 +132,13 @@ async def models(request: Request) -> Response:
     )
 
 
-@get("/live", summary="Liveness: 200 while the process serves HTTP")
+@get("/live", summary="Liveness: 200 while the process serves HTTP", opt={"auth": False, "quiet": True})
 async def live() -> Response:
     return _json({"status": "alive"})
 
 
-@get("/health", summary="Readiness: 200 when the engine is ready, else 503 with the state")
+@get("/health", summary="Readiness: 200 when the engine is ready, else 503 with the state",
+     opt={"probe": True, "quiet": True})
 async def health(request: Request) -> Response:
     engine = _engine(request)
     body = engine.status()
@@ -141,13 +147,14 @@ async def health(request: Request) -> Response:
     return _json(body, 503, {"Retry-After": str(engine.settings.retry_after_seconds)})
 
 
-@get("/metrics", summary="Prometheus metrics (vLLM's engine metrics under their own names)")
+@get("/metrics", summary="Prometheus metrics (vLLM's engine metrics under their own names)",
+     opt={"probe": True, "quiet": True})
 async def metrics_endpoint() -> Response:
     body, content_type = await asyncio.to_thread(metrics.render)
     return Response(content=body, media_type=content_type)
 
 
-@get("/version", summary="Server and engine versions")
+@get("/version", summary="Server and engine versions", opt={"auth": False})
 async def version() -> Response:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version

@@ -1,16 +1,19 @@
 """The HTTP edge's logic against FAKE ASGI apps (no engine, no server): deadlines, drain cuts,
 admission, API keys and request IDs at the ASGI level. The same behaviours run against the real
-engine behind Granian in test_ops.py; these pin the exact messages sent in each case."""
+engine behind Granian in test_ops.py; these pin the exact messages sent in each case. The scope
+carries a fake matched route, as Litestar's router leaves it; tests/unit/ runs the real app."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 from qwen_server.edge import Edge, exchange_of
 from qwen_server.settings import Settings
 
 PATH = "/v1/chat/completions"
+INFERENCE = {"inference": True}
 
 
 def fake_app(delay_before: float, chunks: int = 0, delay_between: float = 0.0):
@@ -27,7 +30,8 @@ def fake_app(delay_before: float, chunks: int = 0, delay_between: float = 0.0):
     return app
 
 
-async def call(edge: Edge, app, path: str = PATH, headers: list | None = None) -> list[dict]:
+async def call(edge: Edge, app, path: str = PATH, headers: list | None = None, opt: dict | None = None) -> list[dict]:
+    """One request through the edge to `app`, as the route at `path` declaring `opt` (default: inference)."""
     sent: list[dict] = []
 
     async def send(message):
@@ -36,8 +40,15 @@ async def call(edge: Edge, app, path: str = PATH, headers: list | None = None) -
     async def receive():
         await asyncio.sleep(3600)
 
+    def route(app):  # what Litestar's router does before the route's middleware runs
+        async def routed(scope, receive, send):
+            scope["route_handler"] = SimpleNamespace(opt=INFERENCE if opt is None else opt)
+            scope["path_template"] = path
+            await app(scope, receive, send)
+        return routed
+
     scope = {"type": "http", "path": path, "method": "POST", "headers": headers or [], "app": None}
-    await edge.middleware(app)(scope, receive, send)
+    await edge.wrap(route(edge.middleware(app)))(scope, receive, send)
     return sent
 
 
@@ -105,7 +116,8 @@ def test_keys_and_request_ids() -> None:
     assert ok[0]["status"] == 200 and (b"x-request-id", b"abc") in ok[0]["headers"]
     for header in (b"Bearer k3", b"Bearer ", b"k1", b"bearer k1 extra"):
         assert asyncio.run(call(edge, fake_app(0), headers=[(b"authorization", header)]))[0]["status"] == 401
-    assert asyncio.run(call(edge, fake_app(0), path="/live"))[0]["status"] == 200  # open
+    assert asyncio.run(call(edge, fake_app(0), path="/live", opt={"auth": False}))[0]["status"] == 200  # open
+    assert asyncio.run(call(edge, fake_app(0), path="/new", opt={}))[0]["status"] == 401  # declares nothing
 
 
 def test_exchange_is_on_the_scope_for_the_routes() -> None:

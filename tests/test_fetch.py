@@ -1,14 +1,19 @@
 """Remote image fetching against a local HTTP server: limits, redirects and the SSRF guard.
 
-The server listens on 127.0.0.1 only; the fetcher is allowed 127.0.0.1/32 where a test needs a
-successful fetch, so 127.0.0.2 (same loopback interface, not allowed) stands in for "a private
-address" in redirect tests.
+No test here names an address outside 127.0.0.0/8 or ::1 as a fetch target, not even one it expects
+refused: a regression in the guard would then send traffic off the machine. The address policy is
+tested as the pure function `may_connect` over private, link-local, multicast, unspecified and
+public addresses; the fetcher is tested against loopback only. The server listens on 127.0.0.1;
+the fetcher is allowed 127.0.0.1/32 where a test needs a successful fetch, so 127.0.0.2 (same
+loopback interface, not allowed) stands in for "a private address" in redirect tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.server
+import ipaddress
+import socket
 import threading
 import time
 import typing
@@ -16,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qwen_server.fetch import USER_AGENT, Fetcher, FetchError
+from qwen_server.fetch import USER_AGENT, Fetcher, FetchError, may_connect
 
 BODY = b"\x89PNG fake image body" * 100
 
@@ -132,18 +137,81 @@ def test_http_errors_name_the_status(origin: str) -> None:
     assert "404" in refused(f"{origin}/missing", "fetch_failed").message
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "127.0.0.2"])
-def test_loopback_and_unspecified_hosts_are_refused_by_default(origin: str, host: str) -> None:
+# --- the address policy, as a pure function (nothing is resolved or connected) ---
+
+REFUSED_BY_DEFAULT = [
+    "10.0.0.1", "10.255.255.255",  # 10/8
+    "172.16.0.1", "172.31.255.255",  # 172.16/12, both ends
+    "192.168.0.1", "192.168.255.255",  # 192.168/16
+    "169.254.169.254", "169.254.0.1",  # link-local: cloud metadata services live here
+    "100.64.0.1",  # shared address space (carrier-grade NAT)
+    "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::ffff:127.0.0.1",  # IPv4-mapped IPv6
+    "fc00::1", "fd12:3456::1",  # unique local, fc00::/7
+    "fe80::1", "fe80::1%eth0", "febf::1",  # link-local fe80::/10, with a scope id as getaddrinfo gives it
+    "224.0.0.1", "239.255.255.250", "ff02::1", "ff0e::1",  # multicast, also the globally scoped kind
+    "0.0.0.0", "::",  # unspecified: connecting to them reaches this machine
+    "127.0.0.1", "127.0.0.2", "127.255.255.254", "::1",  # loopback
+    "255.255.255.255", "240.0.0.1", "192.0.2.1", "198.18.0.1",  # broadcast, reserved, documentation, benchmarking
+]
+PUBLIC = ["1.1.1.1", "172.15.255.255", "172.32.0.1", "2606:4700:4700::1111", "::ffff:1.1.1.1"]
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any socket or name lookup fails the test: the policy must decide from the address alone."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the address policy touched the network")
+
+    monkeypatch.setattr(socket, "socket", forbidden)
+    monkeypatch.setattr(socket, "getaddrinfo", forbidden)
+    monkeypatch.setattr(socket, "create_connection", forbidden)
+
+
+@pytest.mark.parametrize("address", REFUSED_BY_DEFAULT)
+def test_non_public_addresses_are_refused_by_default(no_network: None, address: str) -> None:
+    assert not may_connect(address)
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_are_allowed(no_network: None, address: str) -> None:
+    assert may_connect(address)
+
+
+@pytest.mark.parametrize(("address", "networks", "allowed"), [
+    ("10.0.0.1", ["10.0.0.0/8"], True),
+    ("10.0.0.1", ["10.0.0.0/24", "192.168.0.0/16"], True),
+    ("10.0.1.1", ["10.0.0.0/24"], False),
+    ("169.254.169.254", ["10.0.0.0/8"], False),  # allowing one network opens no other
+    ("127.0.0.1", ["127.0.0.1/32"], True),
+    ("127.0.0.2", ["127.0.0.1/32"], False),
+    ("::1", ["::1/128"], True),
+    ("::1", ["127.0.0.0/8"], False),
+    ("fd12::1", ["fc00::/7"], True),
+])
+def test_allowed_networks_open_exactly_themselves(no_network: None, address: str, networks: list[str],
+                                                  allowed: bool) -> None:
+    assert may_connect(address, [ipaddress.ip_network(n) for n in networks]) is allowed
+
+
+# --- the guard in the fetcher, on loopback targets only ---
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"])
+def test_loopback_hosts_are_refused_by_default(origin: str, host: str) -> None:
     port = origin.rsplit(":", 1)[1]
     refused(f"http://{host}:{port}/image", "forbidden_address", allowed_networks=[])
 
 
-def test_redirect_to_a_private_address_is_refused(origin: str) -> None:
+def test_redirect_to_an_address_outside_the_allowed_networks_is_refused(origin: str) -> None:
     port = origin.rsplit(":", 1)[1]
-    # First hop allowed (127.0.0.1), second hop to 127.0.0.2 is not.
-    refused(f"{origin}/to?http://127.0.0.2:{port}/image", "forbidden_address")
-    refused(f"{origin}/to?http://169.254.169.254/latest/meta-data/", "forbidden_address")
-    refused(f"{origin}/to?http://[::ffff:10.0.0.1]/x", "forbidden_address")
+    # First hop allowed (127.0.0.1/32), the second is not: 127.0.0.2, also written IPv4-mapped
+    # (::ffff:127.0.0.2, loopback on the wire) and as the short form 127.2 of 127.0.0.2.
+    for target in (f"http://127.0.0.2:{port}/image", f"http://[::ffff:127.0.0.2]:{port}/image",
+                   f"http://127.2:{port}/image"):
+        refused(f"{origin}/to?{target}", "forbidden_address")
+    # After an allowed redirect (127.0.0.1 to itself), the refused hop is still checked.
+    refused(f"{origin}/to?{origin}/to?http://127.0.0.2:{port}/image", "forbidden_address")
 
 
 def test_redirect_to_another_scheme_is_refused(origin: str) -> None:
