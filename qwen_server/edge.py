@@ -142,9 +142,20 @@ class Edge:
                 exchange.finished = True
             await send(message)
 
+        body_read = not _has_body(scope)
+
+        async def receive_wrapper() -> Any:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_read = True
+            return message
+
         metrics.HTTP_IN_FLIGHT.inc()
         try:
-            await app(scope, receive, send_wrapper)
+            await app(scope, receive_wrapper, send_wrapper)
+            if not body_read:
+                await self._discard_body(receive_wrapper, lambda: body_read)
         finally:
             metrics.HTTP_IN_FLIGHT.dec()
             elapsed = time.perf_counter() - t0
@@ -164,6 +175,20 @@ class Edge:
                     "cut": exchange.cut,
                 }},
             )
+
+    async def _discard_body(self, receive: Any, done: Any) -> None:
+        """Read what is left of a body the app answered without reading (401, 404, 413, 429): a
+        connection closed with unread bytes is reset, and asyncio clients then lose the answer to a
+        ReadError. Bounded in bytes and time; past either, the connection closes as before."""
+        limit = self.settings.max_request_body_bytes + _DISCARD_EXTRA_BYTES
+        seen = 0
+        try:
+            async with asyncio.timeout(_DISCARD_SECONDS):
+                while not done() and seen <= limit:
+                    message = await receive()
+                    seen += len(message.get("body", b""))
+        except TimeoutError:
+            pass
 
     # --- around each route: its declared policy, before its handler reads the body ---
 
@@ -271,6 +296,19 @@ class Edge:
             matched |= hmac.compare_digest(token, key)
         return matched
 
+
+
+_DISCARD_SECONDS = 10.0
+_DISCARD_EXTRA_BYTES = 16 * 1024 * 1024
+
+
+def _has_body(scope: Any) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
 
 
 def _request_id(scope: Any) -> str:

@@ -39,6 +39,7 @@ class ChatMessage(Struct, frozen=True):
 
 class StreamOptions(Struct, frozen=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; refused (service.py), not yet honoured
 
 
 class JSONSchemaFormat(Struct, frozen=True):
@@ -63,7 +64,32 @@ Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=16)] | None
 
 
-class SamplingFields(Struct, kw_only=True, frozen=True):
+# Request fields of OpenAI's and vLLM's APIs that this server does not honour (yet), with the values
+# that ask for nothing (a client library's defaults). Any other value is a 400 naming the field:
+# a client is never told "200" for work that was silently not done. Fields neither API has are
+# tolerated, as real clients send extras. The README's field table gives the decision for each.
+REFUSED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,), "length_penalty": (1.0,), "best_of": (1,), "prompt_logprobs": (),
+    "logprob_token_ids": (), "truncate_prompt_tokens": (), "truncation_side": (), "structured_outputs": (),
+    "priority": (0,), "request_id": (), "session_id": (), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "return_token_offsets": (False,), "return_prompt_text": (False,),
+    "routed_experts_prompt_start": (0,), "mm_payload": ("tensors",), "return_mm_kwargs": (),
+    "cache_salt": (), "kv_transfer_params": (), "ec_transfer_params": (), "vllm_xargs": ({},),
+    "repetition_detection": (), "stream_interval": (), "watermarking": (), "thinking_token_budget": (),
+    "prompt_embeds": (), "media_io_kwargs": ({},), "prediction": (), "audio": (), "modalities": (["text"],),
+    "web_search_options": (), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "reasoning_effort": (), "include_reasoning": (True,), "documents": ([],),
+}
+# Accepted and ignored: they ask the service for nothing that changes the answer.
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key",
+                  "parallel_tool_calls")
+
+_Refusable = msgspec.defstruct(
+    "_Refusable", [(name, Any, msgspec.UNSET) for name in REFUSED_FIELDS], kw_only=True, frozen=True
+)
+
+
+class SamplingFields(_Refusable, kw_only=True, frozen=True):
     """Sampling parameters shared by chat and text completions (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
@@ -83,6 +109,9 @@ class SamplingFields(Struct, kw_only=True, frozen=True):
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: Annotated[list[Int64], Meta(max_length=1 << 20)] | None = None
+    bad_words: Annotated[list[str], Meta(max_length=1024)] | None = None
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
     stream: bool = False
@@ -92,6 +121,8 @@ class SamplingFields(Struct, kw_only=True, frozen=True):
 
 class ChatCompletionRequest(SamplingFields, kw_only=True, frozen=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    echo: bool = False  # vLLM's chat echo; refused (service.py)
+    chat_template: str | None = None  # vLLM's request-level template: needs --trust-request-chat-template
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None

@@ -17,11 +17,12 @@ from qwen_server import __version__, metrics
 from qwen_server import protocol as p
 from qwen_server.edge import Exchange, exchange_of
 from qwen_server.engine import Engine
-from qwen_server.errors import APIError
+from qwen_server.errors import APIError, clip
 from qwen_server.openapi import with_json_body
 from qwen_server.service import Prepared, Service, decode, decode_chat
 
 _JSON = "application/json"
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 _CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an http.disconnect mid-body
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -70,8 +71,13 @@ async def completions(request: Request) -> Response:
 
 
 async def _body(request: Request) -> bytes:
-    """The request body; a body cut short (the client went away, or broken chunked framing, which
-    Granian reports as a disconnect) is the client's error, not the server's."""
+    """The request body, which must be JSON (a form post is refused, as vLLM's server does); a body
+    cut short (the client went away, or broken chunked framing, which Granian reports as a
+    disconnect) is the client's error, not the server's."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type in _FORMS:
+        raise APIError(415, f"Content-Type {content_type} is not accepted: send application/json.",
+                       param="Content-Type", code="unsupported_media_type")
     try:
         return await request.body()
     except InternalServerException as exc:
@@ -116,20 +122,29 @@ async def _disconnected(request: Request) -> None:
 
 @get("/v1/models", summary="Models served; 503 until the engine is ready")
 async def models(request: Request) -> Response:
+    return _json(p.ModelList(data=_model_cards(request)))
+
+
+@get("/v1/models/{model_id:path}", summary="One served model's card; 404 model_not_found for others")
+async def model(request: Request) -> Response:
+    model_id = str(request.path_params["model_id"]).removeprefix("/")  # ids may hold a '/' (org/name)
+    for card in _model_cards(request):
+        if card.id == model_id:
+            return _json(card)
+    raise APIError(404, f"The model {clip(repr(model_id))} does not exist.", param="model", code="model_not_found")
+
+
+def _model_cards(request: Request) -> list[p.ModelCard]:
     engine = _engine(request)
     # 503 until the engine is ready, as for inference: clients commonly wait for this endpoint to answer
     # before sending work (vLLM's server does not listen until then), and max_model_len is unknown before.
     engine.ready_client()
     created = int(request.app.state.started_at)
     root = engine.model_path or engine.settings.model or ""
-    return _json(
-        p.ModelList(
-            data=[
-                p.ModelCard(id=name, created=created, max_model_len=engine.max_model_len, root=root)
-                for name in engine.settings.model_names
-            ]
-        )
-    )
+    return [
+        p.ModelCard(id=name, created=created, max_model_len=engine.max_model_len, root=root)
+        for name in engine.settings.model_names
+    ]
 
 
 @get("/live", summary="Liveness: 200 while the process serves HTTP", opt={"auth": False, "quiet": True})
@@ -169,4 +184,4 @@ async def version() -> Response:
     return _json({"version": __version__, "vllm": engine_version})
 
 
-route_handlers = [chat_completions, completions, models, live, health, metrics_endpoint, version]
+route_handlers = [chat_completions, completions, models, model, live, health, metrics_endpoint, version]

@@ -72,9 +72,18 @@ class Service:
     async def prepare_chat(self, req: p.ChatCompletionRequest, exchange: Exchange) -> Prepared:
         client = self.engine.ready_client()
         model = self._check_model(req.model)
+        _check_common(req)
+        if req.echo:
+            raise bad_request("echo is not supported for chat completions by this server.", "echo",
+                              code="unsupported_field")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
         template_kwargs = self._template_kwargs(req.chat_template_kwargs)
+        if req.chat_template is not None:
+            if not self.settings.trust_request_chat_template:
+                raise bad_request("chat_template is not accepted (--trust-request-chat-template allows it).",
+                                  "chat_template")
+            template_kwargs = {**template_kwargs, "chat_template": req.chat_template}
         conversation, image_urls = self._conversation(req.messages)
         exchange.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
@@ -117,6 +126,7 @@ class Service:
     async def prepare_completion(self, req: p.CompletionRequest, exchange: Exchange) -> Prepared:
         client = self.engine.ready_client()
         model = self._check_model(req.model)
+        _check_common(req)
         if req.suffix:
             raise bad_request("suffix is not supported.", "suffix")
         text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
@@ -325,6 +335,9 @@ class Service:
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
+                spaces_between_special_tokens=req.spaces_between_special_tokens,
+                allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 # Streams take each step's new tokens; a non-streaming request only its final output,
                 # so this worker is not woken once per token for a result nobody reads until the end.
@@ -356,7 +369,7 @@ class Service:
             prep.exchange.completion_tokens = completion_tokens
         choices = [
             _choice(prep, i, prep.echo_text + "".join(texts[i]), logprobs[i] if prep.logprobs is not None else None,
-                    finish[i], delta=False)
+                    finish[i], delta=False, offset=len(prep.echo_text))
             for i in range(n)
         ]
         return _body(prep, choices, _usage(prep, completion_tokens), chunk=False)
@@ -366,21 +379,27 @@ class Service:
         An engine failure mid-stream becomes an error event, so no stream ends silently cut."""
         encode = p.encoder.encode
         completion_tokens = 0
+        # Characters sent so far per choice: completions' text_offset counts from the start of the text.
+        sent = [len(prep.echo_text)] * prep.n
         try:
-            if prep.chat:
-                first = [p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content="")) for i in range(prep.n)]
-                yield _frame(encode(_body(prep, first, None, chunk=True)))
+            # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0].
+            for i in range(prep.n):
+                if prep.chat:
+                    first = p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))
+                    yield _frame(encode(_body(prep, [first], None, chunk=True)))
+                elif prep.echo_text:
+                    echo = _choice(prep, i, prep.echo_text, None, None, delta=True)
+                    yield _frame(encode(_body(prep, [echo], None, chunk=True)))
             async for out in self._run(prep):
-                choices = []
                 for o in out.outputs:
                     completion_tokens += len(o.token_ids)
                     prep.exchange.completion_tokens = completion_tokens
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp:
                         continue  # the detokenizer holds back a partial character; its logprobs are still sent
-                    choices.append(_choice(prep, o.index, o.text, lp, o.finish_reason, delta=True))
-                if choices:
-                    yield _frame(encode(_body(prep, choices, None, chunk=True)))
+                    choice = _choice(prep, o.index, o.text, lp, o.finish_reason, delta=True, offset=sent[o.index])
+                    sent[o.index] += len(o.text)
+                    yield _frame(encode(_body(prep, [choice], None, chunk=True)))
             if prep.include_usage:
                 yield _frame(encode(_body(prep, [], _usage(prep, completion_tokens), chunk=True)))
         except APIError as exc:
@@ -429,15 +448,33 @@ class Service:
             )
         return result
 
+def _check_common(req: p.SamplingFields) -> None:
+    """Fields not honoured are refused, not dropped; stream_options needs a stream (as in vLLM)."""
+    for name, harmless in p.REFUSED_FIELDS.items():
+        value = getattr(req, name)
+        if value is msgspec.UNSET or value is None or any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in harmless):
+            continue
+        raise bad_request(f"{name} is not supported by this server (see the README's table of fields).", name,
+                          code="unsupported_field")
+    options = req.stream_options
+    if options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream: true.", "stream_options")
+    if options is not None and options.continuous_usage_stats:
+        raise bad_request("stream_options.continuous_usage_stats is not supported by this server.",
+                          "stream_options.continuous_usage_stats", code="unsupported_field")
+
+
 def _usage(prep: Prepared, completion_tokens: int) -> p.Usage:
     return p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
 
 
-def _choice(prep: Prepared, index: int, text: str, lp: list[p.TokenLogprob] | None, finish: str | None, *, delta: bool):
-    """One choice in the endpoint's shape: chat message, chat delta, or text completion."""
+def _choice(prep: Prepared, index: int, text: str, lp: list[p.TokenLogprob] | None, finish: str | None, *, delta: bool,
+            offset: int = 0):
+    """One choice in the endpoint's shape: chat message, chat delta, or text completion (whose
+    logprobs' text_offset starts at `offset`, the characters before these tokens)."""
     if not prep.chat:
-        return p.CompletionChoice(index=index, text=text, logprobs=_completion_logprobs(lp) if lp is not None else None,
-                                  finish_reason=finish)
+        logprobs = _completion_logprobs(lp, offset) if lp is not None else None
+        return p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
     logprobs = p.ChoiceLogprobs(content=lp) if lp is not None else None
     if delta:
         return p.ChunkChoice(index=index, delta=p.Delta(content=text), logprobs=logprobs, finish_reason=finish)
@@ -453,8 +490,8 @@ def _body(prep: Prepared, choices: list, usage: p.Usage | None, *, chunk: bool):
     return p.ChatCompletionChunk(**common) if chunk else p.ChatCompletion(**common)
 
 
-def _completion_logprobs(items: list[p.TokenLogprob]) -> p.CompletionLogprobs:
-    offsets, pos = [], 0
+def _completion_logprobs(items: list[p.TokenLogprob], start: int) -> p.CompletionLogprobs:
+    offsets, pos = [], start
     for item in items:
         offsets.append(pos)
         pos += len(item.token)

@@ -418,3 +418,91 @@ def test_non_streaming_disconnect_aborts_engine_request(server: ServerProcess) -
 def test_server_still_serves_after_errors(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tiny", messages=[user(image_part(), "ok?")], max_tokens=2)
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+# --- conformance with OpenAI's and vLLM's servers (issue #25) ---
+
+
+def test_a_stream_with_several_choices_sends_one_choice_per_chunk(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=12, n=3, stream=True,
+                                          extra_body={"ignore_eos": True})
+    text = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, n=3, stream=True,
+                                     extra_body={"ignore_eos": True})
+    for chunks in (list(chat), list(text)):
+        assert chunks and all(len(c.choices) == 1 for c in chunks), [len(c.choices) for c in chunks]
+        finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+        assert sorted(finished) == [0, 1, 2]  # each choice finishes exactly once
+
+
+def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None:
+    prompt = "Hello, my name is"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0,
+                                  extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert choice.text.startswith(prompt)
+    offsets, tokens = choice.logprobs.text_offset, choice.logprobs.tokens
+    assert offsets[0] == len(prompt)  # was 0: counted from the generated text
+    assert [b - a for a, b in zip(offsets, offsets[1:])] == [len(t) for t in tokens[:-1]]
+    stream = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert stream[0].choices[0].text == prompt  # the echo comes first, as vLLM streams it
+    streamed = [o for c in stream if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert streamed[0] == len(prompt) and streamed == sorted(streamed)
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"use_beam_search": True, "n": 2}, "use_beam_search"),
+        ("/v1/chat/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/chat/completions", {"return_token_ids": True}, "return_token_ids"),
+        ("/v1/chat/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+        ("/v1/chat/completions", {"echo": True}, "echo"),
+        ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+         "stream_options.continuous_usage_stats"),
+        ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
+        ("/v1/chat/completions", {"cache_salt": "tenant-1"}, "cache_salt"),
+        ("/v1/chat/completions", {"chat_template": "{{ 'x' }}"}, "chat_template"),
+        ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
+        ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/v1/completions", {"best_of": 2}, "best_of"),
+        ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_fields_not_honoured_are_refused_naming_the_field(server: ServerProcess, path: str, extra: dict,
+                                                          param: str) -> None:
+    base = {"model": "tiny", "max_tokens": 2}
+    base |= {"messages": [user("Hi")]} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    r = post(server, path, {**base, **extra})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_defaults_of_fields_not_honoured_are_accepted(client: openai.OpenAI) -> None:
+    # What client libraries send when nothing is asked for: never a 400.
+    r = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=2, tool_choice="none",
+                                       store=False, metadata={"a": "b"}, user="u", extra_body={
+                                           "use_beam_search": False, "priority": 0, "tools": [], "length_penalty": 1,
+                                           "return_token_ids": False, "spaces_between_special_tokens": True})
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_allowed_token_ids_are_honoured(client: openai.OpenAI) -> None:
+    seen = []
+    for allowed in (40, 41):
+        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, logprobs=0,
+                                      extra_body={"allowed_token_ids": [allowed], "ignore_eos": True})
+        tokens = r.choices[0].logprobs.tokens
+        assert len(tokens) == 8 and len(set(tokens)) == 1, tokens  # the one allowed token, every time
+        seen.append(tokens[0])
+    assert seen[0] != seen[1]
+
+
+def test_model_card_by_id(client: openai.OpenAI) -> None:
+    card = client.models.retrieve("tiny-alias")
+    assert card.id == "tiny-alias" and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.response.json()["error"]["code"] == "model_not_found"

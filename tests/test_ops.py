@@ -6,6 +6,7 @@ Two workers, so each check also holds when the kernel hands requests to either w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import json
@@ -383,3 +384,29 @@ def _ending(events: list[str]) -> str:
     if "error" in last:
         return last["error"]["code"]
     return "finished" if last["choices"] and last["choices"][0]["finish_reason"] else "no-finish"
+
+
+def test_early_answers_to_big_bodies_reach_asyncio_clients(ops: ServerProcess) -> None:
+    """401, 404 and 413 are answered before the body is read; the rest of a 5 MB body is read and
+    dropped, so the connection is not reset under an asyncio client that is still sending (it used
+    to see ReadError, 3 of 3 times, and retried blindly)."""
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5_000_000}], "max_tokens": 1}
+
+    async def run() -> dict[int, int]:
+        seen: dict[int, int] = {}
+        wrong = openai.AsyncOpenAI(base_url=ops.url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+        right = openai.AsyncOpenAI(base_url=ops.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=60)
+        try:
+            for _ in range(10):
+                for sdk, path in ((wrong, "/chat/completions"), (right, "/no-such-route"), (right, "/chat/completions")):
+                    try:
+                        await sdk.post(path, cast_to=dict, body=big)
+                    except openai.APIStatusError as exc:
+                        assert set(exc.response.json()["error"]) == {"message", "type", "param", "code"}
+                        seen[exc.status_code] = seen.get(exc.status_code, 0) + 1
+        finally:
+            await wrong.close()
+            await right.close()
+        return seen
+
+    assert asyncio.run(run()) == {401: 10, 404: 10, 413: 10}
