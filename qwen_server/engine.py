@@ -56,6 +56,7 @@ class Engine:
         # Bytes of the vocabulary's longest token: a text of more than max_model_len times this many
         # characters cannot fit the context, and is refused without being tokenized.
         self.longest_token = 1
+        self.vocab_size = 0  # token ids a prompt may hold: [0, vocab_size)
         self.max_num_seqs: int | None = None
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
@@ -189,6 +190,7 @@ class Engine:
             self.tokenizer = client.get_tokenizer()
             self.longest_token = await asyncio.to_thread(_longest_token, self.tokenizer)
             self.max_model_len = client.model_config.max_model_len
+            self.vocab_size = client.model_config.get_vocab_size()
             self.max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)

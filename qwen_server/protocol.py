@@ -133,7 +133,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True, frozen=True):
 
 
 class CompletionRequest(SamplingFields, kw_only=True, frozen=True):
-    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    # A text, texts, token ids, or lists of token ids (service.py tells them apart).
+    prompt: str | list[str | Int64 | list[Int64]]
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -156,7 +157,7 @@ class TopLogprob(Struct):
 
 class TokenLogprob(Struct):
     token: str
-    logprob: float
+    logprob: float | None  # None only for a completion prompt's first token (echo)
     bytes: list[int] | None
     top_logprobs: list[TopLogprob]
 

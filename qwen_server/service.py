@@ -35,16 +35,28 @@ class Prepared:
     engine_request_id: str  # the client's X-Request-Id (or a generated one)
     exchange: Exchange
     model: str
-    engine_input: Any
+    prompts: list[Prompt]  # several for a batched completion; choice i * n + j is prompt i's j-th
     sampling: Any
-    prompt_len: int
     n: int
     stream: bool
     include_usage: bool
     logprobs: int | None  # top-k to report; None: no logprobs
     chat: bool
-    echo_text: str = ""
+    echo: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_len(self) -> int:
+        return sum(prompt.length for prompt in self.prompts)
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One prompt for the engine: the rendered input, its token count, and its text for echo."""
+
+    engine_input: Any
+    length: int
+    text: str = ""
 
 
 class Service:
@@ -113,9 +125,8 @@ class Service:
             engine_request_id=exchange.request_id,
             exchange=exchange,
             model=model,
-            engine_input=engine_input,
+            prompts=[Prompt(engine_input, prompt_len)],
             sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), top),
-            prompt_len=prompt_len,
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -129,27 +140,65 @@ class Service:
         _check_common(req)
         if req.suffix:
             raise bad_request("suffix is not supported.", "suffix")
-        text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        token_ids = await asyncio.to_thread(self._encode_prompt, text)
-        engine_input = await self._render(client, {"prompt_token_ids": token_ids})
-        prompt_len = len(engine_input["prompt_token_ids"])
-        max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        exchange.prompt_tokens = prompt_len
+        prompts = []
+        for i, (text, token_ids, param) in enumerate(self._completion_prompts(req.prompt)):
+            if token_ids is None:
+                token_ids = await asyncio.to_thread(self._encode_prompt, text)
+            else:
+                self._check_prompt_fits(len(token_ids), param)
+                if req.echo:
+                    text = await asyncio.to_thread(self.engine.tokenizer.decode, token_ids)
+            engine_input = await self._render(client, {"prompt_token_ids": token_ids})
+            prompts.append(Prompt(engine_input, len(engine_input["prompt_token_ids"]), text if req.echo else ""))
+        longest = max(prompt.length for prompt in prompts)
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.settings.completion_max_tokens
+        exchange.prompt_tokens = sum(prompt.length for prompt in prompts)
+        # With echo, the prompt's own logprobs are reported too, as OpenAI and vLLM do.
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         return Prepared(
             request_id=f"cmpl-{exchange.request_id}",
             engine_request_id=exchange.request_id,
             exchange=exchange,
             model=model,
-            engine_input=engine_input,
-            sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), req.logprobs),
-            prompt_len=prompt_len,
+            prompts=prompts,
+            sampling=self._sampling(req, self._max_tokens(longest, max_tokens), req.logprobs, prompt_logprobs),
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             logprobs=req.logprobs,
             chat=False,
-            echo_text=text if req.echo else "",
+            echo=req.echo,
         )
+
+    def _completion_prompts(self, prompt: str | list) -> list[tuple[str, list[int] | None, str]]:
+        """OpenAI's four prompt forms (a text, texts, token ids, lists of token ids) as
+        (text, token ids or None, request path) per prompt; token ids are checked against the vocabulary."""
+        if isinstance(prompt, str):
+            return [(prompt, None, "prompt")]
+        if not prompt:
+            raise bad_request("prompt must not be empty.", "prompt")
+        kinds = {type(item) for item in prompt}
+        if kinds == {int}:
+            return [("", self._token_ids(prompt, "prompt"), "prompt")]
+        if len(kinds) != 1 or kinds - {str, list}:
+            raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
+                              "lists of token ids.", "prompt")
+        if len(prompt) > self.settings.max_batch_prompts:
+            raise bad_request(f"The request has {len(prompt)} prompts; at most {self.settings.max_batch_prompts} "
+                              "are accepted.", "prompt", code="too_many_prompts")
+        if kinds == {str}:
+            return [(text, None, f"prompt[{i}]") for i, text in enumerate(prompt)]
+        return [("", self._token_ids(ids, f"prompt[{i}]"), f"prompt[{i}]") for i, ids in enumerate(prompt)]
+
+    def _token_ids(self, ids: list, param: str) -> list[int]:
+        vocab = self.engine.vocab_size
+        for j, token in enumerate(ids):
+            if type(token) is not int or not 0 <= token < vocab:
+                raise bad_request(f"Token id {clip(repr(token), 40)} is not in the vocabulary of {vocab} tokens.",
+                                  f"{param}[{j}]", code="invalid_token_id")
+        if not ids:
+            raise bad_request("A prompt of token ids must not be empty.", param)
+        return ids
 
     def _conversation(self, messages: list[p.ChatMessage]) -> tuple[list[dict], list[tuple[str, str]]]:
         """OpenAI messages to the chat template's form; image URLs with their request paths."""
@@ -297,7 +346,8 @@ class Service:
             self._defaults = defaults
         return self._defaults
 
-    def _sampling(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None) -> Any:
+    def _sampling(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None,
+                  prompt_logprobs: int | None = None) -> Any:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -334,6 +384,7 @@ class Service:
                 stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 allowed_token_ids=req.allowed_token_ids,
@@ -349,29 +400,35 @@ class Service:
 
     # --- running requests ---
 
-    def _generate(self, prep: Prepared) -> AsyncIterator[Any]:
-        return self.engine.generate(prep.engine_input, prep.sampling, prep.engine_request_id)
+    def _generate(self, prep: Prepared, i: int) -> AsyncIterator[Any]:
+        request_id = prep.engine_request_id if len(prep.prompts) == 1 else f"{prep.engine_request_id}-{i}"
+        return self.engine.generate(prep.prompts[i].engine_input, prep.sampling, request_id)
 
     async def complete(self, prep: Prepared) -> p.ChatCompletion | p.Completion:
-        n = prep.n
-        texts: list[list[str]] = [[] for _ in range(n)]
-        logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
+        count = prep.n * len(prep.prompts)
+        texts: list[list[str]] = [[] for _ in range(count)]
+        logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(count)]
+        echoed: list[list[p.TokenLogprob]] = [[] for _ in prep.prompts]
+        finish: list[str | None] = [None] * count
         completion_tokens = 0
-        async for out in self._run(prep):
+        async for i, out in self._run(prep):
+            if prep.echo and prep.logprobs is not None and out.prompt_logprobs:
+                echoed[i] = self._prompt_logprobs(out, prep.logprobs)
             for o in out.outputs:
-                texts[o.index].append(o.text)
+                k = i * prep.n + o.index
+                texts[k].append(o.text)
                 completion_tokens += len(o.token_ids)
                 if prep.logprobs is not None and o.logprobs:
-                    logprobs[o.index].extend(self._token_logprobs(o, prep.logprobs))
+                    logprobs[k].extend(self._token_logprobs(o, prep.logprobs))
                 if o.finish_reason is not None:
-                    finish[o.index] = o.finish_reason
+                    finish[k] = o.finish_reason
             prep.exchange.completion_tokens = completion_tokens
-        choices = [
-            _choice(prep, i, prep.echo_text + "".join(texts[i]), logprobs[i] if prep.logprobs is not None else None,
-                    finish[i], delta=False, offset=len(prep.echo_text))
-            for i in range(n)
-        ]
+        choices = []
+        for k in range(count):
+            echo = prep.prompts[k // prep.n].text
+            lp = echoed[k // prep.n] + logprobs[k] if prep.logprobs is not None else None
+            choices.append(_choice(prep, k, echo + "".join(texts[k]), lp, finish[k], delta=False,
+                                   offset=len(echo), echoed=len(echoed[k // prep.n])))
         return _body(prep, choices, _usage(prep, completion_tokens), chunk=False)
 
     async def stream(self, prep: Prepared) -> AsyncIterator[bytes]:
@@ -379,26 +436,34 @@ class Service:
         An engine failure mid-stream becomes an error event, so no stream ends silently cut."""
         encode = p.encoder.encode
         completion_tokens = 0
+        count = prep.n * len(prep.prompts)
         # Characters sent so far per choice: completions' text_offset counts from the start of the text.
-        sent = [len(prep.echo_text)] * prep.n
+        sent = [len(prep.prompts[k // prep.n].text) for k in range(count)]
+        echo_pending = prep.echo and prep.logprobs is not None
         try:
             # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0].
-            for i in range(prep.n):
+            for k in range(count):
                 if prep.chat:
-                    first = p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))
+                    first = p.ChunkChoice(index=k, delta=p.Delta(role="assistant", content=""))
                     yield _frame(encode(_body(prep, [first], None, chunk=True)))
-                elif prep.echo_text:
-                    echo = _choice(prep, i, prep.echo_text, None, None, delta=True)
+                elif prep.echo and not echo_pending:
+                    echo = _choice(prep, k, prep.prompts[k // prep.n].text, None, None, delta=True)
                     yield _frame(encode(_body(prep, [echo], None, chunk=True)))
-            async for out in self._run(prep):
+            async for i, out in self._run(prep):
+                if echo_pending and out.prompt_logprobs:  # the first output of prompt i carries them
+                    echoed = self._prompt_logprobs(out, prep.logprobs)
+                    for k in range(i * prep.n, (i + 1) * prep.n):
+                        echo = _choice(prep, k, prep.prompts[i].text, echoed, None, delta=True, echoed=len(echoed))
+                        yield _frame(encode(_body(prep, [echo], None, chunk=True)))
                 for o in out.outputs:
+                    k = i * prep.n + o.index
                     completion_tokens += len(o.token_ids)
                     prep.exchange.completion_tokens = completion_tokens
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp:
                         continue  # the detokenizer holds back a partial character; its logprobs are still sent
-                    choice = _choice(prep, o.index, o.text, lp, o.finish_reason, delta=True, offset=sent[o.index])
-                    sent[o.index] += len(o.text)
+                    choice = _choice(prep, k, o.text, lp, o.finish_reason, delta=True, offset=sent[k])
+                    sent[k] += len(o.text)
                     yield _frame(encode(_body(prep, [choice], None, chunk=True)))
             if prep.include_usage:
                 yield _frame(encode(_body(prep, [], _usage(prep, completion_tokens), chunk=True)))
@@ -409,14 +474,48 @@ class Service:
             yield _frame(envelope(500, "The server failed while streaming this response.", None, "internal_error"))
         yield _DONE
 
-    async def _run(self, prep: Prepared) -> AsyncIterator[Any]:
-        """The engine's outputs; engine failures become APIErrors. Cancellation (a client that left)
-        propagates into vLLM's generator, which aborts the request in the engine."""
+    async def _run(self, prep: Prepared) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, engine output) for every prompt, as they come; engine failures become
+        APIErrors. Cancellation (a client that left) propagates into vLLM's generators, which abort
+        their requests in the engine."""
+        if len(prep.prompts) == 1:
+            async for out in self._outputs(prep, 0):
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in self._outputs(prep, i):
+                    queue.put_nowait((i, out))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((i, exc))
+            finally:
+                queue.put_nowait((i, done))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(prep.prompts))]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _outputs(self, prep: Prepared, i: int) -> AsyncIterator[Any]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            async for out in self._generate(prep):
+            async for out in self._generate(prep, i):
                 yield out
         except EngineDeadError:
             raise APIError(503, "The engine died while serving this request.", code="engine_dead") from None
@@ -426,27 +525,39 @@ class Service:
     # --- logprobs ---
 
     def _token_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
-        result = []
-        for token_id, entry in zip(output.token_ids, output.logprobs, strict=False):
-            chosen = entry.get(token_id)
-            if chosen is None:
-                continue
-            token = chosen.decoded_token or ""
-            tops = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top] if top else []
-            result.append(
-                p.TokenLogprob(
-                    token=token,
-                    logprob=max(chosen.logprob, -9999.0),
-                    bytes=list(token.encode()),
-                    top_logprobs=[
-                        p.TopLogprob(
-                            token=lp.decoded_token or "", logprob=max(lp.logprob, -9999.0), bytes=list((lp.decoded_token or "").encode())
-                        )
-                        for _, lp in tops
-                    ],
-                )
-            )
-        return result
+        return [item for token_id, entry in zip(output.token_ids, output.logprobs, strict=False)
+                if (item := _logprob_entry(token_id, entry, top)) is not None]
+
+    def _prompt_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
+        """The prompt's tokens with their logprobs (the first token has none), for echo."""
+        items = []
+        for position, (token_id, entry) in enumerate(zip(output.prompt_token_ids, output.prompt_logprobs, strict=False)):
+            item = _logprob_entry(token_id, entry, top) if entry else None
+            if item is None:
+                token = self.engine.tokenizer.decode([token_id]) if position == 0 else ""
+                item = p.TokenLogprob(token=token, logprob=None, bytes=list(token.encode()), top_logprobs=[])
+            items.append(item)
+        return items
+
+
+def _logprob_entry(token_id: int, entry: Any, top: int) -> p.TokenLogprob | None:
+    """One token's logprob and its top alternatives from vLLM's {token id: Logprob} entry."""
+    chosen = entry.get(token_id)
+    if chosen is None:
+        return None
+    token = chosen.decoded_token or ""
+    tops = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top] if top else []
+    return p.TokenLogprob(
+        token=token,
+        logprob=max(chosen.logprob, -9999.0),
+        bytes=list(token.encode()),
+        top_logprobs=[
+            p.TopLogprob(token=lp.decoded_token or "", logprob=max(lp.logprob, -9999.0),
+                         bytes=list((lp.decoded_token or "").encode()))
+            for _, lp in tops
+        ],
+    )
+
 
 def _check_common(req: p.SamplingFields) -> None:
     """Fields not honoured are refused, not dropped; stream_options needs a stream (as in vLLM)."""
@@ -469,11 +580,12 @@ def _usage(prep: Prepared, completion_tokens: int) -> p.Usage:
 
 
 def _choice(prep: Prepared, index: int, text: str, lp: list[p.TokenLogprob] | None, finish: str | None, *, delta: bool,
-            offset: int = 0):
+            offset: int = 0, echoed: int = 0):
     """One choice in the endpoint's shape: chat message, chat delta, or text completion (whose
-    logprobs' text_offset starts at `offset`, the characters before these tokens)."""
+    first `echoed` logprobs are the prompt's, offset from 0, and the rest start at `offset`, the
+    characters before these tokens)."""
     if not prep.chat:
-        logprobs = _completion_logprobs(lp, offset) if lp is not None else None
+        logprobs = _completion_logprobs(lp, offset, echoed) if lp is not None else None
         return p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
     logprobs = p.ChoiceLogprobs(content=lp) if lp is not None else None
     if delta:
@@ -490,15 +602,19 @@ def _body(prep: Prepared, choices: list, usage: p.Usage | None, *, chunk: bool):
     return p.ChatCompletionChunk(**common) if chunk else p.ChatCompletion(**common)
 
 
-def _completion_logprobs(items: list[p.TokenLogprob], start: int) -> p.CompletionLogprobs:
-    offsets, pos = [], start
-    for item in items:
+def _completion_logprobs(items: list[p.TokenLogprob], start: int, echoed: int = 0) -> p.CompletionLogprobs:
+    offsets, pos = [], 0
+    for i, item in enumerate(items):
+        if i == echoed:
+            pos = start
         offsets.append(pos)
         pos += len(item.token)
     return p.CompletionLogprobs(
         tokens=[t.token for t in items],
         token_logprobs=[t.logprob for t in items],
-        top_logprobs=[{tl.token: tl.logprob for tl in t.top_logprobs} for t in items],
+        # The chosen token is always among them (logprobs: 0 asks for it alone), as in OpenAI's and vLLM's.
+        top_logprobs=[None if t.logprob is None else {t.token: t.logprob, **{tl.token: tl.logprob for tl in t.top_logprobs}}
+                      for t in items],
         text_offset=offsets,
     )
 

@@ -164,6 +164,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         bool, _doc("Accept a client's own Jinja template in chat_template_kwargs.chat_template (vLLM's name).")
     ] = False
     max_messages: Annotated[int, _doc("Messages one chat request may hold.")] = 2048
+    max_batch_prompts: Annotated[int, _doc("Prompts one /v1/completions request may hold (a list of prompts).")] = 64
+    completion_max_tokens: Annotated[
+        int, _doc("max_tokens of a /v1/completions request that sets none (OpenAI's default, 16).")
+    ] = 16
     max_content_parts: Annotated[int, _doc("Content parts one chat message may hold.")] = 512
     max_json_depth: Annotated[
         int, _doc("Nesting depth of free-form JSON fields (mm_processor_kwargs, chat_template_kwargs, schemas).")
@@ -254,7 +258,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_request_image_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_messages", "max_content_parts", "max_json_depth"):
+        for name in ("max_messages", "max_content_parts", "max_json_depth", "max_batch_prompts",
+                     "completion_max_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
         if self.engine_restarts < 0:

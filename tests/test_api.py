@@ -244,7 +244,8 @@ def test_text_completions(client: openai.OpenAI) -> None:
                                   extra_body={"ignore_eos": True})
     assert r.object == "text_completion"
     assert r.choices[0].text.startswith("The cat")
-    assert len(r.choices[0].logprobs.tokens) == 5
+    # With echo, the prompt's tokens come first (OpenAI's and vLLM's shape; #25), then the 5 generated.
+    assert len(r.choices[0].logprobs.tokens) == r.usage.prompt_tokens + 5
     chunks = list(client.completions.create(model="tiny", prompt="The cat", max_tokens=4, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
@@ -440,13 +441,15 @@ def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None
                                   extra_body={"ignore_eos": True})
     choice = r.choices[0]
     assert choice.text.startswith(prompt)
-    offsets, tokens = choice.logprobs.text_offset, choice.logprobs.tokens
+    # The prompt's own tokens come first (echo with logprobs); the generated ones start after the prompt.
+    skip = r.usage.prompt_tokens
+    offsets, tokens = choice.logprobs.text_offset[skip:], choice.logprobs.tokens[skip:]
     assert offsets[0] == len(prompt)  # was 0: counted from the generated text
     assert [b - a for a, b in zip(offsets, offsets[1:])] == [len(t) for t in tokens[:-1]]
     stream = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0,
                                             stream=True, extra_body={"ignore_eos": True}))
     assert stream[0].choices[0].text == prompt  # the echo comes first, as vLLM streams it
-    streamed = [o for c in stream if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    streamed = [o for c in stream[1:] if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert streamed[0] == len(prompt) and streamed == sorted(streamed)
 
 
@@ -506,3 +509,46 @@ def test_model_card_by_id(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("no-such-model")
     assert info.value.response.json()["error"]["code"] == "model_not_found"
+
+
+def test_token_id_and_batched_prompts_answer_one_choice_per_prompt(client: openai.OpenAI, server: ServerProcess) -> None:
+    ids = client.completions.create(model="tiny", prompt=[40, 41, 42], max_tokens=3, extra_body={"ignore_eos": True})
+    assert len(ids.choices) == 1 and ids.usage.prompt_tokens == 3
+    texts = client.completions.create(model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, n=2,
+                                      extra_body={"ignore_eos": True})
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3] and texts.usage.completion_tokens == 12
+    lists = client.completions.create(model="tiny", prompt=[[40, 41], [42, 43, 44]], max_tokens=2, echo=True,
+                                      extra_body={"ignore_eos": True})
+    assert [c.index for c in lists.choices] == [0, 1] and lists.usage.prompt_tokens == 5
+    # Greedy: a batched prompt answers as it does alone.
+    alone = client.completions.create(model="tiny", prompt="A dog sat", max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    batched = client.completions.create(model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert batched.choices[1].text == alone.choices[0].text
+    streamed = list(client.completions.create(model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3,
+                                              stream=True, extra_body={"ignore_eos": True}))
+    assert sorted(c.choices[0].index for c in streamed if c.choices[0].finish_reason) == [0, 1]
+    for prompt, param in (([40, 10**6], "prompt[1]"), ([[40], [-1]], "prompt[1][0]"), ([40, "x"], "prompt"), ([], "prompt")):
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (prompt, r.text[:300])
+
+
+def test_echo_with_logprobs_reports_the_prompts_tokens(client: openai.OpenAI) -> None:
+    prompt = "Hello, my name is"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    prompt_tokens = r.usage.prompt_tokens
+    assert len(lp.tokens) == prompt_tokens + 3
+    assert lp.token_logprobs[0] is None and all(x is not None for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[:prompt_tokens]) == prompt
+    assert lp.text_offset[0] == 0 and lp.text_offset[prompt_tokens] == len(prompt)
+    # logprobs: 0 still reports the chosen token's own logprob.
+    zero = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, logprobs=0, extra_body={"ignore_eos": True})
+    tops = zero.choices[0].logprobs.top_logprobs
+    assert len(tops) == 3 and all(len(t) == 1 for t in tops), tops
+    stream = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    first = stream[0].choices[0]
+    assert first.text == prompt and first.logprobs.token_logprobs[0] is None

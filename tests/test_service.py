@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from qwen_server.edge import Exchange
-from qwen_server.service import Prepared, Service
+from qwen_server.service import Prepared, Prompt, Service
 from qwen_server.settings import Settings
 
 
 def _prepared() -> Prepared:
     return Prepared(request_id="chatcmpl-x", engine_request_id="x", exchange=Exchange("x"), model="tiny",
-                    engine_input=None, sampling=None, prompt_len=3, n=1, stream=True, include_usage=False,
+                    prompts=[Prompt(None, 3)], sampling=None, n=1, stream=True, include_usage=False,
                     logprobs=None, chat=True)
 
 
@@ -36,7 +36,7 @@ def _events(service: Service) -> list[str]:
 
 def _fake_service(generate) -> Service:
     service = Service(engine=None, media=None, settings=Settings())  # type: ignore[arg-type]
-    service._generate = generate  # type: ignore[method-assign]
+    service._generate = lambda prep, i: generate(prep)  # type: ignore[method-assign]
     return service
 
 
@@ -209,3 +209,36 @@ def test_error_messages_quote_client_input_cut_short() -> None:
     # Whatever a message quotes (vLLM's own validation errors list every bad id), the envelope is bounded.
     body = json.loads(envelope(400, "token_id(s) " + str(list(range(100_000))), "p" * 5000))
     assert len(body["error"]["message"]) < 2100 and len(body["error"]["param"]) < 250
+
+
+def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
+    """A FAKE engine generator per prompt: choice i * n + j is prompt i's j-th, as in vLLM."""
+    def out(index: int, text: str, finish: str | None = None) -> Any:
+        return SimpleNamespace(outputs=[SimpleNamespace(index=index, text=text, token_ids=[1], finish_reason=finish,
+                                                        logprobs=None)], prompt_logprobs=None)
+
+    async def generate(prep, i):
+        for step in range(3):
+            await asyncio.sleep(0.001 * (2 - i))
+            for j in range(prep.n):
+                yield out(j, f"p{i}c{j}s{step}", "length" if step == 2 else None)
+
+    service = Service(engine=None, media=None, settings=Settings())  # type: ignore[arg-type]
+    service._generate = generate  # type: ignore[method-assign]
+    prep = Prepared(request_id="cmpl-x", engine_request_id="x", exchange=Exchange("x"), model="tiny",
+                    prompts=[Prompt(None, 3), Prompt(None, 5)], sampling=None, n=2, stream=False,
+                    include_usage=False, logprobs=None, chat=False)
+    result = asyncio.run(service.complete(prep))
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    assert [c.text for c in result.choices] == [f"p{k // 2}c{k % 2}s0p{k // 2}c{k % 2}s1p{k // 2}c{k % 2}s2"
+                                                for k in range(4)]
+    assert result.usage.prompt_tokens == 8 and result.usage.completion_tokens == 12
+
+    prep.stream = True
+
+    async def collect() -> list[bytes]:
+        return [frame async for frame in service.stream(prep)]
+
+    chunks = [json.loads(f[6:-2]) for f in asyncio.run(collect())[:-1]]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [0, 1, 2, 3]

@@ -238,7 +238,7 @@ NON_DEFAULT: dict[str, Any] = {
     "protect_probes": True, "max_pending_requests": 3, "request_timeout": 2.5, "drain_timeout": 4.5,
     "cors_allow_origins": ["https://app.example.com"],
     "trust_request_mm_kwargs": True, "trust_request_chat_template": True, "max_messages": 64,
-    "max_content_parts": 16, "max_json_depth": 16, "engine_restarts": 2, "engine_restart_window": 60.0,
+    "max_content_parts": 16, "max_batch_prompts": 8, "completion_max_tokens": 32, "max_json_depth": 16, "engine_restarts": 2, "engine_restart_window": 60.0,
     "max_image_bytes": 1000, "max_image_pixels": 1000, "max_image_side": 100, "max_request_image_bytes": 2000,
     "image_cache_bytes": 0, "media_fetch_timeout": 2.5, "media_max_redirects": 0,
     "allowed_media_domains": ["example.com"], "allowed_media_networks": ["10.0.0.0/8"],
