@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 
+from qwen_server.protocol import REFUSED_FIELDS
+
 
 _REF = "#/$defs/{name}"
 
@@ -30,8 +32,12 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 
 
 def json_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """The struct's schema, without the fields that are declared only to be refused (REFUSED_FIELDS)."""
     (top,), defs = msgspec.json.schema_components([struct], ref_template=_REF)
-    return _inline(top, defs)
+    schema = _inline(top, defs)
+    for name in REFUSED_FIELDS:
+        schema.get("properties", {}).pop(name, None)
+    return schema
 
 
 @dataclass
