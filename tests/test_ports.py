@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwen_server import ports, supervise
+from qwen_server.launcher import ports, supervise
 from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
@@ -63,7 +63,7 @@ def test_check_answers_before_torch_or_vllm_are_imported() -> None:
     code = textwrap.dedent(
         f"""
         import sys, time
-        from qwen_server import cli
+        from qwen_server.launcher import cli
         t0 = time.monotonic()
         try:
             cli.main(["--port", "{port}"])
@@ -109,7 +109,7 @@ def test_time_wait_alone_does_not_block() -> None:
 HANDOFF = textwrap.dedent(
     """
     import sys
-    from qwen_server import ports, supervise
+    from qwen_server.launcher import ports, supervise
     port = int(sys.argv[1])
     sock = ports.take_port("127.0.0.1", port)
     sys.exit(supervise.serve(sock, {"target": "tests.hello_app:app", "address": "127.0.0.1", "port": port,
@@ -149,7 +149,7 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
 BEFORE_FORK = textwrap.dedent(
     """
     import socket, sys
-    from qwen_server import supervise
+    from qwen_server.launcher import supervise
     assert "prometheus_client.multiprocess" not in sys.modules
 
     class NoGranian:  # stands in for Granian: reports what a worker forked now would inherit

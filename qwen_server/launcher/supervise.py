@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from qwen_server import drain, procs
-from qwen_server.ports import SERVER_MARKERS
+from qwen_server.launcher.ports import SERVER_MARKERS
 from qwen_server.settings import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger("qwen_server.launcher")
