@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwen_server.launcher import ports, supervise
+from qwen_server.launcher import granian_compat, ports, supervise
 from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
@@ -118,9 +118,21 @@ HANDOFF = textwrap.dedent(
 )
 
 
+def test_granian_has_the_private_names_granian_compat_uses() -> None:
+    """Names the private API a Granian upgrade removed, before the hand-off below fails on it."""
+    from granian._granian import SocketHolder
+    from granian._internal import load_target
+    from granian.server.mp import MPServer
+
+    assert granian_compat.granian_version_ok()
+    assert callable(SocketHolder.get_fd) and callable(load_target)
+    for name in ("_init_shared_socket", "signal_handler_interrupt", "serve"):
+        assert callable(getattr(MPServer, name, None)), f"granian.server.mp.MPServer.{name} is gone"
+
+
 def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: Path) -> None:
-    """Fails loudly if a Granian upgrade changes the private hook the hand-off relies on."""
-    assert supervise.granian_version_ok()
+    """Fails loudly if a Granian upgrade changes the private hooks the hand-off relies on (granian_compat.py)."""
+    assert granian_compat.granian_version_ok()
     port = free_port()
     srv = ServerProcess([sys.executable, "-c", HANDOFF, str(port)], tmp_path / "handoff.log", port)
     try:
@@ -149,17 +161,17 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
 BEFORE_FORK = textwrap.dedent(
     """
     import socket, sys
-    from qwen_server.launcher import supervise
+    from qwen_server.launcher import granian_compat, supervise
     assert "prometheus_client.multiprocess" not in sys.modules
 
     class NoGranian:  # stands in for Granian: reports what a worker forked now would inherit
-        def __init__(self, **kwargs): pass
         def serve(self, target_loader):
             from prometheus_client import values
             print("imported before fork:", "prometheus_client.multiprocess" in sys.modules)
             print("value store:", values.ValueClass.__name__)  # the workers' metrics go to files
+        def worker_pids(self): return []
 
-    supervise._server_class = lambda: NoGranian
+    granian_compat.server_on_socket = lambda sock, granian_kwargs, on_interrupt: NoGranian()
     sys.exit(supervise.serve(socket.socket(), {}))
     """
 )
