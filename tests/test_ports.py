@@ -57,27 +57,32 @@ def test_plain_listener_refused_within_a_second_with_its_pid() -> None:
         holder.kill()
 
 
-def test_check_answers_before_torch_or_vllm_are_imported() -> None:
+def test_check_answers_before_litestar_torch_or_vllm_are_imported() -> None:
+    """The launcher package is the launcher process: the serving side's heavy imports stay out of it."""
     port = free_port()
     holder = hold(HOLD_LISTENING, port)
     code = textwrap.dedent(
         f"""
         import sys, time
-        from qwen_server.launcher import cli
+        heavy = ("litestar", "torch", "vllm")
+        import qwen_server.launcher.cli as cli
+        print(*(name in sys.modules for name in heavy))
         t0 = time.monotonic()
         try:
             cli.main(["--port", "{port}"])
         except SystemExit as exc:
             code = exc.code
-        print(code, round(time.monotonic() - t0, 3), "torch" in sys.modules, "vllm" in sys.modules)
+        print(code, round(time.monotonic() - t0, 3), *(name in sys.modules for name in heavy))
         """
     )
     try:
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
-        exit_code, seconds, torch_loaded, vllm_loaded = out.stdout.split()
+        after_import, after_check = out.stdout.splitlines()
+        assert after_import.split() == ["False", "False", "False"], "import qwen_server.launcher.cli loaded litestar, torch or vllm"
+        exit_code, seconds, *loaded = after_check.split()
         assert exit_code == "1"
         assert float(seconds) < 1.0
-        assert (torch_loaded, vllm_loaded) == ("False", "False")
+        assert loaded == ["False", "False", "False"], "the port check loaded litestar, torch or vllm"
     finally:
         holder.kill()
 
