@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import httpx
 
-from qwen_server import ports, procs
+from qwen_server import procs
+from qwen_server.launcher import ports
 
 ROOT = Path(__file__).resolve().parent.parent
 

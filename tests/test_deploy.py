@@ -22,7 +22,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from qwen_server.cli import main
+from qwen_server.launcher.cli import main
 from qwen_server.settings import ENV_PREFIX, FIELDS, env_name
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

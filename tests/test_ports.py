@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from qwen_server import ports, supervise
+from qwen_server.launcher import granian_compat, ports, supervise
 from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
@@ -57,27 +57,32 @@ def test_plain_listener_refused_within_a_second_with_its_pid() -> None:
         holder.kill()
 
 
-def test_check_answers_before_torch_or_vllm_are_imported() -> None:
+def test_check_answers_before_litestar_torch_or_vllm_are_imported() -> None:
+    """The launcher package is the launcher process: the serving side's heavy imports stay out of it."""
     port = free_port()
     holder = hold(HOLD_LISTENING, port)
     code = textwrap.dedent(
         f"""
         import sys, time
-        from qwen_server import cli
+        heavy = ("litestar", "torch", "vllm")
+        import qwen_server.launcher.cli as cli
+        print(*(name in sys.modules for name in heavy))
         t0 = time.monotonic()
         try:
             cli.main(["--port", "{port}"])
         except SystemExit as exc:
             code = exc.code
-        print(code, round(time.monotonic() - t0, 3), "torch" in sys.modules, "vllm" in sys.modules)
+        print(code, round(time.monotonic() - t0, 3), *(name in sys.modules for name in heavy))
         """
     )
     try:
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
-        exit_code, seconds, torch_loaded, vllm_loaded = out.stdout.split()
+        after_import, after_check = out.stdout.splitlines()
+        assert after_import.split() == ["False", "False", "False"], "import qwen_server.launcher.cli loaded litestar, torch or vllm"
+        exit_code, seconds, *loaded = after_check.split()
         assert exit_code == "1"
         assert float(seconds) < 1.0
-        assert (torch_loaded, vllm_loaded) == ("False", "False")
+        assert loaded == ["False", "False", "False"], "the port check loaded litestar, torch or vllm"
     finally:
         holder.kill()
 
@@ -109,7 +114,7 @@ def test_time_wait_alone_does_not_block() -> None:
 HANDOFF = textwrap.dedent(
     """
     import sys
-    from qwen_server import ports, supervise
+    from qwen_server.launcher import ports, supervise
     port = int(sys.argv[1])
     sock = ports.take_port("127.0.0.1", port)
     sys.exit(supervise.serve(sock, {"target": "tests.hello_app:app", "address": "127.0.0.1", "port": port,
@@ -118,9 +123,21 @@ HANDOFF = textwrap.dedent(
 )
 
 
+def test_granian_has_the_private_names_granian_compat_uses() -> None:
+    """Names the private API a Granian upgrade removed, before the hand-off below fails on it."""
+    from granian._granian import SocketHolder
+    from granian._internal import load_target
+    from granian.server.mp import MPServer
+
+    assert granian_compat.granian_version_ok()
+    assert callable(SocketHolder.get_fd) and callable(load_target)
+    for name in ("_init_shared_socket", "signal_handler_interrupt", "serve"):
+        assert callable(getattr(MPServer, name, None)), f"granian.server.mp.MPServer.{name} is gone"
+
+
 def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: Path) -> None:
-    """Fails loudly if a Granian upgrade changes the private hook the hand-off relies on."""
-    assert supervise.granian_version_ok()
+    """Fails loudly if a Granian upgrade changes the private hooks the hand-off relies on (granian_compat.py)."""
+    assert granian_compat.granian_version_ok()
     port = free_port()
     srv = ServerProcess([sys.executable, "-c", HANDOFF, str(port)], tmp_path / "handoff.log", port)
     try:
@@ -149,17 +166,17 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
 BEFORE_FORK = textwrap.dedent(
     """
     import socket, sys
-    from qwen_server import supervise
+    from qwen_server.launcher import granian_compat, supervise
     assert "prometheus_client.multiprocess" not in sys.modules
 
     class NoGranian:  # stands in for Granian: reports what a worker forked now would inherit
-        def __init__(self, **kwargs): pass
         def serve(self, target_loader):
             from prometheus_client import values
             print("imported before fork:", "prometheus_client.multiprocess" in sys.modules)
             print("value store:", values.ValueClass.__name__)  # the workers' metrics go to files
+        def worker_pids(self): return []
 
-    supervise._server_class = lambda: NoGranian
+    granian_compat.server_on_socket = lambda sock, granian_kwargs, on_interrupt: NoGranian()
     sys.exit(supervise.serve(socket.socket(), {}))
     """
 )

@@ -14,7 +14,8 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from qwen_server import cli, settings
+from qwen_server import settings
+from qwen_server.launcher import cli
 from qwen_server.settings import Settings, SettingsError
 
 

@@ -2,8 +2,8 @@
 
 Three guarantees, each for a way things die:
 - the launcher's socket (plain bind, listening) is what the workers serve on: Granian 2.8 has no
-  public option for that, so `_HandedSocketServer` replaces the one private method that creates
-  the shared socket (verified on Granian 2.8.7 to 2.8.9; a test fails loudly if that changes);
+  public option for that, so granian_compat.py replaces the one private method that creates the
+  shared socket (version-fenced; a test fails loudly if that changes);
 - a worker whose supervisor disappears (even by SIGKILL) kills its own process tree (vLLM's
   EngineCore included) and exits: a watchdog thread notices the parent change within 0.25 s;
 - the launcher is a child subreaper: processes orphaned by a dead worker (an EngineCore whose
@@ -24,69 +24,44 @@ import time
 from typing import Any
 
 from qwen_server import drain, procs
-from qwen_server.ports import SERVER_MARKERS
+from qwen_server.launcher import granian_compat
+from qwen_server.launcher.ports import SERVER_MARKERS
 from qwen_server.settings import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger("qwen_server.launcher")
 
 _PR_SET_CHILD_SUBREAPER = 36
-VERIFIED_GRANIAN = ((2, 8, 7), (2, 9, 0))  # [low, high) of the versions the hand-off was verified on
 
 
-def granian_version_ok() -> bool:
-    import granian
+class _Drain:
+    """SIGTERM: drain the workers first (drain.py), then Granian's own graceful stop. SIGINT (Ctrl+C
+    reaches every process of the terminal at once) and a second SIGTERM stop now."""
 
-    version = tuple(int(x) for x in granian.__version__.split(".")[:3])
-    return VERIFIED_GRANIAN[0] <= version < VERIFIED_GRANIAN[1]
+    def __init__(self, run_dir: str, drain_timeout: float) -> None:
+        self.run_dir = run_dir
+        self.drain_timeout = drain_timeout
+        self.started = False
 
+    def on_interrupt(self, server: granian_compat.HandedSocketServer, signum: int | None) -> bool:
+        if signum != signal.SIGTERM or self.started:
+            return False
+        self.started = True
+        threading.Thread(target=self._drain_then_stop, args=(server,), name="qwen-server-drain", daemon=True).start()
+        return True
 
-def _server_class():
-    from granian._granian import SocketHolder
-    from granian.server.mp import MPServer
-
-    class _HandedSocketServer(MPServer):
-        """Granian's multi-process server, serving on a socket it is given instead of one it binds."""
-
-        handed_socket: socket.socket
-        run_dir: str
-        drain_timeout: float
-        _draining = False
-
-        def signal_handler_interrupt(self, signum: int | None = None, *args: Any, **kwargs: Any) -> None:
-            # SIGTERM: drain the workers first (drain.py), then Granian's own graceful stop.
-            # SIGINT (Ctrl+C reaches every process of the terminal at once) and a second SIGTERM stop now.
-            if signum == signal.SIGTERM and not self._draining:
-                self._draining = True
-                threading.Thread(target=self._drain_then_stop, name="qwen-server-drain", daemon=True).start()
-                return
-            super().signal_handler_interrupt(signum, *args, **kwargs)
-
-        def _drain_then_stop(self) -> None:
-            pids = [w.inner.pid for w in list(self.wrks)]
-            log.info("SIGTERM: draining %d worker(s) for up to %.0f s", len(pids), self.drain_timeout)
-            late = drain.drain_workers(self.run_dir, pids, self.drain_timeout + 10)
-            if late:
-                log.warning("worker(s) %s did not report drained in time; stopping anyway", late)
-            super().signal_handler_interrupt(signal.SIGTERM)
-
-        def _init_shared_socket(self) -> None:
-            # What MPServer._init_shared_socket leaves behind for a shared (non-REUSEPORT) socket:
-            # no per-worker spec, a SocketHolder the workers inherit, and the fd kept open here.
-            sock = self.handed_socket
-            self._ssp = None
-            self._shd = SocketHolder(sock.fileno(), False, self.backlog)
-            self._sfd = self._shd.get_fd()
-            self._sso = sock
-
-    return _HandedSocketServer
+    def _drain_then_stop(self, server: granian_compat.HandedSocketServer) -> None:
+        pids = server.worker_pids()
+        log.info("SIGTERM: draining %d worker(s) for up to %.0f s", len(pids), self.drain_timeout)
+        late = drain.drain_workers(self.run_dir, pids, self.drain_timeout + 10)
+        if late:
+            log.warning("worker(s) %s did not report drained in time; stopping anyway", late)
+        server.stop(signal.SIGTERM)
 
 
 def load_app_in_worker(target: str) -> Any:
     """Granian's target loader, run in each worker: arm the orphan watchdog, then import the app."""
-    from granian._internal import load_target
-
     _start_watchdog(os.getppid())
-    return load_target(target)
+    return granian_compat.load_target(target)
 
 
 def _start_watchdog(supervisor: int) -> None:
@@ -108,13 +83,7 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: fl
     """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind.
     The workers share a run directory (drain markers; Prometheus files unless the caller chose a
     PROMETHEUS_MULTIPROC_DIR), removed at the end."""
-    if not granian_version_ok():
-        import granian
-
-        raise RuntimeError(
-            f"Granian {granian.__version__} is outside the range the socket hand-off was verified on "
-            f"({'.'.join(map(str, VERIFIED_GRANIAN[0]))} to <{'.'.join(map(str, VERIFIED_GRANIAN[1]))})."
-        )
+    granian_compat.check_granian_version()
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     run_dir = tempfile.mkdtemp(prefix="qwen-server-")
     os.environ[drain.RUN_DIR_ENV] = run_dir
@@ -130,10 +99,7 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: fl
     # workers inherit the module as imported here.
     from prometheus_client import multiprocess  # noqa: F401 - imported for _forget_worker_metrics
 
-    server = _server_class()(**granian_kwargs)
-    server.handed_socket = sock
-    server.run_dir = run_dir
-    server.drain_timeout = drain_timeout
+    server = granian_compat.server_on_socket(sock, granian_kwargs, _Drain(run_dir, drain_timeout).on_interrupt)
     stop = threading.Event()
     reaper = threading.Thread(target=_reap_orphans, args=(server, stop), name="qwen-server-reaper", daemon=True)
     reaper.start()
@@ -150,14 +116,14 @@ def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: fl
     return code
 
 
-def _reap_orphans(server: Any, stop: threading.Event) -> None:
+def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Event) -> None:
     """End children that are not Granian's workers: orphans re-parented to us by a dead worker.
     Also drop the live gauges of workers that are gone: one killed outright never drops its own,
     and /metrics would report its last values (requests running, ...) for good."""
     me = os.getpid()
     known_workers: set[int] = set()
     while not stop.wait(1.0):
-        workers = {w.inner.pid for w in list(getattr(server, "wrks", []))}
+        workers = set(server.worker_pids())
         known_workers |= workers
         for pid in [p for p in known_workers if not procs.alive(p)]:
             known_workers.discard(pid)
@@ -175,7 +141,7 @@ def _reap_orphans(server: Any, stop: threading.Event) -> None:
                 continue
             # A child we did not start directly: give it a moment (Granian may be spawning it).
             time.sleep(0.5)
-            if pid in {w.inner.pid for w in list(getattr(server, "wrks", []))}:
+            if pid in server.worker_pids():
                 continue
             info = procs.info(pid)
             if info is not None and info.ppid == me:

@@ -24,11 +24,12 @@ from typing import Any
 import click
 import msgspec
 
-from qwen_server import ports, settings as settings_mod, supervise
+from qwen_server import settings as settings_mod
+from qwen_server.launcher import ports, supervise
 from qwen_server.settings import GranianArg, Settings
 
 APP_TARGET = "qwen_server.app:app"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # qwen_server/, what --reload watches
 _DEFAULTS = Settings()
 
 
