@@ -203,11 +203,15 @@ def test_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> None:
           f"stopped in {min(stop_s):.1f}-{max(stop_s):.1f} s, every exit 0, nothing left, port free each time")
 
 
-def test_demo_serves_with_no_options_then_a_dead_engine_ends_the_worker(tiny_model: Path, tmp_path: Path) -> None:
+def test_demo_serves_with_no_options_then_a_dead_engine_past_the_restart_limit_ends_the_worker(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     """What `./run serve` does (no model, no engine options, no VLLM_* variables), then an
-    EngineCore killed under it: /health turns 503 `dead`, and the worker exits."""
+    EngineCore killed under it with no restart allowed (QWEN_SERVER_ENGINE_RESTARTS=0, the limit
+    reached at once): /health turns 503 `dead`, and the worker exits, saying why. The restart
+    itself (the default) is tested in test_reliability.py."""
     port = free_port()
-    env = {k: v for k, v in base_env().items() if not k.startswith("VLLM_")}
+    env = {k: v for k, v in base_env().items() if not k.startswith("VLLM_")} | {"QWEN_SERVER_ENGINE_RESTARTS": "0"}
     srv = ServerProcess.launcher(port, tmp_path / "d.log", env=env)
     try:
         srv.wait_ready()
@@ -228,7 +232,7 @@ def test_demo_serves_with_no_options_then_a_dead_engine_ends_the_worker(tiny_mod
             time.sleep(0.05)
         # The worker exits so that a supervisor can restart it; without respawn, the launcher exits non-zero.
         assert srv.proc.wait(60) != 0
-        assert "The engine died" in srv.log()
+        assert "The engine died" in srv.log() and "the limit (--engine-restarts 0)" in srv.log()
         if dead is not None:
             assert "died" in dead["reason"]
     finally:

@@ -751,7 +751,10 @@ def test_values_that_reach_the_engine_cannot_kill_it(rel: ServerProcess) -> None
     ]
     completions = [{"prompt": ""}, {"prompt": "\x00" * 100}, {"prompt": "a" * 20_000},
                    {"prompt": "hi", "echo": True, "logprobs": 20}, {"prompt": "hi", "max_tokens": 2047},
-                   {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}}]
+                   {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}},
+                   # token-id prompts: the vocabulary's edges, past them, and a batch of long ones
+                   {"prompt": [0]}, {"prompt": [575]}, {"prompt": [576]}, {"prompt": [-1]}, {"prompt": [2**63 - 1]},
+                   {"prompt": [[0] * 2000, [575] * 2000]}, {"prompt": [[]]}]
     seen: dict[int, int] = {}
     with httpx.Client(timeout=120) as client:
         for extra in chats:
