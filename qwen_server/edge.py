@@ -119,13 +119,7 @@ class Edge:
     # --- around the whole app: every response ---
 
     def wrap(self, app: Any) -> Any:
-        async def edge(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            await self._serve(app, scope, receive, send)
-
-        return edge
+        return _http_only(app, self._serve)
 
     async def _serve(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
         t0 = time.perf_counter()
@@ -193,13 +187,7 @@ class Edge:
     # --- around each route: its declared policy, before its handler reads the body ---
 
     def middleware(self, app: Any) -> Any:
-        async def policy(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            await self._apply_policy(app, scope, receive, send)
-
-        return policy
+        return _http_only(app, self._apply_policy)
 
     async def _apply_policy(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
         opt = route_opt(scope)
@@ -296,6 +284,18 @@ class Edge:
             matched |= hmac.compare_digest(token, key)
         return matched
 
+
+
+def _http_only(app: Any, serve: Any) -> Any:
+    """An ASGI app that runs `serve(app, scope, receive, send)` for HTTP and passes the rest to `app`."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        await serve(app, scope, receive, send)
+
+    return wrapped
 
 
 _DISCARD_SECONDS = 10.0
