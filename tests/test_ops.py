@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -410,3 +411,5 @@ def test_early_answers_to_big_bodies_reach_asyncio_clients(ops: ServerProcess) -
         return seen
 
     assert asyncio.run(run()) == {401: 10, 404: 10, 413: 10}
+
+    # 429 (one worker's admission held full) is in test_reliability.py, whose server has one worker.

@@ -30,6 +30,7 @@ import zlib
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, example, given, settings
@@ -337,6 +338,45 @@ SLOW_READ = (4, 0.5)  # the slow reader takes 4 bytes every 0.5 s
 def in_flight(srv: ServerProcess) -> float:
     """HTTP requests the server is serving, not counting the scrape that asks."""
     return metric_sum(srv, "qwen_server_http_requests_in_flight") - 1
+
+
+def test_a_429_to_a_big_body_reaches_an_asyncio_client(rel: ServerProcess) -> None:
+    """Admission refuses before the body is read; the rest of the 5 MB body is read and dropped, so
+    an asyncio client that is still sending gets the 429 instead of a reset (ReadError)."""
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5_000_000}], "max_tokens": 1}
+
+    async def run() -> list[int]:
+        statuses: list[int] = []
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=LIMIT + 1)) as holders_client:
+            async def hold() -> None:  # a slow reader of a long stream: admitted until cancelled
+                async with holders_client.stream("POST", rel.url + CHAT, json=chat_body(1500, stream=True)) as r:
+                    async for _ in r.aiter_lines():
+                        await asyncio.sleep(0.05)
+
+            holders = [asyncio.create_task(hold()) for _ in range(LIMIT)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # all LIMIT admitted: in the engine, running or waiting
+                scheduler = health(rel)[1].get("scheduler", {})
+                if scheduler.get("running", 0) + scheduler.get("waiting", 0) >= LIMIT:
+                    break
+                await asyncio.sleep(0.1)
+            sdk = openai.AsyncOpenAI(base_url=rel.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            try:
+                for _ in range(10):
+                    try:
+                        await sdk.post("/chat/completions", cast_to=dict, body=big)
+                        statuses.append(200)
+                    except openai.APIStatusError as exc:  # an APIConnectionError (the reset) fails the test
+                        statuses.append(exc.status_code)
+            finally:
+                await sdk.close()
+                for task in holders:
+                    task.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+        return statuses
+
+    assert asyncio.run(run()) == [429] * 10
+    wait_engine_idle(rel, within=30)
 
 
 def test_slow_uploader_and_slow_reader_do_not_stall_others(rel: ServerProcess) -> None:
