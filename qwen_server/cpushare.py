@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from qwen_server import procs
+from qwen_server import procs, vllm_compat
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
@@ -63,13 +63,9 @@ def claim(settings: Settings) -> IO[str] | None:
     was done. vLLM must be importable (the engine is about to start)."""
     if settings.workers < 2 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
         return None
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not vllm_compat.platform_is_cpu():
         return None
-    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list
-
-    cpus = get_allowed_cpu_list()
+    cpus = vllm_compat.allowed_cpu_list()
     shares = split(cpus, settings.workers)
     if not shares:
         log.warning("%d workers on %d physical cores: too few for a share of %d cores each (the model's, and one "

@@ -22,12 +22,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import IO, TYPE_CHECKING, Any
 
-from qwen_server import cpushare, demo, media, metrics, procs
+from qwen_server import cpushare, demo, media, metrics, procs, vllm_compat
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 
 if TYPE_CHECKING:
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from qwen_server.vllm_compat import AsyncLLM
 
 log = logging.getLogger("qwen_server")
 
@@ -168,7 +168,7 @@ class Engine:
                 log.warning(demo.NOISE_WARNING)
             self.model_path = path
             self._set_stage("importing vLLM")
-            engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(_import_vllm)
+            engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(vllm_compat.engine_classes)
             if self.settings.workers > 1 and self._cpu_share is None:
                 self._set_stage("claiming this worker's share of the CPUs")
                 self._cpu_share = await asyncio.to_thread(cpushare.claim, self.settings)
@@ -191,12 +191,12 @@ class Engine:
             self.longest_token = await asyncio.to_thread(_longest_token, self.tokenizer)
             self.max_model_len = client.model_config.max_model_len
             self.vocab_size = client.model_config.get_vocab_size()
-            self.max_num_seqs = client.vllm_config.scheduler_config.max_num_seqs
+            self.max_num_seqs = vllm_compat.max_num_seqs(client)
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
             if self.settings.keep_off_engine_cores:
                 _keep_off_engine_cores()
-            if self.settings.engine_nice and client.vllm_config.device_config.device_type == "cpu":
+            if self.settings.engine_nice and vllm_compat.device_type(client) == "cpu":
                 _renice_engine(self.settings.engine_nice)
             frozen = _freeze_heap()
             self.loaded_in = time.monotonic() - self._t0
@@ -318,35 +318,18 @@ class Engine:
 
 def _scheduler_stats_recorder(engine: Engine):
     """A vLLM stat logger that keeps the latest SchedulerStats on `engine` (vLLM calls it per step)."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    def on_stats(scheduler_stats: Any, mm_cache_stats: Any) -> None:
+        if scheduler_stats is not None:
+            engine.scheduler_stats = scheduler_stats
+        if mm_cache_stats is not None:
+            engine.mm_cache_queries += mm_cache_stats.queries
+            engine.mm_cache_hits += mm_cache_stats.hits
 
-    class SchedulerStatsRecorder(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
-
-        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-            if scheduler_stats is not None:
-                engine.scheduler_stats = scheduler_stats
-            if mm_cache_stats is not None:
-                engine.mm_cache_queries += mm_cache_stats.queries
-                engine.mm_cache_hits += mm_cache_stats.hits
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return SchedulerStatsRecorder
+    return vllm_compat.scheduler_stats_logger(on_stats)
 
 
 def _longest_token(tokenizer: Any) -> int:
     return max((len(token.encode()) for token in tokenizer.get_vocab()), default=1)
-
-
-def _import_vllm():
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    return AsyncEngineArgs, AsyncLLM, UsageContext
 
 
 def _keep_off_engine_cores() -> None:
@@ -400,12 +383,10 @@ def _freeze_heap() -> int:
 def _image_geometry(model_config: Any) -> media.Geometry | None:
     """The pixel budget of the image processor vLLM uses for this model (server-wide
     mm_processor_kwargs applied), or None when the model has no image processor we pre-size for."""
-    from vllm.transformers_utils.processor import cached_image_processor_from_config
-
     if not model_config.is_multimodal_model:
         return None
     try:
-        processor = cached_image_processor_from_config(model_config)
+        processor = vllm_compat.cached_image_processor(model_config)
     except Exception as exc:  # noqa: BLE001 - no pre-sizing then; vLLM's processor still sizes images
         log.warning("image processor not inspected (%s): images go to the model's processor at full size", exc)
         return None

@@ -26,6 +26,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from qwen_server import vllm_compat
 from qwen_server.settings import PROMETHEUS_MULTIPROC_ENV
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -78,12 +79,7 @@ def worker_exited() -> None:
 def engine_stat_logger() -> Any:
     """vLLM's Prometheus stat logger, its gauges made per worker (see the module docstring).
     vLLM declares them `mostrecent`, which across workers would report one engine's value."""
-    from vllm.v1.metrics.loggers import PrometheusStatLogger
-
     def per_worker_gauge(*args: Any, multiprocess_mode: str = "", **kwargs: Any) -> Gauge:
         return Gauge(*args, multiprocess_mode="liveall", **kwargs)
 
-    class EngineMetrics(PrometheusStatLogger):
-        _gauge_cls = staticmethod(per_worker_gauge)
-
-    return EngineMetrics
+    return vllm_compat.prometheus_stat_logger(per_worker_gauge)

