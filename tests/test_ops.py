@@ -335,6 +335,34 @@ def test_access_log_is_one_json_line_per_request_without_image_data(ops: ServerP
 # --- drain (stops the server: keep last) ---
 
 
+def test_early_answers_to_big_bodies_reach_asyncio_clients(ops: ServerProcess) -> None:
+    """401, 404 and 413 are answered before the body is read; the rest of a 5 MB body is read and
+    dropped, so the connection is not reset under an asyncio client that is still sending (it used
+    to see ReadError, 3 of 3 times, and retried blindly)."""
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5_000_000}], "max_tokens": 1}
+
+    async def run() -> dict[int, int]:
+        seen: dict[int, int] = {}
+        wrong = openai.AsyncOpenAI(base_url=ops.url + "/v1", api_key="wrong", max_retries=0, timeout=60)
+        right = openai.AsyncOpenAI(base_url=ops.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=60)
+        try:
+            for _ in range(10):
+                for sdk, path in ((wrong, "/chat/completions"), (right, "/no-such-route"), (right, "/chat/completions")):
+                    try:
+                        await sdk.post(path, cast_to=dict, body=big)
+                    except openai.APIStatusError as exc:
+                        assert set(exc.response.json()["error"]) == {"message", "type", "param", "code"}
+                        seen[exc.status_code] = seen.get(exc.status_code, 0) + 1
+        finally:
+            await wrong.close()
+            await right.close()
+        return seen
+
+    assert asyncio.run(run()) == {401: 10, 404: 10, 413: 10}
+
+    # 429 (one worker's admission held full) is in test_reliability.py, whose server has one worker.
+
+
 def test_sigterm_drains_finishes_short_requests_and_cuts_long_ones_cleanly(ops: ServerProcess) -> None:
     rate = _tokens_per_second(ops)
     long_tokens = int(min(1900, rate * (DRAIN_TIMEOUT + 6)))
@@ -386,30 +414,3 @@ def _ending(events: list[str]) -> str:
         return last["error"]["code"]
     return "finished" if last["choices"] and last["choices"][0]["finish_reason"] else "no-finish"
 
-
-def test_early_answers_to_big_bodies_reach_asyncio_clients(ops: ServerProcess) -> None:
-    """401, 404 and 413 are answered before the body is read; the rest of a 5 MB body is read and
-    dropped, so the connection is not reset under an asyncio client that is still sending (it used
-    to see ReadError, 3 of 3 times, and retried blindly)."""
-    big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5_000_000}], "max_tokens": 1}
-
-    async def run() -> dict[int, int]:
-        seen: dict[int, int] = {}
-        wrong = openai.AsyncOpenAI(base_url=ops.url + "/v1", api_key="wrong", max_retries=0, timeout=60)
-        right = openai.AsyncOpenAI(base_url=ops.url + "/v1", api_key=KEYS[0], max_retries=0, timeout=60)
-        try:
-            for _ in range(10):
-                for sdk, path in ((wrong, "/chat/completions"), (right, "/no-such-route"), (right, "/chat/completions")):
-                    try:
-                        await sdk.post(path, cast_to=dict, body=big)
-                    except openai.APIStatusError as exc:
-                        assert set(exc.response.json()["error"]) == {"message", "type", "param", "code"}
-                        seen[exc.status_code] = seen.get(exc.status_code, 0) + 1
-        finally:
-            await wrong.close()
-            await right.close()
-        return seen
-
-    assert asyncio.run(run()) == {401: 10, 404: 10, 413: 10}
-
-    # 429 (one worker's admission held full) is in test_reliability.py, whose server has one worker.
