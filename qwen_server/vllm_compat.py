@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qwen_server import versions
+
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -40,20 +42,14 @@ def installed_version() -> str | None:
 
 
 def vllm_version_ok() -> bool:
-    version = installed_version()
-    if version is None:
-        return False
-    release = tuple(int(x) for x in version.split("+")[0].split(".")[:3] if x.isdigit())
-    return VERIFIED_VLLM[0] <= release < VERIFIED_VLLM[1]
+    return versions.within(installed_version(), VERIFIED_VLLM)
 
 
 def check_vllm_version() -> None:
     """Raise RuntimeError unless the installed vLLM is a release this module was verified on."""
     if not vllm_version_ok():
-        raise RuntimeError(
-            f"vLLM {installed_version()} is outside the releases qwen_server's use of its API was verified on "
-            f"({'.'.join(map(str, VERIFIED_VLLM[0]))} to <{'.'.join(map(str, VERIFIED_VLLM[1]))})."
-        )
+        raise RuntimeError(versions.outside_message("vLLM", installed_version(), VERIFIED_VLLM,
+                                                    "qwen_server's use of its API"))
 
 
 # --- the engine ---

@@ -332,3 +332,13 @@ def test_process_settings_in_the_environment_are_known_and_change_nothing_else(t
 def test_bad_process_options_are_refused(argv: list[str], fragment: str) -> None:
     result = CliRunner().invoke(cli.main, [*argv, "--print-config"])
     assert result.exit_code == 2 and fragment in result.output, result.output
+
+
+def test_version_fences_compare_releases() -> None:
+    from qwen_server import versions
+
+    verified = ((0, 32, 0), (0, 33, 0))
+    assert versions.within("0.32.0", verified) and versions.within("0.32.9+cpu", verified)
+    assert not versions.within("0.33.0", verified) and not versions.within("0.31.9", verified)
+    assert not versions.within("0.32.0rc1", verified) and not versions.within(None, verified)  # (0, 32) < (0, 32, 0)
+    assert versions.outside_message("vLLM", "0.40.1", verified, "x") == "vLLM 0.40.1 is outside the releases x was verified on (0.32.0 to <0.33.0)."

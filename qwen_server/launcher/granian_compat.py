@@ -19,14 +19,15 @@ import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from qwen_server import versions
+
 VERIFIED_GRANIAN = ((2, 8, 7), (2, 9, 0))  # [low, high) of the versions the hand-off was verified on
 
 
 def granian_version_ok() -> bool:
     import granian
 
-    version = tuple(int(x) for x in granian.__version__.split(".")[:3])
-    return VERIFIED_GRANIAN[0] <= version < VERIFIED_GRANIAN[1]
+    return versions.within(granian.__version__, VERIFIED_GRANIAN)
 
 
 def check_granian_version() -> None:
@@ -34,10 +35,7 @@ def check_granian_version() -> None:
     if not granian_version_ok():
         import granian
 
-        raise RuntimeError(
-            f"Granian {granian.__version__} is outside the range the socket hand-off was verified on "
-            f"({'.'.join(map(str, VERIFIED_GRANIAN[0]))} to <{'.'.join(map(str, VERIFIED_GRANIAN[1]))})."
-        )
+        raise RuntimeError(versions.outside_message("Granian", granian.__version__, VERIFIED_GRANIAN, "the socket hand-off"))
 
 
 class HandedSocketServer(Protocol):
