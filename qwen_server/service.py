@@ -91,12 +91,7 @@ class Service:
                               code="unsupported_field")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        template_kwargs = self._template_kwargs(req.chat_template_kwargs)
-        if req.chat_template is not None:
-            if not self.settings.trust_request_chat_template:
-                raise bad_request("chat_template is not accepted (--trust-request-chat-template allows it).",
-                                  "chat_template")
-            template_kwargs = {**template_kwargs, "chat_template": req.chat_template}
+        template_kwargs = self._template_kwargs(req.chat_template_kwargs, req.chat_template)
         conversation, image_urls = self._conversation(req.messages)
         exchange.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
@@ -153,10 +148,9 @@ class Service:
             prompts.append(Prompt(engine_input, len(engine_input["prompt_token_ids"]), text if req.echo else ""))
         longest = max(prompt.length for prompt in prompts)
         max_tokens = req.max_tokens if req.max_tokens is not None else self.settings.completion_max_tokens
-        exchange.prompt_tokens = sum(prompt.length for prompt in prompts)
         # With echo, the prompt's own logprobs are reported too, as OpenAI and vLLM do.
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        return Prepared(
+        prep = Prepared(
             request_id=f"cmpl-{exchange.request_id}",
             engine_request_id=exchange.request_id,
             exchange=exchange,
@@ -170,6 +164,8 @@ class Service:
             chat=False,
             echo=req.echo,
         )
+        exchange.prompt_tokens = prep.prompt_len
+        return prep
 
     def _completion_prompts(self, prompt: str | list) -> list[tuple[str, list[int] | None, str]]:
         """OpenAI's four prompt forms (a text, texts, token ids, lists of token ids) as
@@ -233,18 +229,18 @@ class Service:
             )
         return conversation, image_urls
 
-    def _template_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    def _template_kwargs(self, kwargs: dict[str, Any] | None, template: str | None = None) -> dict[str, Any]:
         """The client's chat_template_kwargs, without what would change how the prompt is built
-        rather than what the template renders (a client's own template needs the operator's trust)."""
+        rather than what the template renders; a client's own template (the request's `chat_template`,
+        or the same key in the kwargs) needs the operator's trust."""
+        own = [("chat_template", template)] if template is not None else []
+        own += [(f"chat_template_kwargs.{key}", kwargs[key]) for key in kwargs or () if key == "chat_template"]
+        if own and not self.settings.trust_request_chat_template:
+            raise bad_request(f"{own[0][0]} is not accepted (--trust-request-chat-template allows it).", own[0][0])
         for key in kwargs or ():
-            if key == "chat_template" and self.settings.trust_request_chat_template:
-                continue
-            if key == "chat_template" or key in _RENDER_KEYS:
-                hint = " (--trust-request-chat-template allows it)" if key == "chat_template" else ""
-                raise bad_request(
-                    f"chat_template_kwargs.{key} is not accepted{hint}.", f"chat_template_kwargs.{key}"
-                )
-        return kwargs or {}
+            if key in _RENDER_KEYS:
+                raise bad_request(f"chat_template_kwargs.{key} is not accepted.", f"chat_template_kwargs.{key}")
+        return {**(kwargs or {}), **({"chat_template": template} if template is not None else {})}
 
     def _render_chat(self, conversation: list[dict], **kwargs: Any) -> list[int]:
         """The chat template and the tokenizer (run in a thread): the prompt's token ids."""
@@ -644,24 +640,20 @@ def decode_chat(body: bytes, settings: Settings) -> p.ChatCompletionRequest:
     return p.ChatCompletionRequest(**fields)
 
 
-def _decode_part(decoder: msgspec.json.Decoder, raw: msgspec.Raw, path: str) -> Any:
+def _decode_part(decoder: msgspec.json.Decoder, data: bytes | msgspec.Raw, path: str) -> Any:
+    """`data` (the body, or the part of it at `path`) decoded strictly; errors name the field."""
     try:
-        return decoder.decode(raw)
+        return decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_validation_error(exc, path) from None
     except RecursionError:
-        raise bad_request("The request body is nested too deeply to decode.", path, code="too_deep") from None
+        raise bad_request("The request body is nested too deeply to decode.", path or "body", code="too_deep") from None
 
 
 def decode(decoder: msgspec.json.Decoder, body: bytes, max_depth: int) -> Any:
     """Strict decoding of a request body; errors name the field. Free-form JSON fields (processor
     and template options, schemas) may nest at most `max_depth` levels: they reach code that recurses."""
-    try:
-        request = decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise from_validation_error(exc) from None
-    except RecursionError:
-        raise bad_request("The request body is nested too deeply to decode.", "body", code="too_deep") from None
+    request = _decode_part(decoder, body, "")
     for name in _FREE_FORM:
         value = getattr(request, name, None)
         if value is not None and _depth_over(value, max_depth):
