@@ -127,10 +127,9 @@ def test_undeclared_oversize_is_cut_while_streaming(origin: str) -> None:
 
 
 def test_a_slow_body_hits_the_total_timeout(origin: str) -> None:
-    # Each byte arrives well within any read timeout; only a bound on the whole exchange stops it.
-    t0 = time.monotonic()
+    # Each byte arrives well within any read timeout and the body never completes: without a bound on
+    # the whole exchange the fetch would end 3 s later on the cut body ("incomplete"), not on "timeout".
     refused(f"{origin}/slow", "timeout", timeout=1.0)
-    assert time.monotonic() - t0 < 2.5
 
 
 def test_http_errors_name_the_status(origin: str) -> None:

@@ -384,10 +384,12 @@ def test_sigterm_drains_finishes_short_requests_and_cuts_long_ones_cleanly(ops: 
         t0 = time.monotonic()
         ops.proc.send_signal(signal.SIGTERM)
         health = _wait_health_draining(ops)
+        streaming_then = sum(not f.done() for f in futures)
         refused = post(ops, chat_body())
         endings = [f.result(timeout=60) for f in futures]
     assert health is not None, "/health did not turn 503 draining"
-    assert health < 1.5, f"/health turned draining after {health:.2f} s"
+    # Draining is announced at once, not when the work ends: the long streams were still running.
+    assert streaming_then >= LIMIT // 2, f"/health turned draining after {health:.2f} s, {streaming_then} streaming"
     assert error_of(refused, 503)["code"] == "draining"
     # Every stream ended properly: with a finish reason, or with an error event; none cut silently.
     assert all(e in ("finished", "drain_abort") for e in endings), endings
