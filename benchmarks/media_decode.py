@@ -26,7 +26,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageDraw
 
-from qwen_server.media import Geometry, decode_image
+from qwen_server.media.image import Geometry, decode_image
 
 BUDGETS = {"qwen": 1280 * 28 * 28, "224": 224 * 224}  # Qwen2.5-VL's default max_pixels; a 224x224 budget
 INPUTS = {  # name: (width, height, format, save options)

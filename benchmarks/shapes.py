@@ -98,7 +98,7 @@ def collect(name: str, argv: list[str], log_dir: Path) -> dict[str, dict]:
 
 
 def main() -> None:
-    from qwen_server.demo import demo_model_path
+    from qwen_server.demo.model import demo_model_path
 
     model = str(demo_model_path())
     flags = engine_flags()

@@ -267,7 +267,7 @@ def main() -> None:
     # SIGTERM ends the run like Ctrl+C: the server being measured is stopped (`finally`), not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.model is None:
-        from qwen_server.demo import demo_model_path
+        from qwen_server.demo.model import demo_model_path
 
         args.model = str(demo_model_path())
     cases = scenarios("quick" if args.quick else "targets" if args.targets else "full")

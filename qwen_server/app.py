@@ -21,12 +21,12 @@ from litestar.openapi import OpenAPIConfig
 
 from qwen_server import __version__, drain, logs, metrics
 from qwen_server import settings as settings_mod
-from qwen_server.edge import Edge
-from qwen_server.engine import Engine
+from qwen_server.http.edge import Edge
+from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import exception_handlers
-from qwen_server.media import MediaLoader
-from qwen_server.routes import route_handlers
-from qwen_server.service import Service
+from qwen_server.media.loader import MediaLoader
+from qwen_server.http.routes import route_handlers
+from qwen_server.service.chat_and_completion import Service
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")

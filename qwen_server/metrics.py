@@ -26,7 +26,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from qwen_server import vllm_compat
+from qwen_server.engine import vllm_compat
 from qwen_server.settings import PROMETHEUS_MULTIPROC_ENV
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)

@@ -38,7 +38,7 @@ def _no_server_outlives_its_test() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The tiny Qwen2.5-VL checkpoint (the demo model), built once and cached."""
-    from qwen_server.demo import demo_model_path
+    from qwen_server.demo.model import demo_model_path
 
     return demo_model_path()
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from qwen_server.media import Geometry
+from qwen_server.media.image import Geometry
 from tests.conftest import image_data_url
 from tests.serverproc import ServerProcess
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qwen_server import cpushare
+from qwen_server.engine import cpushare
 from qwen_server.settings import Settings
 from tests.serverproc import free_port
 

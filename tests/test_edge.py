@@ -9,7 +9,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from qwen_server.edge import Edge, exchange_of
+from qwen_server.http.edge import Edge, exchange_of
 from qwen_server.settings import Settings
 
 PATH = "/v1/chat/completions"

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from qwen_server import procs
-from qwen_server.engine import _freeze_heap
+from qwen_server.engine.lifecycle import _freeze_heap
 from tests.serverproc import ServerProcess
 
 
@@ -82,7 +82,7 @@ def test_renice_sets_every_thread_of_a_real_process() -> None:
 
 _UNPRIVILEGED_WORKER = """
 import logging, os, subprocess, sys
-from qwen_server.engine import _renice_engine
+from qwen_server.engine.lifecycle import _renice_engine
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 os.nice(5)  # a server started with `nice -n 5`, say
 engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # inherits it

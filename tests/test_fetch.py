@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qwen_server.fetch import USER_AGENT, Fetcher, FetchError, may_connect
+from qwen_server.media.fetch import USER_AGENT, Fetcher, FetchError, may_connect
 
 BODY = b"\x89PNG fake image body" * 100
 

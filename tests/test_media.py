@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_server.media import Geometry, MediaError, MediaLoader, MMKwargsError, check_request_mm_kwargs, decode_image
+from qwen_server.media.errors import MediaError
+from qwen_server.media.image import Geometry, MMKwargsError, check_request_mm_kwargs, decode_image
+from qwen_server.media.loader import MediaLoader
 from qwen_server.settings import Settings
 
 PARAM = "messages[0].content[0].image_url"

@@ -22,7 +22,8 @@ import httpx
 import openai
 import pytest
 
-from qwen_server import cpushare, procs
+from qwen_server import procs
+from qwen_server.engine import cpushare
 from tests.conftest import image_data_url
 from tests.serverproc import ServerProcess, free_port
 

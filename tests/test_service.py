@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from qwen_server.edge import Exchange
-from qwen_server.service import Prepared, Prompt, Service
+from qwen_server.http.edge import Exchange
+from qwen_server.service.chat_and_completion import Prepared, Prompt, Service
 from qwen_server.settings import Settings
 
 
@@ -99,7 +99,7 @@ def test_cancellation_is_not_swallowed() -> None:
 
 from qwen_server import protocol as p  # noqa: E402
 from qwen_server.errors import APIError, clip, envelope  # noqa: E402
-from qwen_server.service import decode_chat  # noqa: E402
+from qwen_server.service.chat_and_completion import decode_chat  # noqa: E402
 
 
 def _chat_body(**extra: Any) -> bytes:

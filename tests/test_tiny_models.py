@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qwen_server.testing import tiny_model as builder
+from qwen_server.demo import tiny_model as builder
 
 # 224x224 pixels: patch 14 (Qwen2/2.5-VL) or 16 (Qwen3-VL), merged 2x2 into one token.
 EXPECTED_IMAGE_TOKENS = {"qwen2_5_vl": (224 // 28) ** 2, "qwen2_vl": (224 // 28) ** 2, "qwen3_vl": (224 // 32) ** 2}

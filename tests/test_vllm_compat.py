@@ -1,4 +1,4 @@
-"""qwen_server.vllm_compat against the installed vLLM: each name it resolves is still where it looks,
+"""qwen_server.engine.vllm_compat against the installed vLLM: each name it resolves is still where it looks,
 and the installed release is one it was verified on. A failure names what an upgrade moved.
 
 Imports vLLM (and torch) in this process, unlike the rest of tests/unit; no engine is started.
@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from qwen_server import vllm_compat
+from qwen_server.engine import vllm_compat
 
 # (module, attribute) for every name vllm_compat imports.
 RESOLVED = [
@@ -36,7 +36,7 @@ def _resolve(module: str, name: str) -> object:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         pytest.fail(f"vLLM {vllm_compat.installed_version()}: {module}.{name} is gone ({exc}); "
-                    "update qwen_server/vllm_compat.py", pytrace=False)
+                    "update qwen_server/engine/vllm_compat.py", pytrace=False)
 
 
 @pytest.mark.parametrize(("module", "name"), RESOLVED, ids=[f"{m}.{n}" for m, n in RESOLVED])
@@ -51,7 +51,7 @@ def test_installed_vllm_is_a_verified_release() -> None:
 
 def _has(obj: object, attr: str, where: str) -> None:
     if not hasattr(obj, attr):
-        pytest.fail(f"vLLM {vllm_compat.installed_version()}: {where}.{attr} is gone; update qwen_server/vllm_compat.py",
+        pytest.fail(f"vLLM {vllm_compat.installed_version()}: {where}.{attr} is gone; update qwen_server/engine/vllm_compat.py",
                     pytrace=False)
 
 

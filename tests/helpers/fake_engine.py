@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_server.engine import EngineState
+from qwen_server.engine.lifecycle import EngineState
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 

@@ -17,11 +17,13 @@ from typing import Any
 import msgspec
 
 from qwen_server import protocol as p
-from qwen_server import vllm_compat
-from qwen_server.edge import Exchange
-from qwen_server.engine import Engine
+from qwen_server.engine import vllm_compat
+from qwen_server.http.edge import Exchange
+from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import APIError, bad_request, clip, envelope, from_validation_error
-from qwen_server.media import LoadedImage, MediaError, MediaLoader, MMKwargsError, check_request_mm_kwargs
+from qwen_server.media.errors import MediaError
+from qwen_server.media.image import MMKwargsError, check_request_mm_kwargs
+from qwen_server.media.loader import LoadedImage, MediaLoader
 from qwen_server.settings import Settings
 
 _DONE = b"data: [DONE]\n\n"

@@ -13,13 +13,14 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
-from qwen_server import __version__, metrics, vllm_compat
+from qwen_server import __version__, metrics
+from qwen_server.engine import vllm_compat
 from qwen_server import protocol as p
-from qwen_server.edge import Exchange, exchange_of
-from qwen_server.engine import Engine
+from qwen_server.http.edge import Exchange, exchange_of
+from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import APIError, clip
-from qwen_server.openapi import with_json_body
-from qwen_server.service import Prepared, Service, decode, decode_chat
+from qwen_server.http.openapi import with_json_body
+from qwen_server.service.chat_and_completion import Prepared, Service, decode, decode_chat
 
 _JSON = "application/json"
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")

@@ -1,54 +1,26 @@
-"""Images in: from a request's image URLs to RGB Pillow images sized for the model, safely and fast.
+"""Images: the formats a client may send, the model's pixel budget and decoding to RGB pixels.
 
-Sources: `data:` URLs, `http(s)://` URLs (`fetch.py`: SSRF guard, byte and time limits) and local
-files under one allowed directory. Decoding runs in threads, behind a format whitelist and size
-checks made from the header before any pixel is decoded. Images are resized here to the model's
-pixel budget (Qwen's `smart_resize`), JPEGs through Pillow's draft mode (decoded at 1/2, 1/4 or
-1/8 scale by the codec), so the model's processor finds them at their final size. A content hash
-keys a small cache of results and is handed to vLLM as the item's UUID, so its multimodal cache is
-hit without hashing pixels. No HTTP server code here: errors are `MediaError`s naming the part.
+Decoding checks the header (format, size, aspect) before any pixel is decoded and resizes to the
+model's budget (Qwen's `smart_resize`); JPEGs go through Pillow's draft mode (decoded at 1/2, 1/4 or
+1/8 scale by the codec), so the model's processor finds them at their final size.
 """
 
 from __future__ import annotations
 
-import asyncio
-import binascii
 import io
 import math
-import os
-import stat
-import threading
-import time
-import urllib.parse
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import blake3
-import numpy as np
-import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from qwen_server import metrics
-from qwen_server.fetch import Fetcher, FetchError
-from qwen_server.settings import Settings
+from qwen_server.media.errors import MediaError
 
 # Formats a client may send; anything else is refused before decoding.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _MAX_ASPECT_RATIO = 200  # what Qwen's processor accepts
-
-
-class MediaError(ValueError):
-    """An image the server will not use: the request field it came from and a short reason."""
-
-    def __init__(self, message: str, param: str, reason: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.reason = reason
-        self.status = status
 
 
 # Per-request mm_processor_kwargs any client may set: the image pixel budget, within the server's.
@@ -274,219 +246,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # 16/32-bit greyscale: scale to 8 bits instead of clipping.
         image = image.point(lambda v: v / 256).convert("L") if image.mode != "I" else image.convert("L")
     return image.convert("RGB")
-
-
-# --- sources ---
-
-
-def _data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep:
-        raise MediaError("Malformed data URL: no ',' separates the header from the data.", param, "bad_data_url")
-    meta = header[5:].split(";")
-    if "base64" not in meta[1:]:
-        raise MediaError("Only base64 data URLs are supported (data:image/png;base64,...).", param, "bad_data_url")
-    media_type = meta[0].strip().lower()
-    if media_type and not media_type.startswith("image/"):
-        raise MediaError(f"Data URL media type {media_type!r} is not an image type.", param, "bad_data_url")
-    # base64 needs 4 characters per 3 bytes: refuse oversize payloads before decoding them.
-    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
-        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, "too_large", 413)
-    try:
-        # pybase64 (SIMD): 0.2 ms for a 400 KB payload against 1.4 ms for the stdlib's decoder. It is
-        # stricter (it refuses excess padding the stdlib lets through), as vLLM's own server is.
-        return pybase64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MediaError(f"Image data is not valid base64: {exc}.", param, "bad_data_url") from None
-
-
-def _file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
-    if root is None:
-        raise MediaError(
-            "Local image files are not enabled on this server (see --allowed-local-media-path).", param, "unsupported_url"
-        )
-    if url.startswith("file:"):
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.netloc not in ("", "localhost"):
-            raise MediaError(f"file: URLs must name a local path, not host {parsed.netloc!r}.", param, "unsupported_url")
-        path = urllib.parse.unquote(parsed.path)
-    else:
-        path = url
-    # realpath resolves '..' and every symlink, so whatever the name says, the file must be in root.
-    real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root in join
-    if os.path.commonpath([real, root]) != root:
-        raise MediaError("The image path is outside the allowed local media directory.", param, "forbidden_path")
-    try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise MediaError(f"The image file could not be opened: {exc.strerror}.", param, "not_found") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise MediaError("The image path is not a regular file.", param, "not_found")
-        if info.st_size > max_bytes:
-            raise MediaError(f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", 413)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(max_bytes + 1)
-    finally:
-        os.close(fd)
-
-
-def _digest(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest(16)  # 0.07 ms for 400 KB; hashlib's blake2b took 0.44
-
-
-# --- loading ---
-
-
-@dataclass(frozen=True, slots=True)
-class LoadedImage:
-    """Pixels as an (height, width, 3) uint8 array: the model's processor takes arrays directly,
-    which skips the PIL-to-tensor copy (and vLLM's EXIF pass) a PIL image costs it per request."""
-
-    pixels: np.ndarray
-    uuid: str  # content hash + geometry: the same image at the same budget has the same id
-
-
-class _Budget:
-    """Encoded bytes of one request's images, against the per-request total."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, size: int, param: str) -> None:
-        self.used += size
-        if self.used > self.limit:
-            raise MediaError(
-                f"The request's images total more than {self.limit} bytes.", param, "request_too_large", 413
-            )
-
-
-class _Cache:
-    """LRU of decoded images, bounded by their pixel bytes; shared by the worker's requests."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.used = 0
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            image = self._items.get(key)
-            if image is not None:
-                self._items.move_to_end(key)
-            return image
-
-    def put(self, key: str, pixels: np.ndarray) -> None:
-        if pixels.nbytes > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = pixels
-            self.used += pixels.nbytes
-            while self.used > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self.used -= old.nbytes
-
-
-class MediaLoader:
-    """Loads a request's images concurrently; one per worker, created in the app's lifespan."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        root = settings.allowed_local_media_path
-        self._root = os.path.realpath(root) if root else None
-        self._fetcher = Fetcher(
-            timeout=settings.media_fetch_timeout,
-            max_redirects=settings.media_max_redirects,
-            allowed_domains=settings.allowed_media_domains,
-            allowed_networks=settings.allowed_media_networks or (),
-        )
-        self._cache = _Cache(settings.image_cache_bytes)
-        self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
-
-    async def aclose(self) -> None:
-        await self._fetcher.aclose()
-
-    async def load_all(self, urls: list[tuple[str, str]], geometry: Geometry | None) -> list[LoadedImage]:
-        """`urls` as (url, request path) pairs; all are loaded at once, the first error wins."""
-        budget = _Budget(self.settings.max_request_image_bytes)
-        tasks = [asyncio.ensure_future(self.load(url, param, geometry, budget)) for url, param in urls]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except MediaError as exc:
-            metrics.IMAGE_REJECTIONS.labels(exc.reason).inc()
-            raise
-        finally:
-            for task in tasks:  # one failed: the others' fetches and decodes are not needed
-                task.cancel()
-
-    async def load(self, url: str, param: str, geometry: Geometry | None, budget: _Budget | None = None) -> LoadedImage:
-        source = _source(url)
-        t0 = time.perf_counter()
-        data, digest = await self._bytes(url, source, param)
-        metrics.IMAGE_SECONDS.labels(source, "read").observe(time.perf_counter() - t0)
-        metrics.IMAGE_BYTES.labels(source).inc(len(data))
-        if budget is not None:
-            budget.take(len(data), param)
-        key = f"{digest}:{geometry.key if geometry else 'native'}"
-        pixels = self._cache.get(key)
-        metrics.IMAGES.labels("cached" if pixels is not None else "decoded").inc()
-        if pixels is None:
-            t0 = time.perf_counter()
-            pending = self._inflight.get(key)
-            if pending is None:
-                pending = asyncio.ensure_future(asyncio.to_thread(self._decode, data, param, geometry))
-                self._inflight[key] = pending
-                pending.add_done_callback(lambda _: self._inflight.pop(key, None))
-            try:
-                pixels = await asyncio.shield(pending)
-            except MediaError as exc:  # the decode may have been started for another request's part
-                raise MediaError(exc.message, param, exc.reason, exc.status) from None
-            metrics.IMAGE_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
-            self._cache.put(key, pixels)
-        return LoadedImage(pixels, key)
-
-    def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
-        s = self.settings
-        image = decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
-        # Shared through the cache: the model's processor reads it (tests/test_media.py checks it
-        # does not write to it); writable, because torch warns on read-only arrays.
-        return np.array(image)
-
-    async def _bytes(self, url: str, source: str, param: str) -> tuple[bytes, str]:
-        max_bytes = self.settings.max_image_bytes
-        if source == "data":
-            return await asyncio.to_thread(_hashed, _data_url_bytes, url, param, max_bytes)
-        if source == "http":
-            try:
-                data = await self._fetcher.fetch(url, max_bytes)
-            except FetchError as exc:
-                raise MediaError(exc.message, param, exc.reason, exc.status) from None
-            return data, await asyncio.to_thread(_digest, data)
-        if source == "file":
-            return await asyncio.to_thread(_hashed, _file_bytes, url, param, self._root, max_bytes)
-        scheme = url.split(":", 1)[0] if ":" in url else ""
-        raise MediaError(
-            f"Unsupported image URL scheme {scheme!r}: send a data:, http(s):// or (if enabled) file: URL.",
-            param,
-            "unsupported_url",
-        )
-
-
-def _source(url: str) -> str:
-    """data, http (http and https), file (file: URLs and absolute paths) or other."""
-    scheme = url[: url.find(":")].lower() if ":" in url[:8] else ""
-    if scheme in ("data", "file"):
-        return scheme
-    if scheme in ("http", "https"):
-        return "http"
-    return "file" if url.startswith("/") else "other"
-
-
-def _hashed(read: Any, *args: Any) -> tuple[bytes, str]:
-    data = read(*args)
-    return data, _digest(data)

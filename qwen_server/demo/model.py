@@ -48,7 +48,7 @@ def demo_model_path() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists():
             return target
-        from qwen_server.testing.tiny_model import build
+        from qwen_server.demo.tiny_model import build
 
         log.info("building the demo checkpoint into %s (first use only)", target)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from qwen_server import procs, vllm_compat
+from qwen_server import procs
+from qwen_server.engine import vllm_compat
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")

@@ -22,12 +22,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import IO, TYPE_CHECKING, Any
 
-from qwen_server import cpushare, demo, media, metrics, procs, vllm_compat
+from qwen_server import metrics, procs
+from qwen_server.demo import model as demo
+from qwen_server.engine import cpushare, vllm_compat
+from qwen_server.media.image import Geometry, geometry_of
 from qwen_server.errors import APIError
 from qwen_server.settings import Settings
 
 if TYPE_CHECKING:
-    from qwen_server.vllm_compat import AsyncLLM
+    from qwen_server.engine.vllm_compat import AsyncLLM
 
 log = logging.getLogger("qwen_server")
 
@@ -60,7 +63,7 @@ class Engine:
         self.max_num_seqs: int | None = None
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
-        self.image_geometry: media.Geometry | None = None
+        self.image_geometry: Geometry | None = None
         self.loaded_in: float | None = None
         # The scheduler's latest counts, reported by EngineCore after each step it runs.
         self.scheduler_stats: Any = None
@@ -380,7 +383,7 @@ def _freeze_heap() -> int:
     return gc.get_freeze_count()
 
 
-def _image_geometry(model_config: Any) -> media.Geometry | None:
+def _image_geometry(model_config: Any) -> Geometry | None:
     """The pixel budget of the image processor vLLM uses for this model (server-wide
     mm_processor_kwargs applied), or None when the model has no image processor we pre-size for."""
     if not model_config.is_multimodal_model:
@@ -390,6 +393,6 @@ def _image_geometry(model_config: Any) -> media.Geometry | None:
     except Exception as exc:  # noqa: BLE001 - no pre-sizing then; vLLM's processor still sizes images
         log.warning("image processor not inspected (%s): images go to the model's processor at full size", exc)
         return None
-    geometry = media.geometry_of(processor)
+    geometry = geometry_of(processor)
     log.info("image budget: %s", geometry or f"none for {type(processor).__name__}, images passed at full size")
     return geometry

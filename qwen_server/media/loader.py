@@ -1,0 +1,161 @@
+"""A request's media, loaded concurrently: one loader per worker, created in the app's lifespan.
+
+A content digest keys a small cache of decoded results and is handed to vLLM as the item's UUID, so
+its multimodal cache is hit without hashing pixels; concurrent requests for the same item share one
+decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwen_server import metrics
+from qwen_server.media.errors import MediaError
+from qwen_server.media.fetch import Fetcher, FetchError
+from qwen_server.media.image import Geometry, decode_image
+from qwen_server.media.sources import data_url_bytes, digest, file_bytes, hashed, source_of
+from qwen_server.settings import Settings
+
+@dataclass(frozen=True, slots=True)
+class LoadedImage:
+    """Pixels as an (height, width, 3) uint8 array: the model's processor takes arrays directly,
+    which skips the PIL-to-tensor copy (and vLLM's EXIF pass) a PIL image costs it per request."""
+
+    pixels: np.ndarray
+    uuid: str  # content hash + geometry: the same image at the same budget has the same id
+
+
+class _Budget:
+    """Encoded bytes of one request's images, against the per-request total."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int, param: str) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise MediaError(
+                f"The request's images total more than {self.limit} bytes.", param, "request_too_large", 413
+            )
+
+
+class _Cache:
+    """LRU of decoded images, bounded by their pixel bytes; shared by the worker's requests."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            image = self._items.get(key)
+            if image is not None:
+                self._items.move_to_end(key)
+            return image
+
+    def put(self, key: str, pixels: np.ndarray) -> None:
+        if pixels.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = pixels
+            self.used += pixels.nbytes
+            while self.used > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.used -= old.nbytes
+
+
+class MediaLoader:
+    """Loads a request's images concurrently; one per worker, created in the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        root = settings.allowed_local_media_path
+        self._root = os.path.realpath(root) if root else None
+        self._fetcher = Fetcher(
+            timeout=settings.media_fetch_timeout,
+            max_redirects=settings.media_max_redirects,
+            allowed_domains=settings.allowed_media_domains,
+            allowed_networks=settings.allowed_media_networks or (),
+        )
+        self._cache = _Cache(settings.image_cache_bytes)
+        self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
+
+    async def aclose(self) -> None:
+        await self._fetcher.aclose()
+
+    async def load_all(self, urls: list[tuple[str, str]], geometry: Geometry | None) -> list[LoadedImage]:
+        """`urls` as (url, request path) pairs; all are loaded at once, the first error wins."""
+        budget = _Budget(self.settings.max_request_image_bytes)
+        tasks = [asyncio.ensure_future(self.load(url, param, geometry, budget)) for url, param in urls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except MediaError as exc:
+            metrics.IMAGE_REJECTIONS.labels(exc.reason).inc()
+            raise
+        finally:
+            for task in tasks:  # one failed: the others' fetches and decodes are not needed
+                task.cancel()
+
+    async def load(self, url: str, param: str, geometry: Geometry | None, budget: _Budget | None = None) -> LoadedImage:
+        source = source_of(url)
+        t0 = time.perf_counter()
+        data, content_hash = await self._bytes(url, source, param)
+        metrics.IMAGE_SECONDS.labels(source, "read").observe(time.perf_counter() - t0)
+        metrics.IMAGE_BYTES.labels(source).inc(len(data))
+        if budget is not None:
+            budget.take(len(data), param)
+        key = f"{content_hash}:{geometry.key if geometry else 'native'}"
+        pixels = self._cache.get(key)
+        metrics.IMAGES.labels("cached" if pixels is not None else "decoded").inc()
+        if pixels is None:
+            t0 = time.perf_counter()
+            pending = self._inflight.get(key)
+            if pending is None:
+                pending = asyncio.ensure_future(asyncio.to_thread(self._decode, data, param, geometry))
+                self._inflight[key] = pending
+                pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+            try:
+                pixels = await asyncio.shield(pending)
+            except MediaError as exc:  # the decode may have been started for another request's part
+                raise MediaError(exc.message, param, exc.reason, exc.status) from None
+            metrics.IMAGE_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
+            self._cache.put(key, pixels)
+        return LoadedImage(pixels, key)
+
+    def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
+        s = self.settings
+        image = decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
+        # Shared through the cache: the model's processor reads it (tests/test_media.py checks it
+        # does not write to it); writable, because torch warns on read-only arrays.
+        return np.array(image)
+
+    async def _bytes(self, url: str, source: str, param: str) -> tuple[bytes, str]:
+        max_bytes = self.settings.max_image_bytes
+        if source == "data":
+            return await asyncio.to_thread(hashed, data_url_bytes, url, param, max_bytes)
+        if source == "http":
+            try:
+                data = await self._fetcher.fetch(url, max_bytes)
+            except FetchError as exc:
+                raise MediaError(exc.message, param, exc.reason, exc.status) from None
+            return data, await asyncio.to_thread(digest, data)
+        if source == "file":
+            return await asyncio.to_thread(hashed, file_bytes, url, param, self._root, max_bytes)
+        scheme = url.split(":", 1)[0] if ":" in url else ""
+        raise MediaError(
+            f"Unsupported image URL scheme {scheme!r}: send a data:, http(s):// or (if enabled) file: URL.",
+            param,
+            "unsupported_url",
+        )

@@ -1,0 +1,86 @@
+"""The bytes behind a media URL (`data:`, local files under one allowed directory), within a size
+limit, and their content digest. HTTP(S) sources are `fetch.Fetcher`'s."""
+
+from __future__ import annotations
+
+import binascii
+import os
+import stat
+import urllib.parse
+from typing import Any
+
+import blake3
+import pybase64
+
+from qwen_server.media.errors import MediaError
+
+def data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise MediaError("Malformed data URL: no ',' separates the header from the data.", param, "bad_data_url")
+    meta = header[5:].split(";")
+    if "base64" not in meta[1:]:
+        raise MediaError("Only base64 data URLs are supported (data:image/png;base64,...).", param, "bad_data_url")
+    media_type = meta[0].strip().lower()
+    if media_type and not media_type.startswith("image/"):
+        raise MediaError(f"Data URL media type {media_type!r} is not an image type.", param, "bad_data_url")
+    # base64 needs 4 characters per 3 bytes: refuse oversize payloads before decoding them.
+    if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
+        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, "too_large", 413)
+    try:
+        # pybase64 (SIMD): 0.2 ms for a 400 KB payload against 1.4 ms for the stdlib's decoder. It is
+        # stricter (it refuses excess padding the stdlib lets through), as vLLM's own server is.
+        return pybase64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"Image data is not valid base64: {exc}.", param, "bad_data_url") from None
+
+
+def file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
+    if root is None:
+        raise MediaError(
+            "Local image files are not enabled on this server (see --allowed-local-media-path).", param, "unsupported_url"
+        )
+    if url.startswith("file:"):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise MediaError(f"file: URLs must name a local path, not host {parsed.netloc!r}.", param, "unsupported_url")
+        path = urllib.parse.unquote(parsed.path)
+    else:
+        path = url
+    # realpath resolves '..' and every symlink, so whatever the name says, the file must be in root.
+    real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root in join
+    if os.path.commonpath([real, root]) != root:
+        raise MediaError("The image path is outside the allowed local media directory.", param, "forbidden_path")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise MediaError(f"The image file could not be opened: {exc.strerror}.", param, "not_found") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MediaError("The image path is not a regular file.", param, "not_found")
+        if info.st_size > max_bytes:
+            raise MediaError(f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", 413)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+
+
+def digest(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest(16)  # 0.07 ms for 400 KB; hashlib's blake2b took 0.44
+
+
+def source_of(url: str) -> str:
+    """data, http (http and https), file (file: URLs and absolute paths) or other."""
+    scheme = url[: url.find(":")].lower() if ":" in url[:8] else ""
+    if scheme in ("data", "file"):
+        return scheme
+    if scheme in ("http", "https"):
+        return "http"
+    return "file" if url.startswith("/") else "other"
+
+
+def hashed(read: Any, *args: Any) -> tuple[bytes, str]:
+    data = read(*args)
+    return data, digest(data)
