@@ -23,7 +23,7 @@ from qwen_server import __version__, drain, logs, metrics
 from qwen_server import settings as settings_mod
 from qwen_server.http.edge import Edge
 from qwen_server.engine.lifecycle import Engine
-from qwen_server.errors import exception_handlers
+from qwen_server.http.errors import exception_handlers
 from qwen_server.media.loader import MediaLoader
 from qwen_server.http.routes import route_handlers
 from qwen_server.service.chat_and_completion import Service

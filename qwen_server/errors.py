@@ -1,47 +1,68 @@
-"""Every error leaves the server in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+"""Domain errors: what went wrong and which request field it concerns, in words a client can act on.
+
+Nothing here knows HTTP: `http/errors.py` maps each `Kind` to a status code and headers, in one place.
+The wire form, OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`, is built here
+because streams carry it too, as an event.
+"""
 
 from __future__ import annotations
 
-import logging
+import enum
 
 import msgspec
-from litestar import Request, Response
-from litestar.exceptions import HTTPException
 
 from qwen_server.protocol import ErrorBody, ErrorResponse, encoder
 
-log = logging.getLogger("qwen_server")
 
+class Kind(enum.Enum):
+    """Why a request was not served."""
+
+    INVALID = enum.auto()  # the request cannot be served as sent
+    UNAUTHORIZED = enum.auto()  # no key, or a wrong one
+    NOT_FOUND = enum.auto()  # a model, path or file that does not exist
+    NOT_ALLOWED = enum.auto()  # a method the path does not take
+    TOO_LARGE = enum.auto()  # a body or medium over its limit
+    UNSUPPORTED_MEDIA_TYPE = enum.auto()  # a body that is not JSON
+    OVERLOADED = enum.auto()  # at the admission limit: retry shortly
+    UNAVAILABLE = enum.auto()  # loading, restarting, draining or dead: retry later
+    TIMEOUT = enum.auto()  # over the server's time limit for a request
+    INTERNAL = enum.auto()  # the server failed
+
+
+# OpenAI's `type` for each kind.
 _TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
+    Kind.INVALID: "invalid_request_error",
+    Kind.UNAUTHORIZED: "authentication_error",
+    Kind.NOT_FOUND: "invalid_request_error",
+    Kind.NOT_ALLOWED: "invalid_request_error",
+    Kind.TOO_LARGE: "invalid_request_error",
+    Kind.UNSUPPORTED_MEDIA_TYPE: "invalid_request_error",
+    Kind.OVERLOADED: "rate_limit_error",
+    Kind.UNAVAILABLE: "service_unavailable",
+    Kind.TIMEOUT: "server_error",
+    Kind.INTERNAL: "server_error",
 }
 
 
-class APIError(Exception):
-    """An error the client is told about, with the status and the field it concerns."""
+class ServiceError(Exception):
+    """An error the client is told about: its kind, the field it concerns, a machine-readable code and,
+    for the kinds that pass, how many seconds to wait before retrying."""
 
     def __init__(
         self,
-        status: int,
+        kind: Kind,
         message: str,
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
         self.message = message
         self.param = param
         self.code = code
-        self.headers = headers or {}
+        self.retry_after = retry_after
 
 
 _MESSAGE_LIMIT = 2000  # characters of an error message; longer ones quote client input at length
@@ -50,26 +71,22 @@ _PARAM_LIMIT = 200
 
 def clip(text: str, limit: int = 200) -> str:
     """`text` cut to `limit` characters, saying how long it was: error messages that quote client
-    input must not send it back whole (a 1 MB model name came back in its 404)."""
+    input must not send it back whole."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
+    return ServiceError(Kind.INVALID, message, param=param, code=code)
 
 
-def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
-    error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+def envelope(kind: Kind, message: str, param: str | None = None, code: str | None = None) -> bytes:
+    """The error as OpenAI's JSON envelope, message and param cut to their limits."""
     message = clip(message, _MESSAGE_LIMIT)
     param = clip(param, _PARAM_LIMIT) if param is not None else None
-    return encoder.encode(ErrorResponse(ErrorBody(message=message, type=error_type, param=param, code=code)))
+    return encoder.encode(ErrorResponse(ErrorBody(message=message, type=_TYPES[kind], param=param, code=code)))
 
 
-def _response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
-    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
-
-
-def from_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> APIError:
+def from_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> ServiceError:
     """Turn msgspec's `... - at `$.messages[0].content`` into a message and a param path; `prefix`
     is the path of the part of the body that was decoded (e.g. `messages[3]`)."""
     text = str(exc)
@@ -79,31 +96,3 @@ def from_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError, pr
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         return bad_request(f"Request body is not valid JSON: {text}")
     return bad_request(f"{message} (at {param})" if param else message, param=param)
-
-
-def handle_api_error(_: Request, exc: APIError) -> Response:
-    return _response(exc.status, envelope(exc.status, exc.message, exc.param, exc.code), exc.headers)
-
-
-def handle_http_exception(_: Request, exc: HTTPException) -> Response:
-    status = exc.status_code
-    if status >= 500:
-        log.error("internal error", exc_info=exc)
-        return _response(status, envelope(status, "Internal server error."))
-    headers = dict(exc.headers or {})
-    message = exc.detail or "Error"
-    if status == 413:
-        message = f"Request body too large: {message}"
-    return _response(status, envelope(status, message), headers)
-
-
-def handle_unexpected(_: Request, exc: Exception) -> Response:
-    log.exception("unhandled error while serving a request", exc_info=exc)
-    return _response(500, envelope(500, "Internal server error."))
-
-
-exception_handlers = {
-    APIError: handle_api_error,
-    HTTPException: handle_http_exception,
-    Exception: handle_unexpected,
-}

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from qwen_server.errors import Kind
 from qwen_server.media.fetch import USER_AGENT, Fetcher, FetchError, may_connect
 
 BODY = b"\x89PNG fake image body" * 100
@@ -118,11 +119,11 @@ def test_redirects_are_followed_up_to_the_limit(origin: str) -> None:
 
 
 def test_declared_oversize_is_refused_with_413(origin: str) -> None:
-    assert refused(f"{origin}/big", "too_large", max_bytes=10_000).status == 413
+    assert refused(f"{origin}/big", "too_large", max_bytes=10_000).kind is Kind.TOO_LARGE
 
 
 def test_undeclared_oversize_is_cut_while_streaming(origin: str) -> None:
-    assert refused(f"{origin}/big-chunked", "too_large", max_bytes=10_000).status == 413
+    assert refused(f"{origin}/big-chunked", "too_large", max_bytes=10_000).kind is Kind.TOO_LARGE
     assert len(fetch(f"{origin}/big-chunked", max_bytes=1_000_000)) == 409_600
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 from qwen_server.media.image import Geometry, MMKwargsError, check_request_mm_kwargs, decode_image
 from qwen_server.media.loader import MediaLoader
@@ -115,7 +116,7 @@ def test_bad_input_is_a_media_error_naming_the_part(url: str, message: str) -> N
     with pytest.raises(MediaError, match=message) as info:
         load(url)
     assert info.value.param == "messages[0].content[0].image_url"
-    assert info.value.status == 400
+    assert info.value.kind is Kind.INVALID
 
 
 def test_truncated_file_is_refused() -> None:
@@ -139,7 +140,7 @@ def test_oversize_payload_is_413_before_decoding() -> None:
     data = encode(Image.effect_noise((512, 512), 80).convert("RGB"), "PNG")
     with pytest.raises(MediaError) as info:
         load(data_url(data), max_image_bytes=len(data) // 2)
-    assert info.value.status == 413
+    assert info.value.kind is Kind.TOO_LARGE
 
 
 def test_huge_dimensions_in_tiny_bytes_are_refused_from_the_header() -> None:
@@ -341,7 +342,7 @@ def test_total_image_bytes_per_request_is_limited() -> None:
 
     with pytest.raises(MediaError) as info:
         asyncio.run(run())
-    assert info.value.status == 413 and info.value.reason == "request_too_large"
+    assert info.value.kind is Kind.TOO_LARGE and info.value.reason == "request_too_large"
     assert info.value.param in {param for _, param in urls}
 
 
@@ -380,7 +381,7 @@ def test_local_files_load_from_the_allowed_directory(media_root: Path) -> None:
 def test_local_paths_outside_the_directory_are_refused(media_root: Path, path: str, reason: str) -> None:
     with pytest.raises(MediaError) as info:
         load(path.format(root=media_root), allowed_local_media_path=str(media_root))
-    assert info.value.reason == reason and info.value.status == 400
+    assert info.value.reason == reason and info.value.kind is Kind.INVALID
 
 
 def test_local_files_are_refused_unless_enabled(media_root: Path) -> None:

@@ -98,7 +98,7 @@ def test_cancellation_is_not_swallowed() -> None:
 # --- hostile input (issue #19): decoding depth, template options, limits, echoed input ---
 
 from qwen_server import protocol as p  # noqa: E402
-from qwen_server.errors import APIError, clip, envelope  # noqa: E402
+from qwen_server.errors import Kind, ServiceError, clip, envelope  # noqa: E402
 from qwen_server.service.chat_and_completion import decode_chat  # noqa: E402
 
 
@@ -120,16 +120,16 @@ def test_json_nested_past_the_recursion_limit_is_a_400_naming_the_body(field: st
         body = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"{\"a\": " * 5000 + b"1" + b"}" * 5001
     else:
         body = _chat_body()[:-1] + f', "{field}": {{"a": {deep}}}}}'.encode()
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         decode_chat(body, Settings())
-    assert info.value.status == 400 and info.value.param == "body" and info.value.code == "too_deep"
+    assert info.value.kind is Kind.INVALID and info.value.param == "body" and info.value.code == "too_deep"
 
 
 def test_json_nested_too_deep_inside_a_message_is_a_400() -> None:
     body = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         decode_chat(body, Settings())
-    assert info.value.status == 400 and info.value.code == "too_deep"
+    assert info.value.kind is Kind.INVALID and info.value.code == "too_deep"
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,7 @@ def test_json_nested_too_deep_inside_a_message_is_a_400() -> None:
     ],
 )
 def test_free_form_fields_deeper_than_the_limit_are_refused(extra: dict, param: str) -> None:
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         decode_chat(_chat_body(**extra), Settings())
     assert info.value.param == param and info.value.code == "too_deep"
     decode_chat(_chat_body(mm_processor_kwargs=_nested(63)), Settings())  # within the default limit of 64
@@ -154,16 +154,16 @@ def _service(**settings: Any) -> Service:
 
 @pytest.mark.parametrize("key", ["chat_template", "tokenize", "return_dict", "conversation", "add_generation_prompt"])
 def test_template_kwargs_that_change_how_the_prompt_is_built_are_refused(key: str) -> None:
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         _service()._template_kwargs({key: "x", "enable_thinking": False})
-    assert info.value.status == 400 and info.value.param == f"chat_template_kwargs.{key}"
+    assert info.value.kind is Kind.INVALID and info.value.param == f"chat_template_kwargs.{key}"
     assert _service()._template_kwargs({"enable_thinking": False}) == {"enable_thinking": False}
 
 
 def test_a_clients_own_template_needs_the_operators_trust() -> None:
     trusted = _service(trust_request_chat_template=True)
     assert trusted._template_kwargs({"chat_template": "{{ 1 }}"}) == {"chat_template": "{{ 1 }}"}
-    with pytest.raises(APIError, match="--trust-request-chat-template"):
+    with pytest.raises(ServiceError, match="--trust-request-chat-template"):
         _service()._template_kwargs({"chat_template": "{{ 1 }}"})
 
 
@@ -172,10 +172,10 @@ def test_message_and_part_counts_are_bounded_before_the_messages_are_built() -> 
     message = {"role": "user", "content": "hi"}
     parts = {"role": "user", "content": [{"type": "text", "text": "a"}] * 3}
     assert len(decode_chat(json.dumps({"messages": [message] * 3}).encode(), limits).messages) == 3
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         decode_chat(json.dumps({"messages": [message] * 4}).encode(), limits)
     assert info.value.code == "too_many_messages" and info.value.param == "messages"
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         decode_chat(json.dumps({"messages": [message, parts]}).encode(), limits)
     assert info.value.code == "too_many_content_parts" and info.value.param == "messages[1].content"
 
@@ -190,7 +190,7 @@ def test_two_pass_decoding_names_fields_as_one_pass_did() -> None:
         ({"messages": [{"role": "user", "content": "a"}], "temperature": "0.5"}, "temperature"),
     ]
     for body, param in cases:
-        with pytest.raises(APIError) as info:
+        with pytest.raises(ServiceError) as info:
             decode_chat(json.dumps(body).encode(), Settings())
         assert info.value.param == param, (body, info.value.message)
     request = decode_chat(json.dumps({"messages": [{"role": "user", "content": [
@@ -203,11 +203,11 @@ def test_two_pass_decoding_names_fields_as_one_pass_did() -> None:
 def test_error_messages_quote_client_input_cut_short() -> None:
     assert clip("x" * 10) == "x" * 10
     assert clip("m" * 1_000_000) == "m" * 200 + "... (1000000 characters)"
-    with pytest.raises(APIError) as info:
+    with pytest.raises(ServiceError) as info:
         _service(served_model_name=["tiny"])._check_model("m" * 1_000_000)
-    assert info.value.status == 404 and len(info.value.message) < 400
+    assert info.value.kind is Kind.NOT_FOUND and len(info.value.message) < 400
     # Whatever a message quotes (vLLM's own validation errors list every bad id), the envelope is bounded.
-    body = json.loads(envelope(400, "token_id(s) " + str(list(range(100_000))), "p" * 5000))
+    body = json.loads(envelope(Kind.INVALID, "token_id(s) " + str(list(range(100_000))), "p" * 5000))
     assert len(body["error"]["message"]) < 2100 and len(body["error"]["param"]) < 250
 
 

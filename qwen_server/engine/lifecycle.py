@@ -26,7 +26,7 @@ from qwen_server import metrics, procs
 from qwen_server.demo import model as demo
 from qwen_server.engine import cpushare, vllm_compat
 from qwen_server.media.image import Geometry, geometry_of
-from qwen_server.errors import APIError
+from qwen_server.errors import Kind, ServiceError
 from qwen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -308,15 +308,17 @@ class Engine:
         return self.state is EngineState.READY and client is not None and not client.errored
 
     def ready_client(self) -> AsyncLLM:
-        """The engine, or a 503 telling the client when to retry."""
+        """The engine, or an UNAVAILABLE error telling the client when to retry."""
         if self.ready:
             return self.client
-        retry = {"Retry-After": str(self.settings.retry_after_seconds)}
+        retry = self.settings.retry_after_seconds
         if (reason := self.dead_reason()) is not None:
-            raise APIError(503, f"The engine is not available: {reason}", code="engine_dead", headers=retry)
+            raise ServiceError(Kind.UNAVAILABLE, f"The engine is not available: {reason}", code="engine_dead",
+                               retry_after=retry)
         if self.state is EngineState.LOADING:
-            raise APIError(503, f"The model is loading ({self.stage}); retry shortly.", code="loading", headers=retry)
-        raise APIError(503, "The server is shutting down.", code="draining", headers=retry)
+            raise ServiceError(Kind.UNAVAILABLE, f"The model is loading ({self.stage}); retry shortly.", code="loading",
+                               retry_after=retry)
+        raise ServiceError(Kind.UNAVAILABLE, "The server is shutting down.", code="draining", retry_after=retry)
 
 
 def _scheduler_stats_recorder(engine: Engine):

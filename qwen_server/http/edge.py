@@ -40,7 +40,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from qwen_server import logs, metrics
-from qwen_server.errors import envelope, handle_http_exception
+from qwen_server.errors import Kind, envelope
+from qwen_server.http.errors import STATUS, handle_http_exception, json_response
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
@@ -193,23 +194,23 @@ class Edge:
         opt = route_opt(scope)
         exchange = scope[EXCHANGE]
 
-        async def refuse(code: int, message: str, err: str, headers: dict[str, str]) -> None:
+        async def refuse(kind: Kind, message: str, err: str, headers: dict[str, str]) -> None:
             metrics.REJECTED.labels(err).inc()
-            await _send_error(send, code, message, err, headers)
+            await _send_error(send, kind, message, err, headers)
 
         if self._needs_key(opt, scope["method"]) and not self._authorized(scope):
-            await refuse(401, _UNAUTHORIZED, "unauthorized", {"WWW-Authenticate": "Bearer"})
+            await refuse(Kind.UNAUTHORIZED, _UNAUTHORIZED, "unauthorized", {"WWW-Authenticate": "Bearer"})
             return
         if not opt.get("inference"):
             await app(scope, receive, send)
             return
         if self.draining:
-            await refuse(503, "The server is shutting down; retry on another instance.", "draining",
+            await refuse(Kind.UNAVAILABLE, "The server is shutting down; retry on another instance.", "draining",
                          {"Retry-After": str(self.settings.retry_after_seconds)})
             return
         limit = self._limit()
         if limit is not None and self.admitted >= limit:
-            await refuse(429, f"The server is at its limit of {limit} requests in progress; retry shortly.",
+            await refuse(Kind.OVERLOADED, f"The server is at its limit of {limit} requests in progress; retry shortly.",
                          "overloaded", {"Retry-After": "1"})
             return
         self.admitted += 1
@@ -226,8 +227,8 @@ class Edge:
         scope = request.scope
         if "route_handler" not in scope and self._needs_key({}, scope["method"]) and not self._authorized(scope):
             metrics.REJECTED.labels("unauthorized").inc()
-            return Response(content=envelope(401, _UNAUTHORIZED, None, "unauthorized"), status_code=401,
-                            media_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+            return json_response(401, envelope(Kind.UNAUTHORIZED, _UNAUTHORIZED, None, "unauthorized"),
+                                 {"WWW-Authenticate": "Bearer"})
         return handle_http_exception(request, exc)
 
     async def _run_admitted(self, app: Any, scope: Any, receive: Any, send: Any, exchange: Exchange) -> None:
@@ -247,15 +248,15 @@ class Edge:
             exchange.cut = reason
             metrics.REJECTED.labels(reason).inc()
             if reason == "timeout":
-                code, text = 504, f"The request took longer than the server's limit of {self.settings.request_timeout:g} s."
+                kind, text = Kind.TIMEOUT, f"The request took longer than the server's limit of {self.settings.request_timeout:g} s."
             else:
-                code, text = 503, "The server is shutting down and stopped this request."
+                kind, text = Kind.UNAVAILABLE, "The server is shutting down and stopped this request."
             log.warning("request %s cut: %s", exchange.request_id, reason)
             if exchange.status is not None:  # a stream: an error event, then the end of the stream
-                body = b"data: " + envelope(code, text, None, reason) + b"\n\ndata: [DONE]\n\n"
+                body = b"data: " + envelope(kind, text, None, reason) + b"\n\ndata: [DONE]\n\n"
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             else:
-                await _send_error(send, code, text, reason, {"Retry-After": str(self.settings.retry_after_seconds)})
+                await _send_error(send, kind, text, reason, {"Retry-After": str(self.settings.retry_after_seconds)})
 
     def _limit(self) -> int | None:
         if self.limit is None and self.engine is not None and self.engine.max_num_seqs:
@@ -321,8 +322,9 @@ def _request_id(scope: Any) -> str:
     return uuid.uuid4().hex
 
 
-async def _send_error(send: Any, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
-    body = envelope(status, message, None, code)
+async def _send_error(send: Any, kind: Kind, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    status = STATUS[kind]
+    body = envelope(kind, message, None, code)
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})

@@ -18,7 +18,7 @@ from qwen_server.engine import vllm_compat
 from qwen_server import protocol as p
 from qwen_server.http.edge import Exchange, exchange_of
 from qwen_server.engine.lifecycle import Engine
-from qwen_server.errors import APIError, clip
+from qwen_server.errors import Kind, ServiceError, clip
 from qwen_server.http.openapi import with_json_body
 from qwen_server.service.chat_and_completion import Prepared, Service, decode, decode_chat
 
@@ -77,14 +77,14 @@ async def _body(request: Request) -> bytes:
     disconnect) is the client's error, not the server's."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type in _FORMS:
-        raise APIError(415, f"Content-Type {content_type} is not accepted: send application/json.",
+        raise ServiceError(Kind.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {content_type} is not accepted: send application/json.",
                        param="Content-Type", code="unsupported_media_type")
     try:
         return await request.body()
     except InternalServerException as exc:
         if exc.detail != _CLIENT_GONE:
             raise
-        raise APIError(400, "The request body ended before it was complete.", param="body", code="incomplete_body") from None
+        raise ServiceError(Kind.INVALID, "The request body ended before it was complete.", param="body", code="incomplete_body") from None
 
 
 async def _respond(request: Request, service: Service, prep: Prepared) -> Response:
@@ -132,7 +132,7 @@ async def model(request: Request) -> Response:
     for card in _model_cards(request):
         if card.id == model_id:
             return _json(card)
-    raise APIError(404, f"The model {clip(repr(model_id))} does not exist.", param="model", code="model_not_found")
+    raise ServiceError(Kind.NOT_FOUND, f"The model {clip(repr(model_id))} does not exist.", param="model", code="model_not_found")
 
 
 def _model_cards(request: Request) -> list[p.ModelCard]:

@@ -19,6 +19,7 @@ import httpcore
 import httpx
 
 from qwen_server import __version__
+from qwen_server.errors import Kind
 
 USER_AGENT = f"qwen-server/{__version__} (image fetcher)"
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -30,11 +31,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class FetchError(Exception):
     """A URL the server will not or could not fetch; `reason` is a short machine-readable cause."""
 
-    def __init__(self, message: str, reason: str, status: int = 400) -> None:
+    def __init__(self, message: str, reason: str, kind: Kind = Kind.INVALID) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
-        self.status = status
+        self.kind = kind
 
 
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -170,10 +171,10 @@ class Fetcher:
 async def _read_limited(response: httpx.Response, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise FetchError(f"The image is {declared} bytes, over the limit of {max_bytes}.", "too_large", 413)
+        raise FetchError(f"The image is {declared} bytes, over the limit of {max_bytes}.", "too_large", Kind.TOO_LARGE)
     body = bytearray()
     async for chunk in response.aiter_bytes(_CHUNK):
         body += chunk
         if len(body) > max_bytes:
-            raise FetchError(f"The image is larger than the limit of {max_bytes} bytes.", "too_large", 413)
+            raise FetchError(f"The image is larger than the limit of {max_bytes} bytes.", "too_large", Kind.TOO_LARGE)
     return bytes(body)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen_server import metrics
+from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 from qwen_server.media.fetch import Fetcher, FetchError
 from qwen_server.media.image import Geometry, decode_image
@@ -43,7 +44,7 @@ class _Budget:
         self.used += size
         if self.used > self.limit:
             raise MediaError(
-                f"The request's images total more than {self.limit} bytes.", param, "request_too_large", 413
+                f"The request's images total more than {self.limit} bytes.", param, "request_too_large", Kind.TOO_LARGE
             )
 
 
@@ -129,7 +130,7 @@ class MediaLoader:
             try:
                 pixels = await asyncio.shield(pending)
             except MediaError as exc:  # the decode may have been started for another request's part
-                raise MediaError(exc.message, param, exc.reason, exc.status) from None
+                raise MediaError(exc.message, param, exc.reason, exc.kind) from None
             metrics.IMAGE_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
             self._cache.put(key, pixels)
         return LoadedImage(pixels, key)
@@ -149,7 +150,7 @@ class MediaLoader:
             try:
                 data = await self._fetcher.fetch(url, max_bytes)
             except FetchError as exc:
-                raise MediaError(exc.message, param, exc.reason, exc.status) from None
+                raise MediaError(exc.message, param, exc.reason, exc.kind) from None
             return data, await asyncio.to_thread(digest, data)
         if source == "file":
             return await asyncio.to_thread(hashed, file_bytes, url, param, self._root, max_bytes)

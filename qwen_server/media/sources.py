@@ -12,6 +12,7 @@ from typing import Any
 import blake3
 import pybase64
 
+from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 
 def data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
@@ -26,7 +27,7 @@ def data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
         raise MediaError(f"Data URL media type {media_type!r} is not an image type.", param, "bad_data_url")
     # base64 needs 4 characters per 3 bytes: refuse oversize payloads before decoding them.
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
-        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, "too_large", 413)
+        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, "too_large", Kind.TOO_LARGE)
     try:
         # pybase64 (SIMD): 0.2 ms for a 400 KB payload against 1.4 ms for the stdlib's decoder. It is
         # stricter (it refuses excess padding the stdlib lets through), as vLLM's own server is.
@@ -60,7 +61,7 @@ def file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise MediaError("The image path is not a regular file.", param, "not_found")
         if info.st_size > max_bytes:
-            raise MediaError(f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", 413)
+            raise MediaError(f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", Kind.TOO_LARGE)
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(max_bytes + 1)
     finally:

@@ -20,7 +20,7 @@ from qwen_server import protocol as p
 from qwen_server.engine import vllm_compat
 from qwen_server.http.edge import Exchange
 from qwen_server.engine.lifecycle import Engine
-from qwen_server.errors import APIError, bad_request, clip, envelope, from_validation_error
+from qwen_server.errors import Kind, ServiceError, bad_request, clip, envelope, from_validation_error
 from qwen_server.media.errors import MediaError
 from qwen_server.media.image import MMKwargsError, check_request_mm_kwargs
 from qwen_server.media.loader import LoadedImage, MediaLoader
@@ -76,8 +76,8 @@ class Service:
     def _check_model(self, model: str | None) -> str:
         names = self.settings.model_names
         if model is not None and model not in names:
-            raise APIError(
-                404,
+            raise ServiceError(
+                Kind.NOT_FOUND,
                 f"The model {clip(repr(model))} does not exist; this server serves {', '.join(map(repr, names))}.",
                 param="model",
                 code="model_not_found",
@@ -303,7 +303,7 @@ class Service:
         try:
             return await self.media.load_all(urls, geometry)
         except MediaError as exc:
-            raise APIError(exc.status, exc.message, param=exc.param, code=f"image_{exc.reason}") from None
+            raise ServiceError(exc.kind, exc.message, param=exc.param, code=f"image_{exc.reason}") from None
 
     async def _render(self, client: Any, prompt: dict[str, Any]) -> Any:
         """vLLM's renderer runs the model's multimodal processor (image tokens expanded) off the loop."""
@@ -460,16 +460,16 @@ class Service:
                     yield _frame(encode(_body(prep, [choice], None, chunk=True)))
             if prep.include_usage:
                 yield _frame(encode(_body(prep, [], _usage(prep, completion_tokens), chunk=True)))
-        except APIError as exc:
-            yield _frame(envelope(exc.status, exc.message, exc.param, exc.code))
+        except ServiceError as exc:
+            yield _frame(envelope(exc.kind, exc.message, exc.param, exc.code))
         except Exception:  # a defect of ours or vLLM's: the 200 is sent, so it can only be an event now
             log.exception("request %s failed mid-stream", prep.engine_request_id)
-            yield _frame(envelope(500, "The server failed while streaming this response.", None, "internal_error"))
+            yield _frame(envelope(Kind.INTERNAL, "The server failed while streaming this response.", None, "internal_error"))
         yield _DONE
 
     async def _run(self, prep: Prepared) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, engine output) for every prompt, as they come; engine failures become
-        APIErrors. Cancellation (a client that left) propagates into vLLM's generators, which abort
+        ServiceErrors. Cancellation (a client that left) propagates into vLLM's generators, which abort
         their requests in the engine."""
         if len(prep.prompts) == 1:
             async for out in self._outputs(prep, 0):
@@ -508,7 +508,7 @@ class Service:
             async for out in self._generate(prep, i):
                 yield out
         except vllm_compat.engine_dead_error():
-            raise APIError(503, "The engine died while serving this request.", code="engine_dead") from None
+            raise ServiceError(Kind.UNAVAILABLE, "The engine died while serving this request.", code="engine_dead") from None
         except vllm_compat.client_error() as exc:
             raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
 

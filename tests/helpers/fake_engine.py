@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qwen_server.engine.lifecycle import EngineState
-from qwen_server.errors import APIError
+from qwen_server.errors import Kind, ServiceError
 from qwen_server.settings import Settings
 
 
@@ -56,5 +56,5 @@ class FakeEngine:
     def ready_client(self) -> Any:
         if self.ready:
             return self
-        retry = {"Retry-After": str(self.settings.retry_after_seconds)}
-        raise APIError(503, f"The model is loading ({self.stage}); retry shortly.", code="loading", headers=retry)
+        raise ServiceError(Kind.UNAVAILABLE, f"The model is loading ({self.stage}); retry shortly.", code="loading",
+                           retry_after=self.settings.retry_after_seconds)
