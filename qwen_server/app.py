@@ -21,11 +21,15 @@ from litestar.openapi import OpenAPIConfig
 
 from qwen_server import __version__, drain, logs, metrics
 from qwen_server import settings as settings_mod
-from qwen_server.http.edge import Edge
 from qwen_server.engine.lifecycle import Engine
+from qwen_server.http.admission import Admission
+from qwen_server.http.asgi import ASGIApp
+from qwen_server.http.auth import ApiKeys
 from qwen_server.http.errors import exception_handlers
-from qwen_server.media.loader import MediaLoader
+from qwen_server.http.policy import RoutePolicy
+from qwen_server.http.request_log import RequestLog
 from qwen_server.http.routes import route_handlers
+from qwen_server.media.loader import MediaLoader
 from qwen_server.service.chat_and_completion import Service
 from qwen_server.settings import Settings
 
@@ -33,17 +37,17 @@ log = logging.getLogger("qwen_server")
 
 
 class App(Litestar):
-    """Litestar with the edge in front of its router. Litestar runs middleware only inside a matched
-    route; the edge must also see what routing answers itself (404, 405, CORS preflights), so that
-    every response carries X-Request-Id, is counted and gets its access line."""
+    """Litestar with the request log in front of its router. Litestar runs middleware only inside a
+    matched route; the log must also see what routing answers itself (404, 405, CORS preflights), so
+    that every response carries X-Request-Id, is counted and gets its access line."""
 
-    def __init__(self, edge: Edge, **config: Any) -> None:
+    def __init__(self, request_log: RequestLog, admission: Admission, **config: Any) -> None:
         super().__init__(**config)
-        self.edge = edge
-        self._edged = edge.wrap(super().__call__)
+        self.admission = admission
+        self._logged: ASGIApp = request_log.wrap(super().__call__)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self._edged(scope, receive, send)
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
+        await self._logged(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Settings], Engine] = Engine) -> App:
@@ -51,18 +55,19 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
     makes the engine in the lifespan: in-process tests hand in a fake one."""
     settings = settings or settings_mod.from_env()
     logs.configure(settings.log_level, settings.log_format)
-    edge = Edge(settings)
+    admission = Admission(settings)
+    policy = RoutePolicy(ApiKeys(settings), admission)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         engine = engine_factory(settings)
         media = MediaLoader(settings)
         app.state.engine = engine
-        edge.engine = engine
+        admission.size_by(lambda: engine.max_num_seqs)
         app.state.service = Service(engine, media, settings)
         app.state.started_at = time.time()
         engine.start()
-        drain.arm(asyncio.get_running_loop(), lambda: _start_drain(edge, engine, settings))
+        drain.arm(asyncio.get_running_loop(), lambda: _start_drain(admission, engine, settings))
         try:
             yield
         finally:
@@ -71,12 +76,13 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
             metrics.worker_exited()
 
     return App(
-        edge,
+        RequestLog(settings),
+        admission,
         route_handlers=route_handlers,
         lifespan=[lifespan],
-        middleware=[edge.middleware],
+        middleware=[policy.middleware],
         exception_handlers={
-            **exception_handlers, NotFoundException: edge.unmatched, MethodNotAllowedException: edge.unmatched,
+            **exception_handlers, NotFoundException: policy.unmatched, MethodNotAllowedException: policy.unmatched,
         },
         request_max_body_size=settings.max_request_body_bytes,
         cors_config=CORSConfig(allow_origins=settings.cors_allow_origins) if settings.cors_allow_origins else None,
@@ -94,14 +100,14 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
 _drains: set[asyncio.Task] = set()
 
 
-def _start_drain(edge: Edge, engine: Engine, settings: Settings) -> None:
-    if edge.draining:
+def _start_drain(admission: Admission, engine: Engine, settings: Settings) -> None:
+    if admission.draining:
         return
 
     async def run() -> None:
         engine.begin_drain()
         log.info("draining: in-flight requests have %.0f s to finish", settings.drain_timeout)
-        cut = await edge.drain(settings.drain_timeout)
+        cut = await admission.drain(settings.drain_timeout)
         log.info("drained%s", f"; {cut} request(s) cut at the drain timeout" if cut else "")
         drain.report_drained()
 

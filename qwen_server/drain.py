@@ -6,7 +6,7 @@ own stop has begun. The drain therefore happens first: the launcher (Granian's m
 SIGTERM, sends `DRAIN_SIGNAL` to every worker that has armed its handler, waits until each reports
 drained (bounded), and only then lets Granian stop the workers. A worker, on `DRAIN_SIGNAL`:
 /health turns 503 `draining`, new inference requests get 503, running ones finish up to the drain
-timeout and the rest are cut with a clean error (see edge.py). Markers in a run directory the
+timeout and the rest are cut with a clean error (see http/admission.py). Markers in a run directory the
 launcher creates carry "armed" and "drained"; without the launcher (plain `granian`), sending
 `DRAIN_SIGNAL` to a worker by hand drains it the same way before a SIGTERM.
 """

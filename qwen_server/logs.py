@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import msgspec
 
@@ -54,5 +55,26 @@ def configure(level: str, fmt: str) -> None:
     log.setLevel(level.upper())
 
 
-def access(message: str, **fields: object) -> None:
-    ACCESS.info(message, extra={"fields": fields})
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as its access line and metrics see it: the HTTP layer creates it and fills in the
+    status, the service the counts."""
+
+    request_id: str
+    images: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cut: str | None = None  # why the request was ended early: "timeout" or "drain_abort"
+    status: int | None = None  # the response's, once it has started
+    finished: bool = False  # the response's last body message was sent
+
+    def fields(self, latency_s: float) -> dict[str, object]:
+        return {
+            "request_id": self.request_id,
+            "status": self.status or 500,  # nothing sent: the app failed before its response
+            "latency_ms": round(latency_s * 1000, 1),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "images": self.images,
+            "cut": self.cut,
+        }

@@ -111,6 +111,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         int, _doc("Largest request body accepted (images come inline as base64).")
     ] = 64 * 1024 * 1024
     retry_after_seconds: Annotated[int, _doc("Retry-After sent with 503 while the engine loads.")] = 5
+    overload_retry_after_seconds: Annotated[
+        int, _doc("Retry-After sent with 429 when a worker is at its limit of requests in progress.")
+    ] = 1
     log_level: Annotated[
         Literal["critical", "error", "warning", "info", "debug"],
         _doc("Log level of the server.", granian=GranianArg("log_level", "--log-level")),
@@ -311,6 +314,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             return list(self.served_model_name)
         return [self.model or DEMO_MODEL_NAME]
 
+    def admission_limit(self, max_num_seqs: int | None) -> int | None:
+        """Inference requests a worker admits at once: the setting, else 4 x the engine's batch size
+        (requests being prepared, waiting and running), else none until the engine is loaded."""
+        if self.max_pending_requests is not None:
+            return self.max_pending_requests
+        return 4 * max_num_seqs if max_num_seqs else None
+
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for vLLM's AsyncEngineArgs: the engine fields that are set."""
         kwargs: dict[str, Any] = {"model": model_path, "served_model_name": self.model_names}
@@ -359,10 +369,6 @@ GRANIAN_ARGS: dict[str, GranianArg] = {
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
-
-
-def field_help(field: str) -> str:
-    return FIELDS[field][1].description or ""
 
 
 def parse_value(field: str, raw: str) -> Any:

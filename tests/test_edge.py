@@ -1,4 +1,4 @@
-"""The HTTP edge's logic against FAKE ASGI apps (no engine, no server): deadlines, drain cuts,
+"""The HTTP layer's logic (request log, route policy, admission) against FAKE ASGI apps (no engine, no server): deadlines, drain cuts,
 admission, API keys and request IDs at the ASGI level. The same behaviours run against the real
 engine behind Granian in test_ops.py; these pin the exact messages sent in each case. The scope
 carries a fake matched route, as Litestar's router leaves it; tests/unit/ runs the real app."""
@@ -9,11 +9,23 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from qwen_server.http.edge import Edge, exchange_of
+from qwen_server.http.admission import Admission
+from qwen_server.http.auth import ApiKeys
+from qwen_server.http.policy import RoutePolicy
+from qwen_server.http.request_log import RequestLog, record_of
 from qwen_server.settings import Settings
 
 PATH = "/v1/chat/completions"
 INFERENCE = {"inference": True}
+
+
+class Edge:
+    """The HTTP layer's pieces around the routes, assembled as app.py does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.log = RequestLog(settings)
+        self.admission = Admission(settings)
+        self.policy = RoutePolicy(ApiKeys(settings), self.admission)
 
 
 def fake_app(delay_before: float, chunks: int = 0, delay_between: float = 0.0):
@@ -48,7 +60,7 @@ async def call(edge: Edge, app, path: str = PATH, headers: list | None = None, o
         return routed
 
     scope = {"type": "http", "path": path, "method": "POST", "headers": headers or [], "app": None}
-    await edge.wrap(route(edge.middleware(app)))(scope, receive, send)
+    await edge.log.wrap(route(edge.policy.middleware(app)))(scope, receive, send)
     return sent
 
 
@@ -61,7 +73,7 @@ def test_deadline_before_the_response_is_a_504_envelope() -> None:
     status, body = status_and_body(asyncio.run(call(edge, fake_app(5))))
     assert status == 504
     assert json.loads(body)["error"]["code"] == "timeout"
-    assert edge.admitted == 0
+    assert edge.admission.admitted == 0
 
 
 def test_deadline_mid_stream_ends_with_an_error_event_and_done() -> None:
@@ -79,7 +91,7 @@ def test_drain_waits_for_short_requests_and_cuts_long_ones() -> None:
         short = asyncio.ensure_future(call(edge, fake_app(0.2)))
         long = asyncio.ensure_future(call(edge, fake_app(0, chunks=1000, delay_between=0.01)))
         await asyncio.sleep(0.05)
-        cut = await edge.drain(0.5)
+        cut = await edge.admission.drain(0.5)
         refused = await call(edge, fake_app(0))
         return cut, await short, await long, refused
 
@@ -120,11 +132,11 @@ def test_keys_and_request_ids() -> None:
     assert asyncio.run(call(edge, fake_app(0), path="/new", opt={}))[0]["status"] == 401  # declares nothing
 
 
-def test_exchange_is_on_the_scope_for_the_routes() -> None:
+def test_the_request_record_is_on_the_scope_for_the_routes() -> None:
     seen = []
 
     async def app(scope, receive, send):
-        seen.append(exchange_of(scope))
+        seen.append(record_of(scope))
         await fake_app(0)(scope, receive, send)
 
     asyncio.run(call(Edge(Settings()), app, headers=[(b"x-request-id", b"r-1")]))

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from qwen_server.http.edge import Exchange
+from qwen_server.logs import RequestRecord
 from qwen_server.service.chat_and_completion import Prepared, Prompt, Service
 from qwen_server.settings import Settings
 
 
 def _prepared() -> Prepared:
-    return Prepared(request_id="chatcmpl-x", engine_request_id="x", exchange=Exchange("x"), model="tiny",
+    return Prepared(request_id="chatcmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
                     prompts=[Prompt(None, 3)], sampling=None, n=1, stream=True, include_usage=False,
                     logprobs=None, chat=True)
 
@@ -225,7 +225,7 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
 
     service = Service(engine=None, media=None, settings=Settings())  # type: ignore[arg-type]
     service._generate = generate  # type: ignore[method-assign]
-    prep = Prepared(request_id="cmpl-x", engine_request_id="x", exchange=Exchange("x"), model="tiny",
+    prep = Prepared(request_id="cmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
                     prompts=[Prompt(None, 3), Prompt(None, 5)], sampling=None, n=2, stream=False,
                     include_usage=False, logprobs=None, chat=False)
     result = asyncio.run(service.complete(prep))

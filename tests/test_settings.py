@@ -234,7 +234,7 @@ NON_DEFAULT: dict[str, Any] = {
     "enable_prefix_caching": False, "quantization": "awq", "kv_cache_dtype": "fp8",
     "engine_args": {"swap_space": 4, "disable_log_stats": True},
     "served_model_name": ["qwen", "qwen vl"], "host": "0.0.0.0", "port": 8123, "root_path": "/api", "workers": 2,
-    "max_request_body_bytes": 1024, "retry_after_seconds": 9, "log_level": "debug", "log_format": "json",
+    "max_request_body_bytes": 1024, "retry_after_seconds": 9, "overload_retry_after_seconds": 3, "log_level": "debug", "log_format": "json",
     "keep_off_engine_cores": True, "engine_nice": 0, "api_key": ["sk-one", "sk-two"], "api_key_file": "<file>",
     "protect_probes": True, "max_pending_requests": 3, "request_timeout": 2.5, "drain_timeout": 4.5,
     "cors_allow_origins": ["https://app.example.com"],

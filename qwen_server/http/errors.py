@@ -9,6 +9,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from qwen_server.errors import Kind, ServiceError, envelope
+from qwen_server.http.asgi import Send
 
 log = logging.getLogger("qwen_server")
 
@@ -65,3 +66,13 @@ exception_handlers = {
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,
 }
+
+
+async def send_error(send: Send, kind: Kind, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    """The error as a whole ASGI response, for the layers that answer before Litestar's handlers run."""
+    status = STATUS[kind]
+    body = envelope(kind, message, None, code)
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

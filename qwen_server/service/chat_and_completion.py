@@ -18,7 +18,7 @@ import msgspec
 
 from qwen_server import protocol as p
 from qwen_server.engine import vllm_compat
-from qwen_server.http.edge import Exchange
+from qwen_server.logs import RequestRecord
 from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import Kind, ServiceError, bad_request, clip, envelope, from_validation_error
 from qwen_server.media.errors import MediaError
@@ -36,7 +36,7 @@ class Prepared:
 
     request_id: str  # the response's id
     engine_request_id: str  # the client's X-Request-Id (or a generated one)
-    exchange: Exchange
+    record: RequestRecord
     model: str
     prompts: list[Prompt]  # several for a batched completion; choice i * n + j is prompt i's j-th
     sampling: Any
@@ -84,7 +84,7 @@ class Service:
             )
         return names[0]
 
-    async def prepare_chat(self, req: p.ChatCompletionRequest, exchange: Exchange) -> Prepared:
+    async def prepare_chat(self, req: p.ChatCompletionRequest, record: RequestRecord) -> Prepared:
         client = self.engine.ready_client()
         model = self._check_model(req.model)
         _check_common(req)
@@ -95,7 +95,7 @@ class Service:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
         template_kwargs = self._template_kwargs(req.chat_template_kwargs, req.chat_template)
         conversation, image_urls = self._conversation(req.messages)
-        exchange.images = len(image_urls)
+        record.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
         # The template and the tokenizer take time that grows with the request: off the event loop.
         token_ids = await asyncio.to_thread(
@@ -117,11 +117,11 @@ class Service:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         prompt_len = len(engine_input["prompt_token_ids"])
         top = (req.top_logprobs or 0) if req.logprobs else None
-        exchange.prompt_tokens = prompt_len
+        record.prompt_tokens = prompt_len
         return Prepared(
-            request_id=f"chatcmpl-{exchange.request_id}",
-            engine_request_id=exchange.request_id,
-            exchange=exchange,
+            request_id=f"chatcmpl-{record.request_id}",
+            engine_request_id=record.request_id,
+            record=record,
             model=model,
             prompts=[Prompt(engine_input, prompt_len)],
             sampling=self._sampling(req, self._max_tokens(prompt_len, max_tokens), top),
@@ -132,7 +132,7 @@ class Service:
             chat=True,
         )
 
-    async def prepare_completion(self, req: p.CompletionRequest, exchange: Exchange) -> Prepared:
+    async def prepare_completion(self, req: p.CompletionRequest, record: RequestRecord) -> Prepared:
         client = self.engine.ready_client()
         model = self._check_model(req.model)
         _check_common(req)
@@ -153,9 +153,9 @@ class Service:
         # With echo, the prompt's own logprobs are reported too, as OpenAI and vLLM do.
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         prep = Prepared(
-            request_id=f"cmpl-{exchange.request_id}",
-            engine_request_id=exchange.request_id,
-            exchange=exchange,
+            request_id=f"cmpl-{record.request_id}",
+            engine_request_id=record.request_id,
+            record=record,
             model=model,
             prompts=prompts,
             sampling=self._sampling(req, self._max_tokens(longest, max_tokens), req.logprobs, prompt_logprobs),
@@ -166,7 +166,7 @@ class Service:
             chat=False,
             echo=req.echo,
         )
-        exchange.prompt_tokens = prep.prompt_len
+        record.prompt_tokens = prep.prompt_len
         return prep
 
     def _completion_prompts(self, prompt: str | list) -> list[tuple[str, list[int] | None, str]]:
@@ -415,7 +415,7 @@ class Service:
                     logprobs[k].extend(self._token_logprobs(o, prep.logprobs))
                 if o.finish_reason is not None:
                     finish[k] = o.finish_reason
-            prep.exchange.completion_tokens = completion_tokens
+            prep.record.completion_tokens = completion_tokens
         choices = []
         for k in range(count):
             echo = prep.prompts[k // prep.n].text
@@ -451,7 +451,7 @@ class Service:
                 for o in out.outputs:
                     k = i * prep.n + o.index
                     completion_tokens += len(o.token_ids)
-                    prep.exchange.completion_tokens = completion_tokens
+                    prep.record.completion_tokens = completion_tokens
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp:
                         continue  # the detokenizer holds back a partial character; its logprobs are still sent

@@ -1,0 +1,98 @@
+"""The inference routes: decode the body, call the service, answer in JSON or SSE, and stop the
+engine's work when the client hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Request, Response, post
+from litestar.exceptions import InternalServerException
+from litestar.response import Stream
+
+from qwen_server import protocol as p
+from qwen_server.errors import Kind, ServiceError
+from qwen_server.http.common import json_response, service_of
+from qwen_server.http.openapi import with_json_body
+from qwen_server.http.request_log import record_of
+from qwen_server.service.chat_and_completion import Prepared, Service, decode, decode_chat
+
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+_CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an http.disconnect mid-body
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    summary="Chat completion (OpenAI), images as image_url parts",
+    operation_class=with_json_body(p.ChatCompletionRequest),
+    opt={"inference": True},
+)
+async def chat_completions(request: Request) -> Response:
+    service = service_of(request)
+    req = decode_chat(await _body(request), service.settings)
+    return await _respond(request, service, await service.prepare_chat(req, record_of(request.scope)))
+
+
+@post(
+    "/v1/completions",
+    status_code=200,
+    summary="Text completion (OpenAI)",
+    operation_class=with_json_body(p.CompletionRequest),
+    opt={"inference": True},
+)
+async def completions(request: Request) -> Response:
+    service = service_of(request)
+    req = decode(p.completion_request_decoder, await _body(request), service.settings.max_json_depth)
+    return await _respond(request, service, await service.prepare_completion(req, record_of(request.scope)))
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, which must be JSON (a form post is refused, as vLLM's server does); a body
+    cut short (the client went away, or broken chunked framing, which Granian reports as a
+    disconnect) is the client's error, not the server's."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type in _FORMS:
+        raise ServiceError(Kind.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {content_type} is not accepted: send application/json.",
+                       param="Content-Type", code="unsupported_media_type")
+    try:
+        return await request.body()
+    except InternalServerException as exc:
+        if exc.detail != _CLIENT_GONE:
+            raise
+        raise ServiceError(Kind.INVALID, "The request body ended before it was complete.", param="body", code="incomplete_body") from None
+
+
+async def _respond(request: Request, service: Service, prep: Prepared) -> Response:
+    if prep.stream:
+        # Litestar cancels the stream when the client disconnects; the cancellation reaches
+        # vLLM's generator, which aborts the request in the engine.
+        return Stream(service.stream(prep), media_type="text/event-stream", headers=_SSE_HEADERS)
+    result = await _unless_disconnected(request, service.complete(prep))
+    if result is None:
+        return Response(content=b"", status_code=499)
+    return json_response(result)
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Run `work`, cancelling it (and so the engine request) if the client hangs up first.
+    Litestar does not cancel non-streaming handlers on disconnect; this watches `receive()`."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Cancelled ourselves (deadline, drain): the cancellation goes on after the work is stopped.
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():  # the client left first
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
