@@ -30,7 +30,8 @@ from qwen_server.http.policy import RoutePolicy
 from qwen_server.http.request_log import RequestLog
 from qwen_server.http.routes import route_handlers
 from qwen_server.media.loader import MediaLoader
-from qwen_server.service.chat_and_completion import Service
+from qwen_server.service.chat import ChatService
+from qwen_server.service.completion import CompletionService
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
@@ -64,7 +65,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
         media = MediaLoader(settings)
         app.state.engine = engine
         admission.size_by(lambda: engine.max_num_seqs)
-        app.state.service = Service(engine, media, settings)
+        app.state.chat = ChatService(engine, media, settings)
+        app.state.completion = CompletionService(engine, settings)
         app.state.started_at = time.time()
         engine.start()
         drain.arm(asyncio.get_running_loop(), lambda: _start_drain(admission, engine, settings))

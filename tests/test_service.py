@@ -1,5 +1,5 @@
-"""Narrow unit tests of the service's SSE framing with a FAKE engine generator (no vLLM engine runs
-here); the real engine's streams are tested in test_api.py and test_reliability.py."""
+"""Narrow unit tests of the services' SSE framing with a FAKE engine (a generator of made-up outputs;
+no vLLM engine runs here); the real engine's streams are tested in test_api.py and test_reliability.py."""
 
 from __future__ import annotations
 
@@ -11,21 +11,23 @@ from typing import Any
 import pytest
 
 from qwen_server.logs import RequestRecord
-from qwen_server.service.chat_and_completion import Prepared, Prompt, Service
+from qwen_server.service.chat import ChatService, template_kwargs
+from qwen_server.service.completion import CompletionService
+from qwen_server.service.generation import PreparedRequest, Prompt
 from qwen_server.settings import Settings
 
 
-def _prepared() -> Prepared:
-    return Prepared(request_id="chatcmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
-                    prompts=[Prompt(None, 3)], sampling=None, n=1, stream=True, include_usage=False,
-                    logprobs=None, chat=True)
+def _prepared() -> PreparedRequest:
+    return PreparedRequest(request_id="chatcmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
+                           prompts=[Prompt(None, 3)], sampling=None, n=1, stream=True, include_usage=False,
+                           logprobs=None)
 
 
 def _output(text: str, finish: str | None = None) -> Any:
     return SimpleNamespace(outputs=[SimpleNamespace(index=0, text=text, token_ids=[1], finish_reason=finish, logprobs=None)])
 
 
-def _events(service: Service) -> list[str]:
+def _events(service: ChatService) -> list[str]:
     async def collect() -> list[bytes]:
         return [frame async for frame in service.stream(_prepared())]
 
@@ -34,10 +36,14 @@ def _events(service: Service) -> list[str]:
     return [f[6:-2].decode() for f in frames]
 
 
-def _fake_service(generate) -> Service:
-    service = Service(engine=None, media=None, settings=Settings())  # type: ignore[arg-type]
-    service._generate = lambda prep, i: generate(prep)  # type: ignore[method-assign]
-    return service
+def _fake_engine(generate) -> Any:
+    """A FAKE engine whose generate(engine_input, sampling, request_id) is `generate`."""
+    return SimpleNamespace(generate=generate)
+
+
+def _fake_service(generate) -> ChatService:
+    return ChatService(engine=_fake_engine(lambda engine_input, sampling, request_id: generate(None)), media=None,  # type: ignore[arg-type]
+                       settings=Settings())
 
 
 def test_a_stream_that_finishes_ends_with_done() -> None:
@@ -99,7 +105,7 @@ def test_cancellation_is_not_swallowed() -> None:
 
 from qwen_server import protocol as p  # noqa: E402
 from qwen_server.errors import Kind, ServiceError, clip, envelope  # noqa: E402
-from qwen_server.service.chat_and_completion import decode_chat  # noqa: E402
+from qwen_server.service.decode import decode_chat  # noqa: E402
 
 
 def _chat_body(**extra: Any) -> bytes:
@@ -148,23 +154,22 @@ def test_free_form_fields_deeper_than_the_limit_are_refused(extra: dict, param: 
     decode_chat(_chat_body(mm_processor_kwargs=_nested(63)), Settings())  # within the default limit of 64
 
 
-def _service(**settings: Any) -> Service:
-    return Service(engine=None, media=None, settings=Settings(**settings))  # type: ignore[arg-type]
+def _template_kwargs(kwargs: dict, trusted: bool = False) -> dict:
+    return template_kwargs(kwargs, None, trusted=trusted)
 
 
 @pytest.mark.parametrize("key", ["chat_template", "tokenize", "return_dict", "conversation", "add_generation_prompt"])
 def test_template_kwargs_that_change_how_the_prompt_is_built_are_refused(key: str) -> None:
     with pytest.raises(ServiceError) as info:
-        _service()._template_kwargs({key: "x", "enable_thinking": False})
+        _template_kwargs({key: "x", "enable_thinking": False})
     assert info.value.kind is Kind.INVALID and info.value.param == f"chat_template_kwargs.{key}"
-    assert _service()._template_kwargs({"enable_thinking": False}) == {"enable_thinking": False}
+    assert _template_kwargs({"enable_thinking": False}) == {"enable_thinking": False}
 
 
 def test_a_clients_own_template_needs_the_operators_trust() -> None:
-    trusted = _service(trust_request_chat_template=True)
-    assert trusted._template_kwargs({"chat_template": "{{ 1 }}"}) == {"chat_template": "{{ 1 }}"}
+    assert _template_kwargs({"chat_template": "{{ 1 }}"}, trusted=True) == {"chat_template": "{{ 1 }}"}
     with pytest.raises(ServiceError, match="--trust-request-chat-template"):
-        _service()._template_kwargs({"chat_template": "{{ 1 }}"})
+        _template_kwargs({"chat_template": "{{ 1 }}"})
 
 
 def test_message_and_part_counts_are_bounded_before_the_messages_are_built() -> None:
@@ -204,7 +209,7 @@ def test_error_messages_quote_client_input_cut_short() -> None:
     assert clip("x" * 10) == "x" * 10
     assert clip("m" * 1_000_000) == "m" * 200 + "... (1000000 characters)"
     with pytest.raises(ServiceError) as info:
-        _service(served_model_name=["tiny"])._check_model("m" * 1_000_000)
+        CompletionService(engine=None, settings=Settings(served_model_name=["tiny"])).check_model("m" * 1_000_000)  # type: ignore[arg-type]
     assert info.value.kind is Kind.NOT_FOUND and len(info.value.message) < 400
     # Whatever a message quotes (vLLM's own validation errors list every bad id), the envelope is bounded.
     body = json.loads(envelope(Kind.INVALID, "token_id(s) " + str(list(range(100_000))), "p" * 5000))
@@ -217,17 +222,18 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
         return SimpleNamespace(outputs=[SimpleNamespace(index=index, text=text, token_ids=[1], finish_reason=finish,
                                                         logprobs=None)], prompt_logprobs=None)
 
-    async def generate(prep, i):
+    async def generate(engine_input, sampling, request_id):  # engine_input: the prompt's index; sampling: n
+        i = engine_input
+        assert request_id == f"x-{i}"  # one engine request per prompt
         for step in range(3):
             await asyncio.sleep(0.001 * (2 - i))
-            for j in range(prep.n):
+            for j in range(sampling):
                 yield out(j, f"p{i}c{j}s{step}", "length" if step == 2 else None)
 
-    service = Service(engine=None, media=None, settings=Settings())  # type: ignore[arg-type]
-    service._generate = generate  # type: ignore[method-assign]
-    prep = Prepared(request_id="cmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
-                    prompts=[Prompt(None, 3), Prompt(None, 5)], sampling=None, n=2, stream=False,
-                    include_usage=False, logprobs=None, chat=False)
+    service = CompletionService(engine=_fake_engine(generate), settings=Settings())
+    prep = PreparedRequest(request_id="cmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
+                           prompts=[Prompt(0, 3), Prompt(1, 5)], sampling=2, n=2, stream=False,
+                           include_usage=False, logprobs=None)
     result = asyncio.run(service.complete(prep))
     assert [c.index for c in result.choices] == [0, 1, 2, 3]
     assert [c.text for c in result.choices] == [f"p{k // 2}c{k % 2}s0p{k // 2}c{k % 2}s1p{k // 2}c{k % 2}s2"

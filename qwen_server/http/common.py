@@ -1,4 +1,4 @@
-"""What the route modules share: the worker's engine and services from the app's state, and JSON answers."""
+"""What the route modules share: the worker's engine and endpoint services from the app's state, and JSON answers."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from litestar import Request, Response
 
 from qwen_server import protocol as p
 from qwen_server.engine.lifecycle import Engine
-from qwen_server.service.chat_and_completion import Service
+from qwen_server.service.chat import ChatService
+from qwen_server.service.completion import CompletionService
 
 JSON = "application/json"
 
 
-def service_of(request: Request) -> Service:
-    return request.app.state.service
+def chat_of(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def completion_of(request: Request) -> CompletionService:
+    return request.app.state.completion
 
 
 def engine_of(request: Request) -> Engine:

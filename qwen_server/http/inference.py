@@ -12,10 +12,11 @@ from litestar.response import Stream
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError
-from qwen_server.http.common import json_response, service_of
+from qwen_server.http.common import chat_of, completion_of, json_response
 from qwen_server.http.openapi import with_json_body
 from qwen_server.http.request_log import record_of
-from qwen_server.service.chat_and_completion import Prepared, Service, decode, decode_chat
+from qwen_server.service.decode import decode, decode_chat
+from qwen_server.service.generation import Endpoint, PreparedRequest
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 _CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an http.disconnect mid-body
@@ -30,9 +31,9 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     opt={"inference": True},
 )
 async def chat_completions(request: Request) -> Response:
-    service = service_of(request)
+    service = chat_of(request)
     req = decode_chat(await _body(request), service.settings)
-    return await _respond(request, service, await service.prepare_chat(req, record_of(request.scope)))
+    return await _respond(request, service, await service.prepare(req, record_of(request.scope)))
 
 
 @post(
@@ -43,9 +44,9 @@ async def chat_completions(request: Request) -> Response:
     opt={"inference": True},
 )
 async def completions(request: Request) -> Response:
-    service = service_of(request)
+    service = completion_of(request)
     req = decode(p.completion_request_decoder, await _body(request), service.settings.max_json_depth)
-    return await _respond(request, service, await service.prepare_completion(req, record_of(request.scope)))
+    return await _respond(request, service, await service.prepare(req, record_of(request.scope)))
 
 
 async def _body(request: Request) -> bytes:
@@ -64,7 +65,7 @@ async def _body(request: Request) -> bytes:
         raise ServiceError(Kind.INVALID, "The request body ended before it was complete.", param="body", code="incomplete_body") from None
 
 
-async def _respond(request: Request, service: Service, prep: Prepared) -> Response:
+async def _respond(request: Request, service: Endpoint, prep: PreparedRequest) -> Response:
     if prep.stream:
         # Litestar cancels the stream when the client disconnects; the cancellation reaches
         # vLLM's generator, which aborts the request in the engine.

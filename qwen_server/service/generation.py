@@ -1,0 +1,309 @@
+"""What the chat and completion endpoints share: the prepared request, the context window's limits,
+vLLM's renderer, and running the engine for a whole response or a stream of SSE frames.
+
+Streams use the engine's DELTA mode (each step carries only the new tokens); non-streaming requests
+its FINAL_ONLY mode (one output at the end). Each endpoint (chat.py, completion.py) prepares its
+requests and says how its choices and bodies look; the loops here are the same for both.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_server import protocol as p
+from qwen_server.engine import vllm_compat
+from qwen_server.engine.lifecycle import Engine
+from qwen_server.errors import Kind, ServiceError, bad_request, clip, envelope
+from qwen_server.logs import RequestRecord
+from qwen_server.service.sampling import Sampling
+from qwen_server.settings import Settings
+
+DONE = b"data: [DONE]\n\n"
+log = logging.getLogger("qwen_server")
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One prompt for the engine: the rendered input, its token count, and its text for echo."""
+
+    engine_input: Any
+    length: int
+    text: str = ""
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A request ready for the engine: the rendered prompts and their sampling parameters."""
+
+    request_id: str  # the response's id
+    engine_request_id: str  # the client's X-Request-Id (or a generated one)
+    record: RequestRecord
+    model: str
+    prompts: list[Prompt]  # several for a batched completion; choice i * n + j is prompt i's j-th
+    sampling: Any
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # top-k to report; None: no logprobs
+    echo: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_len(self) -> int:
+        return sum(prompt.length for prompt in self.prompts)
+
+
+def frame(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+class Endpoint(abc.ABC):
+    """One OpenAI endpoint's service. Subclasses prepare requests and shape choices and bodies."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.sampling = Sampling(engine)
+
+    # --- the endpoint's shapes ---
+
+    @abc.abstractmethod
+    def choice(self, prep: PreparedRequest, index: int, text: str, lp: list[p.TokenLogprob] | None,
+               finish: str | None, *, delta: bool, offset: int = 0, echoed: int = 0) -> Any:
+        """Choice `index`: whole (`delta` false) or a stream chunk's. `offset` is the characters before
+        this text, `echoed` how many of `lp` are the prompt's (completions)."""
+
+    @abc.abstractmethod
+    def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
+        """The response (or stream chunk) around `choices`."""
+
+    @abc.abstractmethod
+    def opening(self, prep: PreparedRequest, index: int) -> Any | None:
+        """The choice a stream opens with for choice `index`, if any."""
+
+    # --- preparing: checks both endpoints make ---
+
+    def check_model(self, model: str | None) -> str:
+        names = self.settings.model_names
+        if model is not None and model not in names:
+            raise ServiceError(
+                Kind.NOT_FOUND,
+                f"The model {clip(repr(model))} does not exist; this server serves {', '.join(map(repr, names))}.",
+                param="model",
+                code="model_not_found",
+            )
+        return names[0]
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        """A text too long for the context whatever its tokens is refused before it is tokenized
+        (about 1 s per MB): each token covers at most `longest_token` bytes, each character one."""
+        limit = (self.engine.max_model_len or 0) * self.engine.longest_token
+        if len(text) > limit:
+            raise bad_request(
+                f"The prompt is {len(text)} characters long: more than the model's context of "
+                f"{self.engine.max_model_len} tokens can hold.",
+                param,
+                code="context_length_exceeded",
+            )
+
+    def check_prompt_fits(self, tokens: int, param: str) -> None:
+        """Before the multimodal processor: images only add tokens."""
+        limit = self.engine.max_model_len or 0
+        if tokens >= limit:
+            raise bad_request(
+                f"The prompt is {tokens} tokens long, which leaves no room for output in the context of {limit} tokens.",
+                param,
+                code="context_length_exceeded",
+            )
+
+    def max_tokens(self, prompt_len: int, requested: int | None, param: str) -> int:
+        """The output budget: what the client asked for if it fits, else what the context leaves
+        (capped by the model's own default)."""
+        limit = self.engine.max_model_len or 0
+        self.check_prompt_fits(prompt_len, param)
+        if requested is None:
+            default = self.sampling.defaults().get("max_tokens")
+            return min(limit - prompt_len, default) if default else limit - prompt_len
+        if prompt_len + requested > limit:
+            raise bad_request(
+                f"The prompt ({prompt_len} tokens) plus max_tokens ({requested}) is {prompt_len + requested} "
+                f"tokens, over the model's context of {limit} tokens.",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    async def render(self, client: Any, prompt: dict[str, Any]) -> Any:
+        """vLLM's renderer runs the model's multimodal processor (image tokens expanded) off the loop."""
+        try:
+            (engine_input,) = await vllm_compat.render_prompts(client, [prompt])
+        except vllm_compat.client_error() as exc:
+            raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
+        except Exception as exc:  # noqa: BLE001 - the model's processor failed on this request's input
+            # ValueError/TypeError for options it cannot use, AssertionError when a template drops the
+            # image placeholder, ...: each is about this input, none about the server.
+            log.info("the multimodal processor refused a request: %s: %s", type(exc).__name__, clip(str(exc)))
+            raise bad_request(f"The input could not be processed: {type(exc).__name__}: {clip(str(exc))}", None) from None
+        return engine_input
+
+    # --- running ---
+
+    async def complete(self, prep: PreparedRequest) -> Any:
+        count = prep.n * len(prep.prompts)
+        texts: list[list[str]] = [[] for _ in range(count)]
+        logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(count)]
+        echoed: list[list[p.TokenLogprob]] = [[] for _ in prep.prompts]
+        finish: list[str | None] = [None] * count
+        completion_tokens = 0
+        async for i, out in self._run(prep):
+            if prep.echo and prep.logprobs is not None and out.prompt_logprobs:
+                echoed[i] = self._prompt_logprobs(out, prep.logprobs)
+            for o in out.outputs:
+                k = i * prep.n + o.index
+                texts[k].append(o.text)
+                completion_tokens += len(o.token_ids)
+                if prep.logprobs is not None and o.logprobs:
+                    logprobs[k].extend(self._token_logprobs(o, prep.logprobs))
+                if o.finish_reason is not None:
+                    finish[k] = o.finish_reason
+            prep.record.completion_tokens = completion_tokens
+        choices = []
+        for k in range(count):
+            echo = prep.prompts[k // prep.n].text
+            lp = echoed[k // prep.n] + logprobs[k] if prep.logprobs is not None else None
+            choices.append(self.choice(prep, k, echo + "".join(texts[k]), lp, finish[k], delta=False,
+                                       offset=len(echo), echoed=len(echoed[k // prep.n])))
+        return self.body(prep, choices, _usage(prep, completion_tokens), chunk=False)
+
+    async def stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
+        """SSE frames: each choice's opening, then deltas, an optional usage chunk, then [DONE].
+        An engine failure mid-stream becomes an error event, so no stream ends silently cut."""
+        encode = p.encoder.encode
+        completion_tokens = 0
+        count = prep.n * len(prep.prompts)
+        # Characters sent so far per choice: completions' text_offset counts from the start of the text.
+        sent = [len(prep.prompts[k // prep.n].text) for k in range(count)]
+        echo_pending = prep.echo and prep.logprobs is not None
+        try:
+            # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0].
+            for k in range(count):
+                if (first := self.opening(prep, k)) is not None:
+                    yield frame(encode(self.body(prep, [first], None, chunk=True)))
+            async for i, out in self._run(prep):
+                if echo_pending and out.prompt_logprobs:  # the first output of prompt i carries them
+                    echoed = self._prompt_logprobs(out, prep.logprobs or 0)
+                    for k in range(i * prep.n, (i + 1) * prep.n):
+                        echo = self.choice(prep, k, prep.prompts[i].text, echoed, None, delta=True, echoed=len(echoed))
+                        yield frame(encode(self.body(prep, [echo], None, chunk=True)))
+                for o in out.outputs:
+                    k = i * prep.n + o.index
+                    completion_tokens += len(o.token_ids)
+                    prep.record.completion_tokens = completion_tokens
+                    lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
+                    if not o.text and o.finish_reason is None and not lp:
+                        continue  # the detokenizer holds back a partial character; its logprobs are still sent
+                    choice = self.choice(prep, k, o.text, lp, o.finish_reason, delta=True, offset=sent[k])
+                    sent[k] += len(o.text)
+                    yield frame(encode(self.body(prep, [choice], None, chunk=True)))
+            if prep.include_usage:
+                yield frame(encode(self.body(prep, [], _usage(prep, completion_tokens), chunk=True)))
+        except ServiceError as exc:
+            yield frame(envelope(exc.kind, exc.message, exc.param, exc.code))
+        except Exception:  # a defect of ours or vLLM's: the 200 is sent, so it can only be an event now
+            log.exception("request %s failed mid-stream", prep.engine_request_id)
+            yield frame(envelope(Kind.INTERNAL, "The server failed while streaming this response.", None,
+                                 "internal_error"))
+        yield DONE
+
+    async def _run(self, prep: PreparedRequest) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, engine output) for every prompt, as they come; engine failures become
+        ServiceErrors. Cancellation (a client that left) propagates into vLLM's generators, which abort
+        their requests in the engine."""
+        if len(prep.prompts) == 1:
+            async for out in self._outputs(prep, 0):
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in self._outputs(prep, i):
+                    queue.put_nowait((i, out))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((i, exc))
+            finally:
+                queue.put_nowait((i, done))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(prep.prompts))]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if item is done:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _outputs(self, prep: PreparedRequest, i: int) -> AsyncIterator[Any]:
+        request_id = prep.engine_request_id if len(prep.prompts) == 1 else f"{prep.engine_request_id}-{i}"
+        try:
+            async for out in self.engine.generate(prep.prompts[i].engine_input, prep.sampling, request_id):
+                yield out
+        except vllm_compat.engine_dead_error():
+            raise ServiceError(Kind.UNAVAILABLE, "The engine died while serving this request.",
+                               code="engine_dead") from None
+        except vllm_compat.client_error() as exc:
+            raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
+
+    # --- logprobs ---
+
+    def _token_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
+        return [item for token_id, entry in zip(output.token_ids, output.logprobs, strict=False)
+                if (item := _logprob_entry(token_id, entry, top)) is not None]
+
+    def _prompt_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
+        """The prompt's tokens with their logprobs (the first token has none), for echo."""
+        items = []
+        for position, (token_id, entry) in enumerate(zip(output.prompt_token_ids, output.prompt_logprobs, strict=False)):
+            item = _logprob_entry(token_id, entry, top) if entry else None
+            if item is None:
+                token = self.engine.tokenizer.decode([token_id]) if position == 0 else ""
+                item = p.TokenLogprob(token=token, logprob=None, bytes=list(token.encode()), top_logprobs=[])
+            items.append(item)
+        return items
+
+
+def _logprob_entry(token_id: int, entry: Any, top: int) -> p.TokenLogprob | None:
+    """One token's logprob and its top alternatives from vLLM's {token id: Logprob} entry."""
+    chosen = entry.get(token_id)
+    if chosen is None:
+        return None
+    token = chosen.decoded_token or ""
+    tops = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)[:top] if top else []
+    return p.TokenLogprob(
+        token=token,
+        logprob=max(chosen.logprob, -9999.0),
+        bytes=list(token.encode()),
+        top_logprobs=[
+            p.TopLogprob(token=lp.decoded_token or "", logprob=max(lp.logprob, -9999.0),
+                         bytes=list((lp.decoded_token or "").encode()))
+            for _, lp in tops
+        ],
+    )
+
+
+def _usage(prep: PreparedRequest, completion_tokens: int) -> p.Usage:
+    return p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
