@@ -60,6 +60,7 @@ class Engine:
         # characters cannot fit the context, and is refused without being tokenized.
         self.longest_token = 1
         self.vocab_size = 0  # token ids a prompt may hold: [0, vocab_size)
+        self.sampling_defaults: dict[str, Any] = {}  # the model's generation_config
         self.max_num_seqs: int | None = None
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
@@ -192,8 +193,9 @@ class Engine:
             self.client = client
             self.tokenizer = client.get_tokenizer()
             self.longest_token = await asyncio.to_thread(_longest_token, self.tokenizer)
-            self.max_model_len = client.model_config.max_model_len
-            self.vocab_size = client.model_config.get_vocab_size()
+            self.max_model_len = vllm_compat.max_model_len(client)
+            self.vocab_size = vllm_compat.vocab_size(client)
+            self.sampling_defaults = vllm_compat.generation_defaults(client)
             self.max_num_seqs = vllm_compat.max_num_seqs(client)
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
@@ -230,7 +232,7 @@ class Engine:
 
     async def generate(self, prompt: Any, sampling: Any, request_id: str) -> AsyncIterator[Any]:
         """The engine's outputs for one request (a 503 when it is not ready)."""
-        client = self.ready_client()
+        client = self.require_client()
         outputs = client.generate(prompt, sampling, request_id)
         self._inflight[request_id] += 1
         try:
@@ -307,7 +309,7 @@ class Engine:
         client = self.client
         return self.state is EngineState.READY and client is not None and not client.errored
 
-    def ready_client(self) -> AsyncLLM:
+    def require_client(self) -> AsyncLLM:
         """The engine, or an UNAVAILABLE error telling the client when to retry."""
         if self.ready:
             return self.client

@@ -67,6 +67,23 @@ def max_num_seqs(client: AsyncLLM) -> int:
     return client.vllm_config.scheduler_config.max_num_seqs
 
 
+def max_model_len(client: AsyncLLM) -> int:
+    return client.model_config.max_model_len
+
+
+def vocab_size(client: AsyncLLM) -> int:
+    return client.model_config.get_vocab_size()
+
+
+def generation_defaults(client: AsyncLLM) -> dict[str, Any]:
+    """The model's generation_config sampling defaults, as vLLM's server applies them (max_new_tokens
+    renamed max_tokens)."""
+    defaults = dict(client.model_config.get_diff_sampling_param())
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    return defaults
+
+
 def device_type(client: AsyncLLM) -> str:
     return client.vllm_config.device_config.device_type
 

@@ -27,7 +27,7 @@ def _model_cards(request: Request) -> list[p.ModelCard]:
     engine = engine_of(request)
     # 503 until the engine is ready, as for inference: clients commonly wait for this endpoint to answer
     # before sending work (vLLM's server does not listen until then), and max_model_len is unknown before.
-    engine.ready_client()
+    engine.require_client()
     created = int(request.app.state.started_at)
     root = engine.model_path or engine.settings.model or ""
     return [

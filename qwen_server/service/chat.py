@@ -45,7 +45,7 @@ class ChatService(Endpoint):
         self.max_images = (settings.limit_mm_per_prompt or {}).get("image")
 
     async def prepare(self, req: p.ChatCompletionRequest, record: RequestRecord) -> PreparedRequest:
-        client = self.engine.ready_client()
+        client = self.engine.require_client()
         model = self.check_model(req.model)
         check_common(req)
         if req.echo:

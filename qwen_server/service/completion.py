@@ -15,7 +15,7 @@ from qwen_server.service.sampling import check_common
 
 class CompletionService(Endpoint):
     async def prepare(self, req: p.CompletionRequest, record: RequestRecord) -> PreparedRequest:
-        client = self.engine.ready_client()
+        client = self.engine.require_client()
         model = self.check_model(req.model)
         check_common(req)
         if req.suffix:

@@ -18,17 +18,10 @@ _PLAIN = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", 
 class Sampling:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._defaults: dict[str, Any] | None = None
 
     def defaults(self) -> dict[str, Any]:
-        """The model's generation_config defaults (max_new_tokens as max_tokens)."""
-        if self._defaults is None:
-            client = self.engine.client
-            defaults = dict(client.model_config.get_diff_sampling_param()) if client else {}
-            if "max_new_tokens" in defaults:
-                defaults["max_tokens"] = defaults.pop("max_new_tokens")
-            self._defaults = defaults
-        return self._defaults
+        """The model's generation_config defaults, read by the engine when it loaded the model."""
+        return self.engine.sampling_defaults
 
     def params(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None,
                prompt_logprobs: int | None = None) -> Any:

@@ -26,6 +26,7 @@ class FakeEngine:
         self.client: Any = None
         self.tokenizer: Any = None
         self.max_model_len: int | None = 2048
+        self.sampling_defaults: dict[str, Any] = {}
         self.max_num_seqs: int | None = 4
         self.model_path: str | None = "fake-model"
         self.image_geometry: Any = None
@@ -53,7 +54,7 @@ class FakeEngine:
             body["stage"] = self.stage
         return body
 
-    def ready_client(self) -> Any:
+    def require_client(self) -> Any:
         if self.ready:
             return self
         raise ServiceError(Kind.UNAVAILABLE, f"The model is loading ({self.stage}); retry shortly.", code="loading",
