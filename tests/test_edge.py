@@ -114,11 +114,13 @@ def test_admission_refuses_beyond_the_limit_without_calling_the_app() -> None:
         return wrapped
 
     async def scenario():
-        edge = Edge(Settings(max_pending_requests=2))
+        edge = Edge(Settings(max_pending_requests=2, overload_retry_after_seconds=7))
         return await asyncio.gather(*(call(edge, counting(fake_app(0.2))) for _ in range(5)))
 
-    statuses = sorted(status_and_body(sent)[0] for sent in asyncio.run(scenario()))
+    results = asyncio.run(scenario())
+    statuses = sorted(status_and_body(sent)[0] for sent in results)
     assert statuses == [200, 200, 429, 429, 429]
+    assert all((b"retry-after", b"7") in sent[0]["headers"] for sent in results if sent[0]["status"] == 429)
     assert calls == 2
 
 

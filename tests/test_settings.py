@@ -342,3 +342,9 @@ def test_version_fences_compare_releases() -> None:
     assert not versions.within("0.33.0", verified) and not versions.within("0.31.9", verified)
     assert not versions.within("0.32.0rc1", verified) and not versions.within(None, verified)  # (0, 32) < (0, 32, 0)
     assert versions.outside_message("vLLM", "0.40.1", verified, "x") == "vLLM 0.40.1 is outside the releases x was verified on (0.32.0 to <0.33.0)."
+
+
+def test_admission_limit_is_the_setting_else_four_times_the_engines_batch() -> None:
+    assert Settings().admission_limit(None) is None  # no engine yet: no limit to apply
+    assert Settings().admission_limit(8) == 32
+    assert Settings(max_pending_requests=3).admission_limit(8) == 3
