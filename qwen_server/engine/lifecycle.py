@@ -183,7 +183,7 @@ class Engine:
                 async_llm_cls.from_engine_args,
                 args,
                 # vLLM's server context: its batch defaults (max_num_seqs, max_num_batched_tokens) are
-                # larger on big GPUs than the plain engine's (1024/8192 vs 128/2048 on an H100).
+                # the server's, larger on big GPUs than the plain engine's.
                 usage_context=usage_context_cls.OPENAI_API_SERVER,
                 stat_loggers=[_scheduler_stats_recorder(self), metrics.engine_stat_logger()],
             )

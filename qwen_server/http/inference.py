@@ -15,7 +15,6 @@ from qwen_server.errors import Kind, ServiceError
 from qwen_server.http.common import chat_of, completion_of, json_response
 from qwen_server.http.openapi import with_json_body
 from qwen_server.http.request_log import record_of
-from qwen_server.service.decode import decode, decode_chat
 from qwen_server.service.generation import Endpoint, PreparedRequest
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -31,9 +30,7 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     opt={"inference": True},
 )
 async def chat_completions(request: Request) -> Response:
-    service = chat_of(request)
-    req = decode_chat(await _body(request), service.settings)
-    return await _respond(request, service, await service.prepare(req, record_of(request.scope)))
+    return await _serve(request, chat_of(request))
 
 
 @post(
@@ -44,9 +41,12 @@ async def chat_completions(request: Request) -> Response:
     opt={"inference": True},
 )
 async def completions(request: Request) -> Response:
-    service = completion_of(request)
-    req = decode(p.completion_request_decoder, await _body(request), service.settings.max_json_depth)
-    return await _respond(request, service, await service.prepare(req, record_of(request.scope)))
+    return await _serve(request, completion_of(request))
+
+
+async def _serve(request: Request, service: Endpoint) -> Response:
+    prep = await service.prepare(service.decode(await _body(request)), record_of(request.scope))
+    return await _respond(request, service, prep)
 
 
 async def _body(request: Request) -> bytes:

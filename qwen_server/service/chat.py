@@ -13,6 +13,7 @@ from qwen_server.logs import RequestRecord
 from qwen_server.media.errors import MediaError
 from qwen_server.media.image import MMKwargsError, check_request_mm_kwargs
 from qwen_server.media.loader import LoadedImage, MediaLoader
+from qwen_server.service.decode import decode_chat
 from qwen_server.service.generation import Endpoint, PreparedRequest, Prompt
 from qwen_server.service.sampling import check_common
 from qwen_server.settings import Settings
@@ -43,6 +44,9 @@ class ChatService(Endpoint):
         super().__init__(engine, settings)
         self.media = media
         self.max_images = (settings.limit_mm_per_prompt or {}).get("image")
+
+    def decode(self, body: bytes) -> p.ChatCompletionRequest:
+        return decode_chat(body, self.settings)
 
     async def prepare(self, req: p.ChatCompletionRequest, record: RequestRecord) -> PreparedRequest:
         client = self.engine.require_client()

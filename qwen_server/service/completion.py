@@ -9,11 +9,16 @@ from typing import Any
 from qwen_server import protocol as p
 from qwen_server.errors import bad_request, clip
 from qwen_server.logs import RequestRecord
+from qwen_server.service.decode import decode
 from qwen_server.service.generation import Endpoint, PreparedRequest, Prompt
 from qwen_server.service.sampling import check_common
 
 
 class CompletionService(Endpoint):
+    def decode(self, body: bytes) -> p.CompletionRequest:
+        request: p.CompletionRequest = decode(p.completion_request_decoder, body, self.settings.max_json_depth)
+        return request
+
     async def prepare(self, req: p.CompletionRequest, record: RequestRecord) -> PreparedRequest:
         client = self.engine.require_client()
         model = self.check_model(req.model)

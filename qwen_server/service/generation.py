@@ -71,7 +71,15 @@ class Endpoint(abc.ABC):
         self.settings = settings
         self.sampling = Sampling(engine)
 
-    # --- the endpoint's shapes ---
+    # --- the endpoint's own steps ---
+
+    @abc.abstractmethod
+    def decode(self, body: bytes) -> Any:
+        """The request body as this endpoint's request struct, strictly and within the limits."""
+
+    @abc.abstractmethod
+    async def prepare(self, req: Any, record: RequestRecord) -> PreparedRequest:
+        """The decoded request checked, rendered and ready for the engine; `record` gets its counts."""
 
     @abc.abstractmethod
     def choice(self, prep: PreparedRequest, index: int, text: str, lp: list[p.TokenLogprob] | None,
