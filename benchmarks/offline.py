@@ -30,9 +30,10 @@ def main() -> None:
 
     import base64
 
-    import loadgen
     from PIL import Image
     from vllm import LLM, SamplingParams
+
+    import loadgen
 
     llm = LLM(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               enforce_eager=True, limit_mm_per_prompt={"image": 4})

@@ -21,7 +21,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from side_by_side import MODEL_NAME, Server, engine_flags  # noqa: E402
-
 from tests.serverproc import free_port  # noqa: E402
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
@@ -115,7 +114,7 @@ def main() -> None:
             line += f"; choices per chunk vLLM {per(a['chunks'])}, qwen {per(b['chunks'])}"
             differences = sorted({d for ca in a["chunks"][:1] for cb in b["chunks"] for d in diff(shape(ca), shape(cb))
                                   if "choices[0]" not in d})
-            differences += sorted({d for d in diff(shape(a["chunks"][-1]), shape(b["chunks"][-1]))})
+            differences += sorted(set(diff(shape(a["chunks"][-1]), shape(b["chunks"][-1]))))
         else:
             differences = diff(shape(a.get("body")), shape(b.get("body")))
         print(line)

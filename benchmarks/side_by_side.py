@@ -22,6 +22,7 @@ keep it quiet while this runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -40,10 +41,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-import loadgen
-
-from qwen_server import procs
-from tests.serverproc import free_port
+import loadgen  # noqa: E402
+from qwen_server import procs  # noqa: E402
+from tests.serverproc import free_port  # noqa: E402
 
 MODEL_NAME = "tiny"
 ENGINE = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"image": 4}'}
@@ -108,7 +108,7 @@ class Server:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVER_")}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        self._log = open(log, "wb")
+        self._log = open(log, "wb")  # noqa: SIM115 - held open for the server's life, closed by stop()
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -132,10 +132,8 @@ class Server:
     def stop(self) -> None:
         tree = [self.proc.pid, *procs.descendants(self.proc.pid)]
         self.proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            pass
         procs.terminate([p for p in tree if procs.alive(p)], grace=2.0)
         self._log.close()
 

@@ -13,6 +13,7 @@ launcher creates carry "armed" and "drained"; without the launcher (plain `grani
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -55,10 +56,8 @@ def drain_workers(run_dir: str, pids: Iterable[int], timeout: float) -> list[int
     is not signalled: the default action of SIGUSR1 would kill it."""
     armed = [pid for pid in pids if _marker(run_dir, "armed", pid).exists()]
     for pid in armed:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, DRAIN_SIGNAL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     waiting = set(armed)
     while waiting and time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -153,7 +154,5 @@ def terminate_children(pid: int, grace: float) -> None:
 
 def signal_quietly(pid: int, sig: int) -> None:
     """Send `sig`; a process that is already gone (or not ours) is not an error."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

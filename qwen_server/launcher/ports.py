@@ -54,7 +54,7 @@ class PortReport:
         if not self.holders:
             lines.append(
                 "  No process holding it could be identified (it may belong to another user or network "
-                "namespace; run as root to see it, or check `ss -ltnp 'sport = :%d'`)." % self.port
+                f"namespace; run as root to see it, or check `ss -ltnp 'sport = :{self.port}'`)."
             )
         for h in self.holders:
             state = (

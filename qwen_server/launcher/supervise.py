@@ -12,6 +12,7 @@ Three guarantees, each for a way things die:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -132,10 +133,8 @@ def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Eve
         # here; Granian's own workers are left to Granian, which waits for them itself.
         for pid, name in procs.zombie_children(me):
             if name.startswith("VLLM") and pid not in workers:
-                try:
+                with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
         for pid in procs.children(me):
             if pid in workers:
                 continue
