@@ -99,10 +99,28 @@ def profile(pid: int, seconds: int, out: Path, front_pid: int | None = None, rat
         running = []
         for role, target in targets.items():
             idle = [] if role == "front_end" else ["--idle"]  # the front end: where its CPU goes
-            running.append(subprocess.Popen(
-                [spy, "record", "--nonblocking", *idle, "-r", str(rate), "-d", str(seconds), "-f", "raw",
-                 "-o", str(out / f"{role}.txt"), "-p", str(target)],
-                stdout=subprocess.DEVNULL, stderr=logs.enter_context(open(out / f"{role}.py-spy.log", "wb"))))
+            running.append(
+                subprocess.Popen(
+                    [
+                        spy,
+                        "record",
+                        "--nonblocking",
+                        *idle,
+                        "-r",
+                        str(rate),
+                        "-d",
+                        str(seconds),
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(out / f"{role}.txt"),
+                        "-p",
+                        str(target),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=logs.enter_context(open(out / f"{role}.py-spy.log", "wb")),
+                )
+            )
         for proc in running:
             proc.wait()
     report: dict = {"pids": targets}
@@ -120,8 +138,12 @@ def main() -> None:
     ap.add_argument("--pid", type=int, required=True, help="the server's root process")
     ap.add_argument("--front-pid", type=int, default=None, help="the HTTP process, if not --pid (qwen: a worker)")
     ap.add_argument("--seconds", type=int, default=10)
-    ap.add_argument("--rate", type=int, default=50,
-                    help="samples/s per process; the samplers take CPU from the server on a small box")
+    ap.add_argument(
+        "--rate",
+        type=int,
+        default=50,
+        help="samples/s per process; the samplers take CPU from the server on a small box",
+    )
     ap.add_argument("--out", default=None, help="keep the raw profiles here (default: a temporary directory)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="engine-profile-"))

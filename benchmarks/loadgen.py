@@ -223,8 +223,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=-1,
-                    help="requests sent (at once, not counted) before the run; default min(concurrency, 8), 4 in open loop")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        help="requests sent (at once, not counted) before the run; default min(concurrency, 8), 4 in open loop",
+    )
     ap.add_argument("--server-pid", type=int, default=None, help="sample CPU and RSS of this process tree")
     ap.add_argument("--json", default=None, help="write the result here")
     return ap

@@ -35,26 +35,36 @@ def main() -> None:
 
     import loadgen
 
-    llm = LLM(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              enforce_eager=True, limit_mm_per_prompt={"image": 4})
+    llm = LLM(
+        model=args.model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        enforce_eager=True,
+        limit_mm_per_prompt={"image": 4},
+    )
     tokenizer = llm.get_tokenizer()
     results = {}
     for size, images, tokens in json.loads(args.shapes):
         urls = loadgen.make_images(args.requests * images, size)
         decoded = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
         content = [{"type": "image"}] * images + [{"type": "text", "text": "Describe the picture in detail."}]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        prompts = [{"prompt": text, "multi_modal_data": {"image": decoded[i * images:(i + 1) * images]}}
-                   for i in range(args.requests)]
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        prompts = [
+            {"prompt": text, "multi_modal_data": {"image": decoded[i * images : (i + 1) * images]}}
+            for i in range(args.requests)
+        ]
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-        results[f"{size}/{images}/{tokens}"] = {"requests_per_s": len(prompts) / elapsed,
-                                                "output_tokens_per_s": generated / elapsed}
+        results[f"{size}/{images}/{tokens}"] = {
+            "requests_per_s": len(prompts) / elapsed,
+            "output_tokens_per_s": generated / elapsed,
+        }
         print(f"offline {size}px x{images} {tokens} tok: {len(prompts) / elapsed:.1f} req/s", file=sys.stderr)
     Path(args.out).write_text(json.dumps(results))
 

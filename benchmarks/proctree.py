@@ -100,7 +100,9 @@ class TreeSampler:
         for pid, wait in self._waits().items():
             if pid in self._wait0 and pid in self._roles:
                 wait_by_role[self._roles[pid]] += wait - self._wait0[pid]
-        return {"server_cpu_s": round(sum(by_role.values()), 2),
-                "server_cpu_s_by_role": {k: round(v, 2) for k, v in by_role.items()},
-                "server_runqueue_wait_s_by_role": {k: round(v, 2) for k, v in wait_by_role.items()},
-                "server_peak_rss_mb": round(self.peak_rss / 2**20, 1)}
+        return {
+            "server_cpu_s": round(sum(by_role.values()), 2),
+            "server_cpu_s_by_role": {k: round(v, 2) for k, v in by_role.items()},
+            "server_runqueue_wait_s_by_role": {k: round(v, 2) for k, v in wait_by_role.items()},
+            "server_peak_rss_mb": round(self.peak_rss / 2**20, 1),
+        }

@@ -26,10 +26,24 @@ from tests.serverproc import free_port  # noqa: E402
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 IGNORE = {"ignore_eos": True}
 REQUESTS: list[tuple[str, str, str, dict | None]] = [
-    ("n=3 streaming chat", "POST", CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 3,
-                                          "stream": True, **IGNORE}),
-    ("n=2 streaming completion", "POST", CMPL, {"prompt": "The cat", "max_tokens": 4, "n": 2, "stream": True, **IGNORE}),
-    ("echo + logprobs", "POST", CMPL, {"prompt": "Hello, my name is", "max_tokens": 3, "echo": True, "logprobs": 1, **IGNORE}),
+    (
+        "n=3 streaming chat",
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 3, "stream": True, **IGNORE},
+    ),
+    (
+        "n=2 streaming completion",
+        "POST",
+        CMPL,
+        {"prompt": "The cat", "max_tokens": 4, "n": 2, "stream": True, **IGNORE},
+    ),
+    (
+        "echo + logprobs",
+        "POST",
+        CMPL,
+        {"prompt": "Hello, my name is", "max_tokens": 3, "echo": True, "logprobs": 1, **IGNORE},
+    ),
     ("logprobs 0", "POST", CMPL, {"prompt": "Hi", "max_tokens": 3, "logprobs": 0, **IGNORE}),
     ("token-id prompt", "POST", CMPL, {"prompt": [40, 41, 42], "max_tokens": 3, **IGNORE}),
     ("batched text prompts", "POST", CMPL, {"prompt": ["The cat", "A dog"], "max_tokens": 3, **IGNORE}),
@@ -37,10 +51,18 @@ REQUESTS: list[tuple[str, str, str, dict | None]] = [
     ("out-of-vocabulary id", "POST", CMPL, {"prompt": [40, 10**6], "max_tokens": 2}),
     ("model card", "GET", "/v1/models/" + MODEL_NAME, None),
     ("unknown model card", "GET", "/v1/models/nope", None),
-    ("stream_options without stream", "POST", CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
-                                                     "stream_options": {"include_usage": True}}),
-    ("use_beam_search", "POST", CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
-                                       "use_beam_search": True, "n": 2}),
+    (
+        "stream_options without stream",
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream_options": {"include_usage": True}},
+    ),
+    (
+        "use_beam_search",
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "use_beam_search": True, "n": 2},
+    ),
     ("form body", "FORM", CHAT, {"messages": "x"}),
 ]
 
@@ -76,7 +98,11 @@ def answer(url: str, method: str, path: str, body: dict | None) -> dict:
             r = client.post(url + path, data={"messages": "x"})
         elif body.get("stream"):
             with client.stream("POST", url + path, json=body) as s:
-                chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+                chunks = [
+                    json.loads(line[6:])
+                    for line in s.iter_lines()
+                    if line.startswith("data: ") and line != "data: [DONE]"
+                ]
             return {"status": s.status_code, "chunks": chunks}
         else:
             r = client.post(url + path, json=body)
@@ -102,18 +128,42 @@ def main() -> None:
     model = str(demo_model_path())
     flags = engine_flags()
     log_dir = Path(tempfile.mkdtemp(prefix="shapes-"))
-    vllm = collect("vllm", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                            "--host", "127.0.0.1", "--port", "{port}", *flags], log_dir)
-    qwen = collect("qwen", [sys.executable, str(HERE.parent / "launcher.py"), "--model", model, "--port", "{port}",
-                            *flags], log_dir)
+    vllm = collect(
+        "vllm",
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            *flags,
+        ],
+        log_dir,
+    )
+    qwen = collect(
+        "qwen",
+        [sys.executable, str(HERE.parent / "launcher.py"), "--model", model, "--port", "{port}", *flags],
+        log_dir,
+    )
     for label, *_ in REQUESTS:
         a, b = vllm[label], qwen[label]
         line = f"{label}: status vLLM {a['status']}, qwen {b['status']}"
         if "chunks" in a and "chunks" in b:
             per = lambda chunks: sorted({len(c.get("choices", [])) for c in chunks})  # noqa: E731
             line += f"; choices per chunk vLLM {per(a['chunks'])}, qwen {per(b['chunks'])}"
-            differences = sorted({d for ca in a["chunks"][:1] for cb in b["chunks"] for d in diff(shape(ca), shape(cb))
-                                  if "choices[0]" not in d})
+            differences = sorted(
+                {
+                    d
+                    for ca in a["chunks"][:1]
+                    for cb in b["chunks"]
+                    for d in diff(shape(ca), shape(cb))
+                    if "choices[0]" not in d
+                }
+            )
             differences += sorted(set(diff(shape(a["chunks"][-1]), shape(b["chunks"][-1]))))
         else:
             differences = diff(shape(a.get("body")), shape(b.get("body")))

@@ -50,14 +50,22 @@ ENGINE = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"i
 
 
 def engine_flags() -> list[str]:
-    return ["--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-            "--limit-mm-per-prompt", ENGINE["limit_mm_per_prompt"], "--enforce-eager",
-            "--served-model-name", MODEL_NAME]
+    return [
+        "--max-model-len",
+        str(ENGINE["max_model_len"]),
+        "--max-num-seqs",
+        str(ENGINE["max_num_seqs"]),
+        "--limit-mm-per-prompt",
+        ENGINE["limit_mm_per_prompt"],
+        "--enforce-eager",
+        "--served-model-name",
+        MODEL_NAME,
+    ]
 
 
 def scenarios(kind: str) -> list[dict]:
-    """"full": the whole matrix; "quick": c16 streaming; "targets": the rows the issue sets targets on
-    (1 image, c16 and c64, 16 tokens), with twice the requests, meant for --repeat."""
+    """The cases of `kind`. "full": the whole matrix; "quick": c16 streaming; "targets": the rows the
+    issue sets targets on (1 image, c16 and c64, 16 tokens), with twice the requests, meant for --repeat."""
     if kind == "quick":
         grid = itertools.product([224, 1024], [1], [16], [16], [True])
     elif kind == "targets":
@@ -68,8 +76,16 @@ def scenarios(kind: str) -> list[dict]:
     out = []
     for size, images, conc, tokens, stream in grid:
         requests = scale * min(320, max(32, 8 * conc)) // (2 if tokens > 16 else 1)
-        out.append({"image_size": size, "images": images, "concurrency": conc, "max_tokens": tokens,
-                    "stream": stream, "requests": requests})
+        out.append(
+            {
+                "image_size": size,
+                "images": images,
+                "concurrency": conc,
+                "max_tokens": tokens,
+                "stream": stream,
+                "requests": requests,
+            }
+        )
     return out
 
 
@@ -78,8 +94,18 @@ SWEEP_RATES = (10, 20, 30, 45, 60, 80)
 
 def sweep_cases() -> list[dict]:
     """Open loop (Poisson arrivals) at rising rates: latency against offered load, 224 px, streaming."""
-    return [{"image_size": 224, "images": 1, "max_tokens": 16, "stream": True, "rate": rate,
-             "requests": int(rate * 8), "concurrency": 0} for rate in SWEEP_RATES]
+    return [
+        {
+            "image_size": 224,
+            "images": 1,
+            "max_tokens": 16,
+            "stream": True,
+            "rate": rate,
+            "requests": int(rate * 8),
+            "concurrency": 0,
+        }
+        for rate in SWEEP_RATES
+    ]
 
 
 def plot(report: dict, out: Path) -> None:
@@ -110,14 +136,25 @@ class Server:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self._log = open(log, "wb")  # noqa: SIM115 - held open for the server's life, closed by stop()
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 600) -> float:
         """Seconds from launch to the first answered chat with an image."""
-        body = {"model": MODEL_NAME, "max_tokens": 1, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": loadgen.make_images(1, 224, seed=99)[0]}},
-            {"type": "text", "text": "hi"}]}]}
+        body = {
+            "model": MODEL_NAME,
+            "max_tokens": 1,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": loadgen.make_images(1, 224, seed=99)[0]}},
+                        {"type": "text", "text": "hi"},
+                    ],
+                }
+            ],
+        }
         while time.monotonic() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see its log")
@@ -155,8 +192,16 @@ def _box_during(run):
     return result
 
 
-def run_server(name: str, args: list[str], port: int, cases: list[dict], sweep: list[dict], out_dir: Path,
-               repeat: int = 1, label: str = "") -> dict:
+def run_server(
+    name: str,
+    args: list[str],
+    port: int,
+    cases: list[dict],
+    sweep: list[dict],
+    out_dir: Path,
+    repeat: int = 1,
+    label: str = "",
+) -> dict:
     """One server started, every case run `repeat` times (the sweep once), stopped. Returns every run."""
     print(f"== {name}{label}: starting", file=sys.stderr)
     server = Server(name, args, port, out_dir / f"{name}{label}.log")
@@ -170,7 +215,9 @@ def run_server(name: str, args: list[str], port: int, cases: list[dict], sweep: 
                 for _ in range(repeat if key == "results" else 1):
                     print(f"   {name}{label} {case}", file=sys.stderr)
                     ns = loadgen.parser().parse_args([])
-                    vars(ns).update({"rate": None, **case}, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid)
+                    vars(ns).update(
+                        {"rate": None, **case}, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid
+                    )
                     tries.append(_box_during(lambda ns=ns: loadgen.measure(ns)))
                 runs[key].append(tries)
         return {"ready_s": ready, **runs}
@@ -181,8 +228,10 @@ def run_server(name: str, args: list[str], port: int, cases: list[dict], sweep: 
 def _pool(passes: list[dict]) -> dict:
     """Every pass's runs of a scenario together; the run with the median throughput stands for it
     (on a noisy box one run of a few seconds can be off by 2x), every run's rate kept beside it."""
-    out: dict = {"ready_s": statistics.median(p["ready_s"] for p in passes),
-                 "ready_s_runs": [round(p["ready_s"], 1) for p in passes]}
+    out: dict = {
+        "ready_s": statistics.median(p["ready_s"] for p in passes),
+        "ready_s_runs": [round(p["ready_s"], 1) for p in passes],
+    }
     for key in ("results", "sweep"):
         out[key] = []
         for tries in zip(*(p[key] for p in passes), strict=True):
@@ -206,8 +255,20 @@ def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
         shapes = sorted({(c["image_size"], c["images"], c["max_tokens"]) for c in cases if c["concurrency"] == conc})
         seqs = min(conc, ENGINE["max_num_seqs"])
         path = out_dir / f"offline-c{conc}.json"
-        args = [sys.executable, str(HERE / "offline.py"), "--model", model, "--shapes", json.dumps(shapes),
-                "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(seqs), "--out", str(path)]
+        args = [
+            sys.executable,
+            str(HERE / "offline.py"),
+            "--model",
+            model,
+            "--shapes",
+            json.dumps(shapes),
+            "--max-model-len",
+            str(ENGINE["max_model_len"]),
+            "--max-num-seqs",
+            str(seqs),
+            "--out",
+            str(path),
+        ]
         print(f"== offline engine, max_num_seqs {seqs}", file=sys.stderr)
         with open(out_dir / f"offline-c{conc}.log", "wb") as log:
             subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=log, check=True)
@@ -226,27 +287,60 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _front_ms(result: dict) -> str:
     """CPU of the serving layer (everything but EngineCore and the model worker) per request."""
     front = result.get("server_cpu_s_by_role", {}).get("front_end")
-    return f'{front * 1000 / result["requests"]:.0f}' if front is not None and result.get("requests") else "-"
+    return f"{front * 1000 / result['requests']:.0f}" if front is not None and result.get("requests") else "-"
 
 
 def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
-    cols = ["size", "img", "conc", "tok", "stream", "vLLM req/s", "qwen req/s", "ratio", "vLLM TTFT p99 ms",
-            "qwen TTFT p99 ms", "ratio", "vLLM e2e p99 ms", "qwen e2e p99 ms", "qwen ITL p50 ms", "ceiling req/s",
-            "of ceiling v/q", "ratio bound",
-            "errors v/q", "CPU s v/q", "front-end CPU ms/req v/q", "peak RSS MB v/q"]
+    cols = [
+        "size",
+        "img",
+        "conc",
+        "tok",
+        "stream",
+        "vLLM req/s",
+        "qwen req/s",
+        "ratio",
+        "vLLM TTFT p99 ms",
+        "qwen TTFT p99 ms",
+        "ratio",
+        "vLLM e2e p99 ms",
+        "qwen e2e p99 ms",
+        "qwen ITL p50 ms",
+        "ceiling req/s",
+        "of ceiling v/q",
+        "ratio bound",
+        "errors v/q",
+        "CPU s v/q",
+        "front-end CPU ms/req v/q",
+        "peak RSS MB v/q",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for case, v, q in zip(cases, vllm["results"], qwen["results"], strict=True):
-        key = f'{case["image_size"]}/{case["images"]}/{case["max_tokens"]}/c{case["concurrency"]}'
+        key = f"{case['image_size']}/{case['images']}/{case['max_tokens']}/c{case['concurrency']}"
         ceil = ceiling.get(key, {}).get("requests_per_s")
-        row = [case["image_size"], case["images"], case["concurrency"], case["max_tokens"],
-               "yes" if case["stream"] else "no", f'{v["requests_per_s"]:.1f}', f'{q["requests_per_s"]:.1f}',
-               _ratio(q["requests_per_s"], v["requests_per_s"]), _ms(v["ttft_s"]["p99"]), _ms(q["ttft_s"]["p99"]),
-               _ratio(q["ttft_s"]["p99"], v["ttft_s"]["p99"]), _ms(v["e2e_s"]["p99"]), _ms(q["e2e_s"]["p99"]),
-               _ms(q["itl_s"]["p50"]), f"{ceil:.1f}" if ceil else "-",
-               f'{v["requests_per_s"] / ceil:.0%}/{q["requests_per_s"] / ceil:.0%}' if ceil else "-",
-               _ratio(ceil, v["requests_per_s"]),  # the highest ratio any server could reach in this row
-               f'{v["errors"]}/{q["errors"]}', f'{v.get("server_cpu_s")}/{q.get("server_cpu_s")}',
-               f'{_front_ms(v)}/{_front_ms(q)}', f'{v.get("server_peak_rss_mb")}/{q.get("server_peak_rss_mb")}']
+        row = [
+            case["image_size"],
+            case["images"],
+            case["concurrency"],
+            case["max_tokens"],
+            "yes" if case["stream"] else "no",
+            f"{v['requests_per_s']:.1f}",
+            f"{q['requests_per_s']:.1f}",
+            _ratio(q["requests_per_s"], v["requests_per_s"]),
+            _ms(v["ttft_s"]["p99"]),
+            _ms(q["ttft_s"]["p99"]),
+            _ratio(q["ttft_s"]["p99"], v["ttft_s"]["p99"]),
+            _ms(v["e2e_s"]["p99"]),
+            _ms(q["e2e_s"]["p99"]),
+            _ms(q["itl_s"]["p50"]),
+            f"{ceil:.1f}" if ceil else "-",
+            f"{v['requests_per_s'] / ceil:.0%}/{q['requests_per_s'] / ceil:.0%}" if ceil else "-",
+            _ratio(ceil, v["requests_per_s"]),  # the highest ratio any server could reach in this row
+            f"{v['errors']}/{q['errors']}",
+            f"{v.get('server_cpu_s')}/{q.get('server_cpu_s')}",
+            f"{_front_ms(v)}/{_front_ms(q)}",
+            f"{v.get('server_peak_rss_mb')}/{q.get('server_peak_rss_mb')}",
+        ]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     return "\n".join(lines)
 
@@ -254,10 +348,18 @@ def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="224/1024 px, c16, 16 tokens, streaming")
-    ap.add_argument("--targets", action="store_true", help="only the rows the targets are set on (1 image, c16/c64, 16 tokens)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per scenario and pass; the median-throughput run is reported")
-    ap.add_argument("--passes", type=int, default=2,
-                    help="server starts each, order alternating (vLLM first, then qwen first, ...); runs pooled")
+    ap.add_argument(
+        "--targets", action="store_true", help="only the rows the targets are set on (1 image, c16/c64, 16 tokens)"
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs per scenario and pass; the median-throughput run is reported"
+    )
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="server starts each, order alternating (vLLM first, then qwen first, ...); runs pooled",
+    )
     ap.add_argument("--model", default=None, help="checkpoint path (default: the built-in tiny demo model)")
     ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the open-loop rate sweep and its plot")
@@ -274,11 +376,24 @@ def main() -> None:
     out_dir = HERE / "results" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = engine_flags()
-    vllm_args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-                 "--host", "127.0.0.1", "--port", "{port}", *flags]
+    vllm_args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        args.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        *flags,
+    ]
     qwen_args = [sys.executable, str(ROOT / "launcher.py"), "--model", args.model, "--port", "{port}", *flags]
-    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-                    "engine": ENGINE, "cases": cases}
+    report: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "engine": ENGINE,
+        "cases": cases,
+    }
     # Passes alternate the order (vLLM, qwen; qwen, vLLM; ...) so that neither server always runs
     # second, on a machine warmed, cached or loaded by the first; each pass starts a fresh server.
     servers = [(n, a) for n, a in (("vllm", vllm_args), ("qwen", qwen_args)) if not args.only or n == args.only]
@@ -287,8 +402,18 @@ def main() -> None:
     for i, order in enumerate(orders):
         for name, argv in order:
             port = free_port()
-            passes[name].append(run_server(name, [a.replace("{port}", str(port)) for a in argv], port, cases,
-                                           sweep, out_dir, args.repeat, label=f"-pass{i + 1}"))
+            passes[name].append(
+                run_server(
+                    name,
+                    [a.replace("{port}", str(port)) for a in argv],
+                    port,
+                    cases,
+                    sweep,
+                    out_dir,
+                    args.repeat,
+                    label=f"-pass{i + 1}",
+                )
+            )
             report["passes"] = passes
             (out_dir / "result.json").write_text(json.dumps(report, indent=2))  # kept if a later step fails
     for name, runs_of in passes.items():
@@ -301,28 +426,40 @@ def main() -> None:
         print(json.dumps(report[args.only], indent=2))
         return
     runs = args.repeat * args.passes
-    text = (f"Machine: {report['machine']}; engine {ENGINE}, enforce_eager; time to ready: "
-            f"vLLM {report['vllm']['ready_s']:.1f} s, qwen {report['qwen']['ready_s']:.1f} s"
-            + f" (medians of {args.passes} starts: vLLM {report['vllm']['ready_s_runs']}, qwen {report['qwen']['ready_s_runs']})"
-            + f"; order per pass {report['order']}; each row the median-throughput run of {runs}\n\n"
-            + table(cases, report["vllm"], report["qwen"], report["offline"]))
+    text = (
+        f"Machine: {report['machine']}; engine {ENGINE}, enforce_eager; time to ready: "
+        f"vLLM {report['vllm']['ready_s']:.1f} s, qwen {report['qwen']['ready_s']:.1f} s"
+        + f" (medians of {args.passes} starts: vLLM {report['vllm']['ready_s_runs']}, qwen {report['qwen']['ready_s_runs']})"
+        + f"; order per pass {report['order']}; each row the median-throughput run of {runs}\n\n"
+        + table(cases, report["vllm"], report["qwen"], report["offline"])
+    )
     if runs > 1:
-        text += ("\n\nEvery run's req/s (sorted), and the most CPU stolen by the hypervisor during any of them\n\n"
-                 "| size | img | conc | tok | stream | vLLM | qwen | max steal % v/q |\n|---|---|---|---|---|---|---|---|\n")
+        text += (
+            "\n\nEvery run's req/s (sorted), and the most CPU stolen by the hypervisor during any of them\n\n"
+            "| size | img | conc | tok | stream | vLLM | qwen | max steal % v/q |\n|---|---|---|---|---|---|---|---|\n"
+        )
         for case, v, q in zip(cases, report["vllm"]["results"], report["qwen"]["results"], strict=True):
             steal = "/".join(str(max(b["steal_pct"] for b in r["runs_box"])) for r in (v, q))
-            text += (f'| {case["image_size"]} | {case["images"]} | {case["concurrency"]} | {case["max_tokens"]} | '
-                     f'{"yes" if case["stream"] else "no"} | {v["runs_requests_per_s"]} | {q["runs_requests_per_s"]} | {steal} |\n')
+            text += (
+                f"| {case['image_size']} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
+                f"{'yes' if case['stream'] else 'no'} | {v['runs_requests_per_s']} | {q['runs_requests_per_s']} | {steal} |\n"
+            )
     if sweep:
-        text += ("\n\nOpen loop, 224 px, 16 tokens, streaming: target rate, the rate the client really offered "
-                 "(v/q: its loop lags on a busy machine), achieved req/s, TTFT p50/p99 ms\n\n")
-        text += ("| target | offered v/q | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 | front-end CPU ms/req v/q |\n"
-                 "|---|---|---|---|---|---|---|\n")
+        text += (
+            "\n\nOpen loop, 224 px, 16 tokens, streaming: target rate, the rate the client really offered "
+            "(v/q: its loop lags on a busy machine), achieved req/s, TTFT p50/p99 ms\n\n"
+        )
+        text += (
+            "| target | offered v/q | vLLM req/s | qwen req/s | vLLM TTFT p50/p99 | qwen TTFT p50/p99 | front-end CPU ms/req v/q |\n"
+            "|---|---|---|---|---|---|---|\n"
+        )
         for v, q in zip(report["vllm"]["sweep"], report["qwen"]["sweep"], strict=True):
-            offered = "/".join(f'{r["offered_requests_per_s"]:.1f}' for r in (v, q))
-            text += (f'| {v["scenario"]["rate"]} | {offered} | {v["requests_per_s"]:.1f} | {q["requests_per_s"]:.1f} | '
-                     f'{_ms(v["ttft_s"]["p50"])}/{_ms(v["ttft_s"]["p99"])} | '
-                     f'{_ms(q["ttft_s"]["p50"])}/{_ms(q["ttft_s"]["p99"])} | {_front_ms(v)}/{_front_ms(q)} |\n')
+            offered = "/".join(f"{r['offered_requests_per_s']:.1f}" for r in (v, q))
+            text += (
+                f"| {v['scenario']['rate']} | {offered} | {v['requests_per_s']:.1f} | {q['requests_per_s']:.1f} | "
+                f"{_ms(v['ttft_s']['p50'])}/{_ms(v['ttft_s']['p99'])} | "
+                f"{_ms(q['ttft_s']['p50'])}/{_ms(q['ttft_s']['p99'])} | {_front_ms(v)}/{_front_ms(q)} |\n"
+            )
         plot(report, out_dir / "latency_vs_load.png")
     (out_dir / "table.md").write_text(text + "\n")
     print(text)

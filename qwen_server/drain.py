@@ -64,4 +64,3 @@ def drain_workers(run_dir: str, pids: Iterable[int], timeout: float) -> list[int
         waiting = {pid for pid in waiting if not _marker(run_dir, "drained", pid).exists() and procs.alive(pid)}
         time.sleep(0.05)
     return sorted(waiting)
-

@@ -50,7 +50,9 @@ REJECTED = Counter(
     ["reason"],
 )
 IMAGE_SECONDS = Histogram(
-    "qwen_server_image_seconds", "Seconds per image, by source and stage (read, decode).", ["source", "stage"],
+    "qwen_server_image_seconds",
+    "Seconds per image, by source and stage (read, decode).",
+    ["source", "stage"],
     buckets=_IMAGE_BUCKETS,
 )
 IMAGE_BYTES = Counter("qwen_server_image_bytes_total", "Encoded image bytes received, by source.", ["source"])
@@ -79,6 +81,7 @@ def worker_exited() -> None:
 def engine_stat_logger() -> Any:
     """vLLM's Prometheus stat logger, its gauges made per worker (see the module docstring).
     vLLM declares them `mostrecent`, which across workers would report one engine's value."""
+
     def per_worker_gauge(*args: Any, multiprocess_mode: str = "", **kwargs: Any) -> Gauge:
         return Gauge(*args, multiprocess_mode="liveall", **kwargs)
 

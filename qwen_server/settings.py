@@ -87,7 +87,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     kv_cache_dtype: Annotated[str | None, _doc("KV cache dtype (auto, fp8, ...).", _ENGINE)] = None
     engine_args: Annotated[
         dict[str, Any] | None,
-        _doc("Any other AsyncEngineArgs field, JSON, e.g. {\"swap_space\": 4}; applied last.", _ENGINE),
+        _doc('Any other AsyncEngineArgs field, JSON, e.g. {"swap_space": 4}; applied last.', _ENGINE),
     ] = None
 
     # --- server ---
@@ -99,17 +99,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # ASGI root_path: Litestar routes /prefix/v1/... and /v1/... alike.
     root_path: Annotated[
         str,
-        _doc("Path prefix when served behind a reverse proxy.", granian=GranianArg("url_path_prefix", "--url-path-prefix")),
+        _doc(
+            "Path prefix when served behind a reverse proxy.",
+            granian=GranianArg("url_path_prefix", "--url-path-prefix"),
+        ),
     ] = ""
     workers: Annotated[
         int,
-        _doc("Worker processes (Granian's), each with its own engine. CPU engines split the CPUs into this many "
-             "shares, one per worker, when each gets 2 cores or more; under plain `granian --workers N`, set "
-             "this to N as well.", granian=GranianArg("workers", "--workers")),
+        _doc(
+            "Worker processes (Granian's), each with its own engine. CPU engines split the CPUs into this many "
+            "shares, one per worker, when each gets 2 cores or more; under plain `granian --workers N`, set "
+            "this to N as well.",
+            granian=GranianArg("workers", "--workers"),
+        ),
     ] = 1
-    max_request_body_bytes: Annotated[
-        int, _doc("Largest request body accepted (images come inline as base64).")
-    ] = 64 * 1024 * 1024
+    max_request_body_bytes: Annotated[int, _doc("Largest request body accepted (images come inline as base64).")] = (
+        64 * 1024 * 1024
+    )
     retry_after_seconds: Annotated[int, _doc("Retry-After sent with 503 while the engine loads.")] = 5
     overload_retry_after_seconds: Annotated[
         int, _doc("Retry-After sent with 429 when a worker is at its limit of requests in progress.")
@@ -118,9 +124,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         Literal["critical", "error", "warning", "info", "debug"],
         _doc("Log level of the server.", granian=GranianArg("log_level", "--log-level")),
     ] = "info"
-    log_format: Annotated[
-        Literal["text", "json"], _doc("Log lines as text or as one JSON object per line.")
-    ] = "text"
+    log_format: Annotated[Literal["text", "json"], _doc("Log lines as text or as one JSON object per line.")] = "text"
     keep_off_engine_cores: Annotated[
         bool,
         _doc(
@@ -144,8 +148,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     protect_probes: Annotated[bool, _doc("Require the API key on /health and /metrics too.")] = False
     max_pending_requests: Annotated[
         int | None,
-        _doc("Inference requests a worker admits at once (in the engine or preparing); more get 429 at "
-             "once. Default: 4 x the engine's max_num_seqs."),
+        _doc(
+            "Inference requests a worker admits at once (in the engine or preparing); more get 429 at "
+            "once. Default: 4 x the engine's max_num_seqs."
+        ),
     ] = None
     request_timeout: Annotated[
         float | None, _doc("Seconds a request may take in all; then its engine request is aborted.")
@@ -158,10 +164,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = None
     trust_request_mm_kwargs: Annotated[
         bool,
-        _doc("Pass per-request mm_processor_kwargs beyond min_pixels/max_pixels to the model's processor "
-             "(vLLM's name). Off: those two are accepted within the server's budget, any other key is a 400. "
-             "Values that would crash the model (sizes that are not positive integers, patch sizes other "
-             "than the model's) are refused either way."),
+        _doc(
+            "Pass per-request mm_processor_kwargs beyond min_pixels/max_pixels to the model's processor "
+            "(vLLM's name). Off: those two are accepted within the server's budget, any other key is a 400. "
+            "Values that would crash the model (sizes that are not positive integers, patch sizes other "
+            "than the model's) are refused either way."
+        ),
     ] = False
     trust_request_chat_template: Annotated[
         bool, _doc("Accept a client's own Jinja template in chat_template_kwargs.chat_template (vLLM's name).")
@@ -177,13 +185,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = 64
     engine_restarts: Annotated[
         int,
-        _doc("Times the engine is restarted within --engine-restart-window seconds after it died (a vLLM "
-             "bug, an OOM, a kill), with a backoff of 1, 2, 4... s (at most 30); past that, or if the first "
-             "load fails, the worker exits with the reason. 0: never restart."),
+        _doc(
+            "Times the engine is restarted within --engine-restart-window seconds after it died (a vLLM "
+            "bug, an OOM, a kill), with a backoff of 1, 2, 4... s (at most 30); past that, or if the first "
+            "load fails, the worker exits with the reason. 0: never restart."
+        ),
     ] = 5
-    engine_restart_window: Annotated[
-        float, _doc("Seconds over which --engine-restarts are counted.")
-    ] = 600.0
+    engine_restart_window: Annotated[float, _doc("Seconds over which --engine-restarts are counted.")] = 600.0
 
     # --- media ---
     max_image_bytes: Annotated[int, _doc("Largest encoded image accepted.", _MEDIA)] = 20 * 1024 * 1024
@@ -191,9 +199,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         int, _doc("Largest image (width x height) decoded; bigger ones are refused before decoding.", _MEDIA)
     ] = 64_000_000
     max_image_side: Annotated[int, _doc("Longest image side (pixels) decoded.", _MEDIA)] = 16384
-    max_request_image_bytes: Annotated[
-        int, _doc("Largest total of encoded image bytes in one request.", _MEDIA)
-    ] = 64 * 1024 * 1024
+    max_request_image_bytes: Annotated[int, _doc("Largest total of encoded image bytes in one request.", _MEDIA)] = (
+        64 * 1024 * 1024
+    )
     image_cache_bytes: Annotated[
         int, _doc("Decoded images kept for repeats (RGB bytes, per worker); 0 disables.", _MEDIA)
     ] = 256 * 1024 * 1024
@@ -213,18 +221,27 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # --- processes (Granian's; the app reads none of these) ---
     reload: Annotated[
         bool,
-        _doc("Restart workers when the package's source changes (development).", _PROCESS,
-             GranianArg("reload", "--reload")),
+        _doc(
+            "Restart workers when the package's source changes (development).",
+            _PROCESS,
+            GranianArg("reload", "--reload"),
+        ),
     ] = False
     workers_kill_timeout: Annotated[
         int,
-        _doc("Seconds a stopping worker may take (drain, engine shutdown) before it is killed.", _PROCESS,
-             GranianArg("workers_kill_timeout", "--workers-kill-timeout")),
+        _doc(
+            "Seconds a stopping worker may take (drain, engine shutdown) before it is killed.",
+            _PROCESS,
+            GranianArg("workers_kill_timeout", "--workers-kill-timeout"),
+        ),
     ] = 60
     respawn_failed_workers: Annotated[
         bool,
-        _doc("Restart a worker that died (Granian's supervisor).", _PROCESS,
-             GranianArg("respawn_failed_workers", "--respawn-failed-workers")),
+        _doc(
+            "Restart a worker that died (Granian's supervisor).",
+            _PROCESS,
+            GranianArg("respawn_failed_workers", "--respawn-failed-workers"),
+        ),
     ] = False
     access_log: Annotated[
         bool, _doc("Log every request (Granian's access log).", _PROCESS, GranianArg("log_access", "--access-log"))
@@ -232,10 +249,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     backlog: Annotated[int, _doc("Listen backlog.", _PROCESS, GranianArg("backlog", "--backlog"))] = 1024
     backpressure: Annotated[
         int | None,
-        _doc("Connections one worker serves at once, idle keep-alive ones included; more wait in the listen "
-             "queue (Granian's backpressure; default backlog / workers). Requests beyond "
-             "--max-pending-requests are refused with 429 either way.", _PROCESS,
-             GranianArg("backpressure", "--backpressure")),
+        _doc(
+            "Connections one worker serves at once, idle keep-alive ones included; more wait in the listen "
+            "queue (Granian's backpressure; default backlog / workers). Requests beyond "
+            "--max-pending-requests are refused with 429 either way.",
+            _PROCESS,
+            GranianArg("backpressure", "--backpressure"),
+        ),
     ] = None
     ssl_certfile: Annotated[
         str | None, _doc("TLS certificate (PEM).", _PROCESS, GranianArg("ssl_cert", "--ssl-certificate", Path))
@@ -246,14 +266,23 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "port", "workers",
-                     "workers_kill_timeout", "backlog"):
+        for name in (
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "data_parallel_size",
+            "port",
+            "workers",
+            "workers_kill_timeout",
+            "backlog",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
         if self.port > 65535:
             problems.append(f"{env_name('port')}: must be at most 65535, got {self.port}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            problems.append(f"{env_name('gpu_memory_utilization')}: must be in (0, 1], got {self.gpu_memory_utilization}")
+            problems.append(
+                f"{env_name('gpu_memory_utilization')}: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -261,8 +290,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_request_image_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
-        for name in ("max_messages", "max_content_parts", "max_json_depth", "max_batch_prompts",
-                     "completion_max_tokens"):
+        for name in (
+            "max_messages",
+            "max_content_parts",
+            "max_json_depth",
+            "max_batch_prompts",
+            "completion_max_tokens",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
         if self.engine_restarts < 0:
@@ -296,12 +330,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             problems.append(f"{env_name('ssl_certfile')} and {env_name('ssl_keyfile')} go together")
         if self.allowed_local_media_path and not os.path.isdir(self.allowed_local_media_path):
-            problems.append(f"{env_name('allowed_local_media_path')}: not a directory: {self.allowed_local_media_path!r}")
+            problems.append(
+                f"{env_name('allowed_local_media_path')}: not a directory: {self.allowed_local_media_path!r}"
+            )
         if self.root_path and not self.root_path.startswith("/"):
             problems.append(f"{env_name('root_path')}: must start with '/', got {self.root_path!r}")
         if not 0 <= self.engine_nice <= 19:
-            problems.append(f"{env_name('engine_nice')}: must be in 0..19 (a priority above normal needs privileges), "
-                            f"got {self.engine_nice}")
+            problems.append(
+                f"{env_name('engine_nice')}: must be in 0..19 (a priority above normal needs privileges), "
+                f"got {self.engine_nice}"
+            )
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 

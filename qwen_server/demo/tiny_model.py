@@ -214,7 +214,10 @@ def _save_processor(out: Path, arch: str, tokenizer) -> None:
     patch = 16 if arch == "qwen3_vl" else 14
     factor = patch * 2
     image_processor = Qwen2VLImageProcessor(
-        size={"shortest_edge": IMAGE_MIN_PIXELS * factor**2 // 28**2, "longest_edge": IMAGE_MAX_PIXELS * factor**2 // 28**2},
+        size={
+            "shortest_edge": IMAGE_MIN_PIXELS * factor**2 // 28**2,
+            "longest_edge": IMAGE_MAX_PIXELS * factor**2 // 28**2,
+        },
         patch_size=patch,
         temporal_patch_size=2,
         merge_size=2,

@@ -88,7 +88,8 @@ def _granian_args(s: Settings) -> list[tuple[GranianArg, Any]]:
         for name, arg in settings_mod.GRANIAN_ARGS.items()
         if (value := getattr(s, name)) is not None and value is not False and value != ""
     ]
-    args.append((GranianArg("process_name", "--process-name"), f"qwen-server {s.host}:{s.port}"))  # ports.SERVER_MARKERS
+    # The title starts with one of ports.SERVER_MARKERS: how --replace recognises this server.
+    args.append((GranianArg("process_name", "--process-name"), f"qwen-server {s.host}:{s.port}"))
     if s.reload:  # the package only: Granian's default, the working directory, may hold log files
         args.append((GranianArg("reload_paths", "--reload-paths"), [PACKAGE_DIR]))
     return args
@@ -139,9 +140,16 @@ def _has_nvidia_gpu() -> bool:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @_settings_options
 @click.option("--replace", is_flag=True, help="If a qwen_server holds the port, stop it gracefully and take its place.")
-@click.option("--replace-timeout", type=float, default=90.0, show_default=True,
-              help="Seconds to wait for the replaced server (its drain, then its engine shutdown) before it is killed.")
-@click.option("--print-config", is_flag=True, help="Print the resolved settings and the Granian invocation, start nothing.")
+@click.option(
+    "--replace-timeout",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="Seconds to wait for the replaced server (its drain, then its engine shutdown) before it is killed.",
+)
+@click.option(
+    "--print-config", is_flag=True, help="Print the resolved settings and the Granian invocation, start nothing."
+)
 def main(**opts: Any) -> None:
     """Serve a vision-language model over an OpenAI-compatible HTTP API (Litestar + Granian + vLLM).
 
@@ -158,7 +166,16 @@ def main(**opts: Any) -> None:
         shown = msgspec.to_builtins(s)
         if s.api_key:  # printed configs end up in tickets and logs: never the keys
             shown["api_key"] = ["<redacted>"] * len(s.api_key)
-        click.echo(json.dumps({"settings": shown, "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()}}, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "settings": shown,
+                    "granian": {k: str(v) if isinstance(v, Path) else v for k, v in granian_kwargs.items()},
+                },
+                indent=2,
+                default=str,
+            )
+        )
         click.echo("equivalent: " + _equivalent_command(s))
         return
     _check_combination(s)

@@ -35,7 +35,9 @@ def check_granian_version() -> None:
     if not granian_version_ok():
         import granian
 
-        raise RuntimeError(versions.outside_message("Granian", granian.__version__, VERIFIED_GRANIAN, "the socket hand-off"))
+        raise RuntimeError(
+            versions.outside_message("Granian", granian.__version__, VERIFIED_GRANIAN, "the socket hand-off")
+        )
 
 
 class HandedSocketServer(Protocol):
@@ -56,7 +58,9 @@ class HandedSocketServer(Protocol):
 OnInterrupt = Callable[[HandedSocketServer, "int | None"], bool]
 
 
-def server_on_socket(sock: socket.socket, granian_kwargs: dict[str, Any], on_interrupt: OnInterrupt) -> HandedSocketServer:
+def server_on_socket(
+    sock: socket.socket, granian_kwargs: dict[str, Any], on_interrupt: OnInterrupt
+) -> HandedSocketServer:
     """Granian's multi-process server with `granian_kwargs`, serving on `sock` (bound, listening and
     inheritable) instead of a socket it binds itself."""
     from granian._granian import SocketHolder

@@ -36,8 +36,10 @@ class Holder:
     @property
     def orphaned(self) -> bool:
         """A qwen_server worker whose supervisor is gone (re-parented to init or a subreaper)."""
-        return self.is_qwen_server and "worker-" in self.proc.cmdline and (
-            self.parent is None or not any(m in self.parent.cmdline for m in SERVER_MARKERS)
+        return (
+            self.is_qwen_server
+            and "worker-" in self.proc.cmdline
+            and (self.parent is None or not any(m in self.parent.cmdline for m in SERVER_MARKERS))
         )
 
 
