@@ -24,6 +24,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -117,7 +118,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: boo
 
 
 async def run(
-    args: argparse.Namespace, bodies: list[bytes], warm: list[bytes] = ()
+    args: argparse.Namespace, bodies: list[bytes], warm: Sequence[bytes] = ()
 ) -> tuple[list[Sample], float, float | None]:
     """The samples, the elapsed time, and (open loop) how long the sends took: on a busy machine the
     client's own loop falls behind the Poisson schedule, so the rate it really offered is lower."""

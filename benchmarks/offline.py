@@ -14,6 +14,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.inputs import TextPrompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,7 +55,8 @@ def main() -> None:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-        prompts = [
+        assert isinstance(text, str)  # tokenize=False: the prompt text, not token ids
+        prompts: list[TextPrompt] = [
             {"prompt": text, "multi_modal_data": {"image": decoded[i * images : (i + 1) * images]}}
             for i in range(args.requests)
         ]

@@ -88,7 +88,7 @@ class TreeSampler:
         self._wait0 = self._waits()
         self._thread.start()
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, float | dict[str, float]]:
         self._stop.set()
         self._thread.join()
         self._sample()

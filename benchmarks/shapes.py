@@ -96,6 +96,8 @@ def answer(url: str, method: str, path: str, body: dict | None) -> dict:
             r = client.get(url + path)
         elif method == "FORM":
             r = client.post(url + path, data={"messages": "x"})
+        elif body is None:
+            raise ValueError(f"{method} {path}: a body is needed")
         elif body.get("stream"):
             with client.stream("POST", url + path, json=body) as s:
                 chunks = [

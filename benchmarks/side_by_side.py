@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -46,7 +47,7 @@ from qwen_server import procs  # noqa: E402
 from tests.serverproc import free_port  # noqa: E402
 
 MODEL_NAME = "tiny"
-ENGINE = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"image": 4}'}
+ENGINE: dict[str, Any] = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"image": 4}'}
 
 
 def engine_flags() -> list[str]:

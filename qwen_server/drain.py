@@ -19,8 +19,12 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_server import procs
+
+if TYPE_CHECKING:
+    import asyncio
 
 DRAIN_SIGNAL = signal.SIGUSR1
 RUN_DIR_ENV = "QWEN_LAUNCHER_RUN_DIR"  # not QWEN_SERVER_*: settings refuse unknown names there
@@ -33,7 +37,7 @@ def _marker(run_dir: str, state: str, pid: int) -> Path:
 # --- worker side ---
 
 
-def arm(loop, on_drain: Callable[[], None]) -> None:
+def arm(loop: asyncio.AbstractEventLoop, on_drain: Callable[[], None]) -> None:
     """Handle DRAIN_SIGNAL on `loop` from now on, and tell the launcher this worker can drain."""
     loop.add_signal_handler(DRAIN_SIGNAL, on_drain)
     run_dir = os.environ.get(RUN_DIR_ENV)

@@ -83,6 +83,6 @@ def engine_stat_logger() -> Any:
     vLLM declares them `mostrecent`, which across workers would report one engine's value."""
 
     def per_worker_gauge(*args: Any, multiprocess_mode: str = "", **kwargs: Any) -> Gauge:
-        return Gauge(*args, multiprocess_mode="liveall", **kwargs)
+        return Gauge(*args, **{**kwargs, "multiprocess_mode": "liveall"})
 
     return vllm_compat.prometheus_stat_logger(per_worker_gauge)

@@ -7,7 +7,7 @@ offending field's path. Responses encode every field OpenAI clients expect, null
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -120,9 +120,16 @@ IGNORED_FIELDS = (
     "parallel_tool_calls",
 )
 
-_Refusable = msgspec.defstruct(
-    "_Refusable", [(name, Any, msgspec.UNSET) for name in REFUSED_FIELDS], kw_only=True, frozen=True
-)
+if TYPE_CHECKING:
+    # The type checker cannot see fields made at run time: to it, the base declares none (the
+    # service reads them by name, with getattr).
+    class _Refusable(Struct, kw_only=True, frozen=True):
+        pass
+
+else:
+    _Refusable = msgspec.defstruct(
+        "_Refusable", [(name, Any, msgspec.UNSET) for name in REFUSED_FIELDS], kw_only=True, frozen=True
+    )
 
 
 class SamplingFields(_Refusable, kw_only=True, frozen=True):
@@ -301,7 +308,8 @@ class ErrorResponse(Struct):
 
 
 class ChatRequestOuter(ChatCompletionRequest, kw_only=True, frozen=True):
-    messages: Annotated[list[msgspec.Raw], Meta(min_length=1)]
+    # Deliberately not a ChatCompletionRequest's type: this struct is only decoded, never used as one.
+    messages: Annotated[list[msgspec.Raw], Meta(min_length=1)]  # type: ignore[assignment]
 
 
 class ChatMessageOuter(Struct, frozen=True):

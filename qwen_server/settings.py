@@ -41,7 +41,7 @@ class GranianArg(typing.NamedTuple):
     convert: Any = None
 
 
-def _doc(text: str, group: dict = _SERVER, granian: GranianArg | None = None) -> msgspec.Meta:
+def _doc(text: str, group: dict[str, str] = _SERVER, granian: GranianArg | None = None) -> msgspec.Meta:
     return msgspec.Meta(description=text, extra={**group, "granian": granian})
 
 
@@ -395,13 +395,20 @@ def _field_meta() -> dict[str, tuple[Any, msgspec.Meta]]:
     return {name: (hint.__origin__, hint.__metadata__[0]) for name, hint in hints.items()}
 
 
+def _extra(meta: msgspec.Meta) -> dict[str, Any]:
+    """The group and Granian argument that `_doc` gives every field (msgspec types `extra` as optional)."""
+    if meta.extra is None:
+        raise TypeError("every Settings field is declared with _doc()")
+    return meta.extra
+
+
 # name -> (type, Meta with the help text and group), in declaration order.
 FIELDS: dict[str, tuple[Any, msgspec.Meta]] = _field_meta()
-ENGINE_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if meta.extra["group"] == "engine")
-PROCESS_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if meta.extra["group"] == "process")
+ENGINE_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if _extra(meta)["group"] == "engine")
+PROCESS_FIELDS = tuple(name for name, (_, meta) in FIELDS.items() if _extra(meta)["group"] == "process")
 # field -> its Granian argument, for the fields Granian takes.
 GRANIAN_ARGS: dict[str, GranianArg] = {
-    name: meta.extra["granian"] for name, (_, meta) in FIELDS.items() if meta.extra["granian"]
+    name: _extra(meta)["granian"] for name, (_, meta) in FIELDS.items() if _extra(meta)["granian"]
 }
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("qwen_server")
 
@@ -22,7 +23,7 @@ NOISE_WARNING = (
 )
 
 
-def engine_overrides(kwargs: dict) -> dict:
+def engine_overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Engine settings that make the demo start fast anywhere: a short context, no compilation
     (pointless for a toy model) and, on vLLM's CPU build, a 1 GiB KV cache instead of 90% of RAM
     (which fails when anything else uses memory). Options the user set explicitly are kept."""

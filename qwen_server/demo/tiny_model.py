@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ARCHES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 SEED = 1234
@@ -77,8 +78,8 @@ _CORPUS = [
 ]
 
 
-def _text_dims(arch: str) -> dict:
-    dims = {
+def _text_dims(arch: str) -> dict[str, Any]:
+    dims: dict[str, Any] = {
         "hidden_size": 128,
         "intermediate_size": 256,
         "num_hidden_layers": 2,
@@ -106,7 +107,7 @@ def _text_dims(arch: str) -> dict:
     return dims
 
 
-def _vision_dims(arch: str) -> dict:
+def _vision_dims(arch: str) -> dict[str, Any]:
     if arch == "qwen2_5_vl":
         return {
             "depth": 2,
@@ -201,7 +202,10 @@ def _config(arch: str, vocab_size: int, ids: dict[str, int]):
         text_config=text,
         vision_config=_vision_dims(arch),
         tie_word_embeddings=True,
-        **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
     )
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(config, key, ids[key])
@@ -230,7 +234,7 @@ def _save_processor(out: Path, arch: str, tokenizer) -> None:
     tokenizer.save_pretrained(out)
 
 
-def build(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl") -> Path:
+def build(out_dir: str | os.PathLike[str], arch: str = "qwen2_5_vl") -> Path:
     """Write the checkpoint for `arch` into `out_dir` (created if needed) and return its path."""
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {', '.join(ARCHES)}, not {arch!r}")
@@ -248,7 +252,8 @@ def build(out_dir: str | os.PathLike, arch: str = "qwen2_5_vl") -> Path:
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
     }[arch]
-    model = model_cls(config).to(torch.bfloat16)
+    # transformers wraps `to` in functools.wraps(torch.nn.Module.to), which types `self` as its first argument.
+    model = model_cls(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(out)
     generation = {"max_new_tokens": 32, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation))

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -31,6 +33,7 @@ from qwen_server.settings import GranianArg, Settings
 APP_TARGET = "qwen_server.app:app"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # qwen_server/, what --reload watches
 _DEFAULTS = Settings()
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _option_for(name: str) -> click.Option:
@@ -53,10 +56,11 @@ def _option_for(name: str) -> click.Option:
     return click.Option([flag, name], type=click_type, default=None, help=help_text)
 
 
-def _settings_options(func):
-    for name in reversed(list(settings_mod.FIELDS)):
-        func.__click_params__ = getattr(func, "__click_params__", [])
-        func.__click_params__.append(_option_for(name))
+def _settings_options(func: _F) -> _F:
+    """Every Settings field as an option of `func`, attached as click's own @option attaches one."""
+    params: list[click.Parameter] = getattr(func, "__click_params__", [])
+    params.extend(_option_for(name) for name in reversed(list(settings_mod.FIELDS)))
+    func.__click_params__ = params  # type: ignore[attr-defined]  # click's attribute; click ignores it alike
     return func
 
 
@@ -190,7 +194,7 @@ def main(**opts: Any) -> None:
     sys.exit(supervise.serve(sock, granian_kwargs, s.drain_timeout))
 
 
-def _take_port(s: Settings, opts: dict[str, Any]):
+def _take_port(s: Settings, opts: dict[str, Any]) -> socket.socket:
     try:
         return ports.take_port(s.host, s.port, s.backlog)
     except ports.PortInUse as exc:
@@ -204,7 +208,7 @@ def _take_port(s: Settings, opts: dict[str, Any]):
     return _replace(s, opts, report)
 
 
-def _replace(s: Settings, opts: dict[str, Any], report: ports.PortReport):
+def _replace(s: Settings, opts: dict[str, Any], report: ports.PortReport) -> socket.socket:
     foreign = [h for h in report.holders if not h.is_qwen_server]
     if foreign or not report.holders:
         click.echo(

@@ -43,7 +43,7 @@ def check_granian_version() -> None:
 class HandedSocketServer(Protocol):
     """What the launcher uses of Granian's multi-process server."""
 
-    def serve(self, target_loader: Callable[[str], Any]) -> None:
+    def serve(self, *, target_loader: Callable[[str], Any]) -> None:
         """Run until stopped; `target_loader(target)` runs in each worker and returns the app."""
 
     def worker_pids(self) -> list[int]:
@@ -66,26 +66,27 @@ def server_on_socket(
     from granian._granian import SocketHolder
     from granian.server.mp import MPServer
 
+    # `serve` is MPServer's own, called as HandedSocketServer declares it (target_loader= only).
     class _HandedSocketServer(MPServer):
-        def serve(self, target_loader: Callable[[str], Any]) -> None:
-            super().serve(target_loader=target_loader)
-
         def worker_pids(self) -> list[int]:
             return [w.inner.pid for w in list(getattr(self, "wrks", []))]
 
         def stop(self, signum: int) -> None:
-            super().signal_handler_interrupt(signum)
+            super().signal_handler_interrupt(signum)  # type: ignore[no-untyped-call]  # unannotated in Granian
 
         def signal_handler_interrupt(self, signum: int | None = None, *args: Any, **kwargs: Any) -> None:
             if not on_interrupt(self, signum):
-                super().signal_handler_interrupt(signum, *args, **kwargs)
+                super().signal_handler_interrupt(signum, *args, **kwargs)  # type: ignore[no-untyped-call]  # as above
 
         def _init_shared_socket(self) -> None:
             # What MPServer._init_shared_socket leaves behind for a shared (non-REUSEPORT) socket:
             # no per-worker spec, a SocketHolder the workers inherit, and the fd kept open here.
+            # Granian's stub declares no SocketHolder constructor (the Rust class takes fd, is_uds,
+            # backlog), and its __init__ sets `_shd = None` unannotated, so mypy types `_shd` as None.
             self._ssp = None
-            self._shd = SocketHolder(sock.fileno(), False, self.backlog)
-            self._sfd = self._shd.get_fd()
+            holder = SocketHolder(sock.fileno(), False, self.backlog)  # type: ignore[call-arg]
+            self._shd = holder  # type: ignore[assignment]
+            self._sfd = holder.get_fd()
             self._sso = sock
 
     return _HandedSocketServer(**granian_kwargs)

@@ -136,7 +136,7 @@ def _bound_port(pid: int, fd: int) -> int | None:
         try:
             if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
                 return None
-            return s.getsockname()[1]
+            return int(s.getsockname()[1])  # typeshed types socket addresses as Any
         except OSError:
             return None
         finally:

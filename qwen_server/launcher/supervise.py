@@ -155,7 +155,7 @@ def _forget_worker_metrics(pid: int) -> None:
         # import here could hand a forked worker a held import lock), so this is a lookup.
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, path)
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
 
 
 # --- replacing a running server (launcher --replace) ---
