@@ -84,7 +84,9 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
         lifespan=[lifespan],
         middleware=[policy.middleware],
         exception_handlers={
-            **exception_handlers, NotFoundException: policy.unmatched, MethodNotAllowedException: policy.unmatched,
+            **exception_handlers,
+            NotFoundException: policy.unmatched,
+            MethodNotAllowedException: policy.unmatched,
         },
         request_max_body_size=settings.max_request_body_bytes,
         cors_config=CORSConfig(allow_origins=settings.cors_allow_origins) if settings.cors_allow_origins else None,

@@ -69,9 +69,13 @@ def claim(settings: Settings) -> IO[str] | None:
     cpus = vllm_compat.allowed_cpu_list()
     shares = split(cpus, settings.workers)
     if not shares:
-        log.warning("%d workers on %d physical cores: too few for a share of %d cores each (the model's, and one "
-                    "for EngineCore and HTTP work), so the workers' engines bind the same cores",
-                    settings.workers, len(physical_cores(cpus)), _MIN_CORES)
+        log.warning(
+            "%d workers on %d physical cores: too few for a share of %d cores each (the model's, and one "
+            "for EngineCore and HTTP work), so the workers' engines bind the same cores",
+            settings.workers,
+            len(physical_cores(cpus)),
+            _MIN_CORES,
+        )
         return None
     deadline = time.monotonic() + _CLAIM_WAIT
     while True:
@@ -79,12 +83,14 @@ def claim(settings: Settings) -> IO[str] | None:
             lock = _try_lock(_lock_path(settings, k, len(shares)))
             if lock is not None:
                 procs.restrict_cpus(os.getpid(), share)
-                log.info("CPU share %d of %d: this worker and its engine run on CPUs %s", k + 1, len(shares),
-                         sorted(share))
+                log.info(
+                    "CPU share %d of %d: this worker and its engine run on CPUs %s", k + 1, len(shares), sorted(share)
+                )
                 return lock
         if time.monotonic() > deadline:
-            log.warning("no free CPU share of %d after %.0f s: this engine binds the cores vLLM picks",
-                        len(shares), _CLAIM_WAIT)
+            log.warning(
+                "no free CPU share of %d after %.0f s: this engine binds the cores vLLM picks", len(shares), _CLAIM_WAIT
+            )
             return None
         time.sleep(0.5)
 
@@ -102,4 +108,3 @@ def _try_lock(path: Path) -> IO[str] | None:
         f.close()
         return None
     return f
-

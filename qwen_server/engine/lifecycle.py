@@ -25,8 +25,8 @@ from typing import IO, TYPE_CHECKING, Any
 from qwen_server import metrics, procs
 from qwen_server.demo import model as demo
 from qwen_server.engine import cpushare, vllm_compat
-from qwen_server.media.image import Geometry, geometry_of
 from qwen_server.errors import Kind, ServiceError
+from qwen_server.media.image import Geometry, geometry_of
 from qwen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -130,8 +130,11 @@ class Engine:
         self.restarts = [t for t in self.restarts if now - t < window]
         inflight = sorted(self._hit_by_death | set(self._inflight))
         self._hit_by_death.clear()
-        log.error("%s; engine requests in flight then: %s", reason[0].upper() + reason[1:],
-                  ", ".join(inflight) if inflight else "none")
+        log.error(
+            "%s; engine requests in flight then: %s",
+            reason[0].upper() + reason[1:],
+            ", ".join(inflight) if inflight else "none",
+        )
         if len(self.restarts) >= self.settings.engine_restarts:
             self._die(
                 f"{reason}; the engine was restarted {len(self.restarts)} time(s) in the last {window:g} s, "
@@ -142,8 +145,10 @@ class Engine:
         self.restarts.append(now)
         delay = min(2.0 ** (len(self.restarts) - 1), _MAX_BACKOFF)
         self.state = EngineState.DEAD
-        self.error = f"{reason}; restarting in {delay:g} s (restart {len(self.restarts)} of at most " \
-                     f"{self.settings.engine_restarts} in {window:g} s)"
+        self.error = (
+            f"{reason}; restarting in {delay:g} s (restart {len(self.restarts)} of at most "
+            f"{self.settings.engine_restarts} in {window:g} s)"
+        )
         client, self.client = self.client, None
         if client is not None:
             try:
@@ -209,7 +214,10 @@ class Engine:
             self._set_stage("ready")
             log.info(
                 "engine ready in %.1f s: model %s, max_model_len %d; %d startup objects frozen out of GC",
-                self.loaded_in, path, self.max_model_len, frozen,
+                self.loaded_in,
+                path,
+                self.max_model_len,
+                frozen,
             )
             return None
         except asyncio.CancelledError:
@@ -315,16 +323,22 @@ class Engine:
             return self.client
         retry = self.settings.retry_after_seconds
         if (reason := self.dead_reason()) is not None:
-            raise ServiceError(Kind.UNAVAILABLE, f"The engine is not available: {reason}", code="engine_dead",
-                               retry_after=retry)
+            raise ServiceError(
+                Kind.UNAVAILABLE, f"The engine is not available: {reason}", code="engine_dead", retry_after=retry
+            )
         if self.state is EngineState.LOADING:
-            raise ServiceError(Kind.UNAVAILABLE, f"The model is loading ({self.stage}); retry shortly.", code="loading",
-                               retry_after=retry)
+            raise ServiceError(
+                Kind.UNAVAILABLE,
+                f"The model is loading ({self.stage}); retry shortly.",
+                code="loading",
+                retry_after=retry,
+            )
         raise ServiceError(Kind.UNAVAILABLE, "The server is shutting down.", code="draining", retry_after=retry)
 
 
 def _scheduler_stats_recorder(engine: Engine):
     """A vLLM stat logger that keeps the latest SchedulerStats on `engine` (vLLM calls it per step)."""
+
     def on_stats(scheduler_stats: Any, mm_cache_stats: Any) -> None:
         if scheduler_stats is not None:
             engine.scheduler_stats = scheduler_stats
@@ -373,8 +387,12 @@ def _renice_engine(nice: int) -> None:
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         log.warning("engine processes left at this worker's nice %d: %d would raise their priority", mine, nice)
         return
-    log.info("engine processes not pinned to cores run at nice %d (%d threads): a core they share goes to "
-             "the front end first", nice, changed)
+    log.info(
+        "engine processes not pinned to cores run at nice %d (%d threads): a core they share goes to "
+        "the front end first",
+        nice,
+        changed,
+    )
 
 
 def _freeze_heap() -> int:

@@ -48,11 +48,13 @@ def vllm_version_ok() -> bool:
 def check_vllm_version() -> None:
     """Raise RuntimeError unless the installed vLLM is a release this module was verified on."""
     if not vllm_version_ok():
-        raise RuntimeError(versions.outside_message("vLLM", installed_version(), VERIFIED_VLLM,
-                                                    "qwen_server's use of its API"))
+        raise RuntimeError(
+            versions.outside_message("vLLM", installed_version(), VERIFIED_VLLM, "qwen_server's use of its API")
+        )
 
 
 # --- the engine ---
+
 
 def engine_classes() -> tuple[type, type, Any]:
     """AsyncEngineArgs, AsyncLLM and UsageContext (importing them imports vLLM and torch)."""
@@ -97,7 +99,9 @@ def scheduler_stats_logger(on_stats: Callable[[Any, Any], None]) -> type:
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
             pass
 
-        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
             on_stats(scheduler_stats, mm_cache_stats)
 
         def log_engine_initialized(self) -> None:
@@ -126,6 +130,7 @@ def cached_image_processor(model_config: Any) -> Any:
 
 # --- CPUs ---
 
+
 def platform_is_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -140,6 +145,7 @@ def allowed_cpu_list() -> list[Any]:
 
 
 # --- requests ---
+
 
 async def render_prompts(client: AsyncLLM, prompts: list[dict[str, Any]]) -> list[Any]:
     """The engine inputs for `prompts`, made by vLLM's renderer (chat tokenization defaults; the

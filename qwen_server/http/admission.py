@@ -46,14 +46,23 @@ class Admission:
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         """`app` for this request if it is admitted, else the refusal."""
         if self.draining:
-            await self._refuse(send, Kind.UNAVAILABLE, "The server is shutting down; retry on another instance.",
-                               "draining", {"Retry-After": str(self.settings.retry_after_seconds)})
+            await self._refuse(
+                send,
+                Kind.UNAVAILABLE,
+                "The server is shutting down; retry on another instance.",
+                "draining",
+                {"Retry-After": str(self.settings.retry_after_seconds)},
+            )
             return
         limit = self.limit
         if limit is not None and self.admitted >= limit:
-            await self._refuse(send, Kind.OVERLOADED,
-                               f"The server is at its limit of {limit} requests in progress; retry shortly.",
-                               "overloaded", {"Retry-After": str(self.settings.overload_retry_after_seconds)})
+            await self._refuse(
+                send,
+                Kind.OVERLOADED,
+                f"The server is at its limit of {limit} requests in progress; retry shortly.",
+                "overloaded",
+                {"Retry-After": str(self.settings.overload_retry_after_seconds)},
+            )
             return
         self.admitted += 1
         try:
@@ -82,8 +91,9 @@ class Admission:
         metrics.REJECTED.labels(code).inc()
         await send_error(send, kind, message, code, headers)
 
-    async def _run_admitted(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send,
-                            record: RequestRecord) -> None:
+    async def _run_admitted(
+        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+    ) -> None:
         loop = asyncio.get_running_loop()
         timeout = self.settings.request_timeout
         deadline = loop.time() + timeout if timeout else None

@@ -55,14 +55,20 @@ async def _body(request: Request) -> bytes:
     disconnect) is the client's error, not the server's."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type in _FORMS:
-        raise ServiceError(Kind.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {content_type} is not accepted: send application/json.",
-                       param="Content-Type", code="unsupported_media_type")
+        raise ServiceError(
+            Kind.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {content_type} is not accepted: send application/json.",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
     try:
         return await request.body()
     except InternalServerException as exc:
         if exc.detail != _CLIENT_GONE:
             raise
-        raise ServiceError(Kind.INVALID, "The request body ended before it was complete.", param="body", code="incomplete_body") from None
+        raise ServiceError(
+            Kind.INVALID, "The request body ended before it was complete.", param="body", code="incomplete_body"
+        ) from None
 
 
 async def _respond(request: Request, service: Endpoint, prep: PreparedRequest) -> Response:

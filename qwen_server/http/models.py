@@ -20,7 +20,9 @@ async def model(request: Request) -> Response:
     for card in _model_cards(request):
         if card.id == model_id:
             return json_response(card)
-    raise ServiceError(Kind.NOT_FOUND, f"The model {clip(repr(model_id))} does not exist.", param="model", code="model_not_found")
+    raise ServiceError(
+        Kind.NOT_FOUND, f"The model {clip(repr(model_id))} does not exist.", param="model", code="model_not_found"
+    )
 
 
 def _model_cards(request: Request) -> list[p.ModelCard]:

@@ -14,7 +14,6 @@ from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Sche
 
 from qwen_server.protocol import REFUSED_FIELDS
 
-
 _REF = "#/$defs/{name}"
 
 

@@ -51,7 +51,11 @@ class RoutePolicy:
         """404 and 405: a request that matched no route is held to the default policy (the key, when
         keys are configured) before it learns the path is unknown."""
         scope = request.scope
-        if "route_handler" not in scope and self.keys.needs_key({}, scope["method"]) and not self.keys.authorized(scope):
+        if (
+            "route_handler" not in scope
+            and self.keys.needs_key({}, scope["method"])
+            and not self.keys.authorized(scope)
+        ):
             metrics.REJECTED.labels("unauthorized").inc()
             return json_response(401, envelope(Kind.UNAUTHORIZED, UNAUTHORIZED, None, "unauthorized"), CHALLENGE)
         return handle_http_exception(request, exc)

@@ -16,8 +16,11 @@ async def live() -> Response:
     return json_response({"status": "alive"})
 
 
-@get("/health", summary="Readiness: 200 when the engine is ready, else 503 with the state",
-     opt={"probe": True, "quiet": True})
+@get(
+    "/health",
+    summary="Readiness: 200 when the engine is ready, else 503 with the state",
+    opt={"probe": True, "quiet": True},
+)
 async def health(request: Request) -> Response:
     engine = engine_of(request)
     body = engine.status()
@@ -26,8 +29,11 @@ async def health(request: Request) -> Response:
     return json_response(body, 503, {"Retry-After": str(engine.settings.retry_after_seconds)})
 
 
-@get("/metrics", summary="Prometheus metrics (vLLM's engine metrics under their own names)",
-     opt={"probe": True, "quiet": True})
+@get(
+    "/metrics",
+    summary="Prometheus metrics (vLLM's engine metrics under their own names)",
+    opt={"probe": True, "quiet": True},
+)
 async def metrics_endpoint() -> Response:
     body, content_type = await asyncio.to_thread(metrics.render)
     return Response(content=body, media_type=content_type)

@@ -59,12 +59,20 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         self._inner = httpcore.AnyIOBackend()
         self._allowed = tuple(allowed_networks)
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise FetchError(f"The image host {host!r} could not be resolved: {exc.strerror}.", "unresolvable") from None
+            raise FetchError(
+                f"The image host {host!r} could not be resolved: {exc.strerror}.", "unresolvable"
+            ) from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         refused = [a for a in addresses if not may_connect(a, self._allowed)]
         if refused:
@@ -161,9 +169,7 @@ class Fetcher:
                     current = current.join(response.headers["location"])
                     continue
                 if response.status_code != 200:
-                    raise FetchError(
-                        f"The image URL answered HTTP {response.status_code}.", "fetch_failed"
-                    )
+                    raise FetchError(f"The image URL answered HTTP {response.status_code}.", "fetch_failed")
                 return await _read_limited(response, max_bytes)
         raise FetchError(f"The image URL redirected more than {self.max_redirects} times.", "too_many_redirects")
 

@@ -27,8 +27,12 @@ _MAX_ASPECT_RATIO = 200  # what Qwen's processor accepts
 REQUEST_MM_KEYS = ("min_pixels", "max_pixels")
 # Keys that fix the model's patch grid: any other value than the model's own breaks its vision tower
 # (temporal_patch_size 0 killed the engine), so they are refused even from trusted clients.
-_GRID_KEYS = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size",
-              "merge_size": "merge_size", "spatial_merge_size": "merge_size"}
+_GRID_KEYS = {
+    "patch_size": "patch_size",
+    "temporal_patch_size": "temporal_patch_size",
+    "merge_size": "merge_size",
+    "spatial_merge_size": "merge_size",
+}
 
 
 class MMKwargsError(ValueError):
@@ -75,7 +79,8 @@ class Geometry:
             )
         if low > high:
             raise MMKwargsError(
-                f"mm_processor_kwargs.min_pixels ({_clip_number(low)}) must not exceed max_pixels ({high}).", "min_pixels"
+                f"mm_processor_kwargs.min_pixels ({_clip_number(low)}) must not exceed max_pixels ({high}).",
+                "min_pixels",
             )
         return Geometry(self.factor, low, high, self.grid)
 

@@ -24,6 +24,7 @@ from qwen_server.media.image import Geometry, decode_image
 from qwen_server.media.sources import data_url_bytes, digest, file_bytes, hashed, source_of
 from qwen_server.settings import Settings
 
+
 @dataclass(frozen=True, slots=True)
 class LoadedImage:
     """Pixels as an (height, width, 3) uint8 array: the model's processor takes arrays directly,

@@ -15,6 +15,7 @@ import pybase64
 from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 
+
 def data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep:
@@ -39,12 +40,16 @@ def data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
 def file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
     if root is None:
         raise MediaError(
-            "Local image files are not enabled on this server (see --allowed-local-media-path).", param, "unsupported_url"
+            "Local image files are not enabled on this server (see --allowed-local-media-path).",
+            param,
+            "unsupported_url",
         )
     if url.startswith("file:"):
         parsed = urllib.parse.urlsplit(url)
         if parsed.netloc not in ("", "localhost"):
-            raise MediaError(f"file: URLs must name a local path, not host {parsed.netloc!r}.", param, "unsupported_url")
+            raise MediaError(
+                f"file: URLs must name a local path, not host {parsed.netloc!r}.", param, "unsupported_url"
+            )
         path = urllib.parse.unquote(parsed.path)
     else:
         path = url
@@ -61,7 +66,9 @@ def file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise MediaError("The image path is not a regular file.", param, "not_found")
         if info.st_size > max_bytes:
-            raise MediaError(f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", Kind.TOO_LARGE)
+            raise MediaError(
+                f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", Kind.TOO_LARGE
+            )
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(max_bytes + 1)
     finally:

@@ -19,10 +19,21 @@ from qwen_server.service.sampling import check_common
 from qwen_server.settings import Settings
 
 # apply_chat_template arguments that change how the prompt is built, not what the template renders.
-_RENDER_KEYS = frozenset({
-    "tokenize", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
-    "max_length", "conversation", "add_generation_prompt", "continue_final_message", "tokenizer_kwargs",
-})
+_RENDER_KEYS = frozenset(
+    {
+        "tokenize",
+        "return_dict",
+        "return_tensors",
+        "return_assistant_tokens_mask",
+        "padding",
+        "truncation",
+        "max_length",
+        "conversation",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenizer_kwargs",
+    }
+)
 
 
 def template_kwargs(kwargs: dict[str, Any] | None, template: str | None, *, trusted: bool) -> dict[str, Any]:
@@ -53,12 +64,14 @@ class ChatService(Endpoint):
         model = self.check_model(req.model)
         check_common(req)
         if req.echo:
-            raise bad_request("echo is not supported for chat completions by this server.", "echo",
-                              code="unsupported_field")
+            raise bad_request(
+                "echo is not supported for chat completions by this server.", "echo", code="unsupported_field"
+            )
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        kwargs = template_kwargs(req.chat_template_kwargs, req.chat_template,
-                                 trusted=self.settings.trust_request_chat_template)
+        kwargs = template_kwargs(
+            req.chat_template_kwargs, req.chat_template, trusted=self.settings.trust_request_chat_template
+        )
         conversation, image_urls = self._conversation(req.messages)
         record.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
@@ -131,9 +144,10 @@ class ChatService(Endpoint):
         tokenizer = self.engine.tokenizer
         try:
             text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
-        except Exception as exc:  # the template is the model's (or the trusted client's): the input failed it
-            raise bad_request(f"The chat template could not render these messages: {clip(str(exc))}",
-                              "messages") from None
+        except Exception as exc:  # noqa: BLE001 - the template is the model's (or a trusted client's): the input failed it
+            raise bad_request(
+                f"The chat template could not render these messages: {clip(str(exc))}", "messages"
+            ) from None
         if not isinstance(text, str):
             raise bad_request("The chat template did not render text.", "chat_template_kwargs")
         self.check_text_fits(text, "messages")
@@ -146,8 +160,9 @@ class ChatService(Endpoint):
         trusted = self.settings.trust_request_mm_kwargs
         try:
             if geometry is not None:
-                geometry = geometry.with_request_kwargs(mm_kwargs, trusted=trusted,
-                                                        pixel_cap=self.settings.max_image_pixels)
+                geometry = geometry.with_request_kwargs(
+                    mm_kwargs, trusted=trusted, pixel_cap=self.settings.max_image_pixels
+                )
             else:
                 check_request_mm_kwargs(mm_kwargs, None, trusted=trusted)
         except MMKwargsError as exc:
@@ -164,15 +179,34 @@ class ChatService(Endpoint):
     def opening(self, prep: PreparedRequest, index: int) -> Any | None:
         return p.ChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))
 
-    def choice(self, prep: PreparedRequest, index: int, text: str, lp: list[p.TokenLogprob] | None,
-               finish: str | None, *, delta: bool, offset: int = 0, echoed: int = 0) -> Any:
+    def choice(
+        self,
+        prep: PreparedRequest,
+        index: int,
+        text: str,
+        lp: list[p.TokenLogprob] | None,
+        finish: str | None,
+        *,
+        delta: bool,
+        offset: int = 0,
+        echoed: int = 0,
+    ) -> Any:
         logprobs = p.ChoiceLogprobs(content=lp) if lp is not None else None
         if delta:
             return p.ChunkChoice(index=index, delta=p.Delta(content=text), logprobs=logprobs, finish_reason=finish)
-        return p.ChatChoice(index=index, message=p.ResponseMessage(role="assistant", content=text),
-                            logprobs=logprobs, finish_reason=finish)
+        return p.ChatChoice(
+            index=index,
+            message=p.ResponseMessage(role="assistant", content=text),
+            logprobs=logprobs,
+            finish_reason=finish,
+        )
 
     def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
-        common = {"id": prep.request_id, "created": prep.created, "model": prep.model, "choices": choices,
-                  "usage": usage}
+        common = {
+            "id": prep.request_id,
+            "created": prep.created,
+            "model": prep.model,
+            "choices": choices,
+            "usage": usage,
+        }
         return p.ChatCompletionChunk(**common) if chunk else p.ChatCompletion(**common)

@@ -45,8 +45,9 @@ class CompletionService(Endpoint):
             record=record,
             model=model,
             prompts=prompts,
-            sampling=self.sampling.params(req, self.max_tokens(longest, requested, "prompt"), req.logprobs,
-                                          prompt_logprobs),
+            sampling=self.sampling.params(
+                req, self.max_tokens(longest, requested, "prompt"), req.logprobs, prompt_logprobs
+            ),
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
@@ -67,11 +68,16 @@ class CompletionService(Endpoint):
         if kinds == {int}:
             return [("", self._token_ids(prompt, "prompt"), "prompt")]
         if len(kinds) != 1 or kinds - {str, list}:
-            raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
-                              "lists of token ids.", "prompt")
+            raise bad_request(
+                "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids.",
+                "prompt",
+            )
         if len(prompt) > self.settings.max_batch_prompts:
-            raise bad_request(f"The request has {len(prompt)} prompts; at most {self.settings.max_batch_prompts} "
-                              "are accepted.", "prompt", code="too_many_prompts")
+            raise bad_request(
+                f"The request has {len(prompt)} prompts; at most {self.settings.max_batch_prompts} are accepted.",
+                "prompt",
+                code="too_many_prompts",
+            )
         if kinds == {str}:
             return [(text, None, f"prompt[{i}]") for i, text in enumerate(prompt)]
         return [("", self._token_ids(ids, f"prompt[{i}]"), f"prompt[{i}]") for i, ids in enumerate(prompt)]
@@ -80,8 +86,11 @@ class CompletionService(Endpoint):
         vocab = self.engine.vocab_size
         for j, token in enumerate(ids):
             if type(token) is not int or not 0 <= token < vocab:
-                raise bad_request(f"Token id {clip(repr(token), 40)} is not in the vocabulary of {vocab} tokens.",
-                                  f"{param}[{j}]", code="invalid_token_id")
+                raise bad_request(
+                    f"Token id {clip(repr(token), 40)} is not in the vocabulary of {vocab} tokens.",
+                    f"{param}[{j}]",
+                    code="invalid_token_id",
+                )
         if not ids:
             raise bad_request("A prompt of token ids must not be empty.", param)
         return ids
@@ -100,8 +109,18 @@ class CompletionService(Endpoint):
             return self.choice(prep, index, prep.prompts[index // prep.n].text, None, None, delta=True)
         return None
 
-    def choice(self, prep: PreparedRequest, index: int, text: str, lp: list[p.TokenLogprob] | None,
-               finish: str | None, *, delta: bool, offset: int = 0, echoed: int = 0) -> Any:
+    def choice(
+        self,
+        prep: PreparedRequest,
+        index: int,
+        text: str,
+        lp: list[p.TokenLogprob] | None,
+        finish: str | None,
+        *,
+        delta: bool,
+        offset: int = 0,
+        echoed: int = 0,
+    ) -> Any:
         logprobs = _logprobs(lp, offset, echoed) if lp is not None else None
         return p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
 
@@ -122,7 +141,9 @@ def _logprobs(items: list[p.TokenLogprob], start: int, echoed: int = 0) -> p.Com
         tokens=[t.token for t in items],
         token_logprobs=[t.logprob for t in items],
         # The chosen token is always among them (logprobs: 0 asks for it alone), as in OpenAI's and vLLM's.
-        top_logprobs=[None if t.logprob is None else {t.token: t.logprob, **{tl.token: tl.logprob for tl in t.top_logprobs}}
-                      for t in items],
+        top_logprobs=[
+            None if t.logprob is None else {t.token: t.logprob, **{tl.token: tl.logprob for tl in t.top_logprobs}}
+            for t in items
+        ],
         text_offset=offsets,
     )

@@ -33,8 +33,10 @@ def decode_chat(body: bytes, settings: Settings) -> p.ChatCompletionRequest:
                     f"messages[{i}].content",
                     code="too_many_content_parts",
                 )
-            content = [decode_part(p.content_part_decoder, part, f"messages[{i}].content[{j}]")
-                       for j, part in enumerate(content)]
+            content = [
+                decode_part(p.content_part_decoder, part, f"messages[{i}].content[{j}]")
+                for j, part in enumerate(content)
+            ]
         messages.append(p.ChatMessage(role=message.role, content=content, name=message.name))
     fields = msgspec.structs.asdict(outer)
     fields["messages"] = messages

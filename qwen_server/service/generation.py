@@ -82,8 +82,18 @@ class Endpoint(abc.ABC):
         """The decoded request checked, rendered and ready for the engine; `record` gets its counts."""
 
     @abc.abstractmethod
-    def choice(self, prep: PreparedRequest, index: int, text: str, lp: list[p.TokenLogprob] | None,
-               finish: str | None, *, delta: bool, offset: int = 0, echoed: int = 0) -> Any:
+    def choice(
+        self,
+        prep: PreparedRequest,
+        index: int,
+        text: str,
+        lp: list[p.TokenLogprob] | None,
+        finish: str | None,
+        *,
+        delta: bool,
+        offset: int = 0,
+        echoed: int = 0,
+    ) -> Any:
         """Choice `index`: whole (`delta` false) or a stream chunk's. `offset` is the characters before
         this text, `echoed` how many of `lp` are the prompt's (completions)."""
 
@@ -157,7 +167,9 @@ class Endpoint(abc.ABC):
             # ValueError/TypeError for options it cannot use, AssertionError when a template drops the
             # image placeholder, ...: each is about this input, none about the server.
             log.info("the multimodal processor refused a request: %s: %s", type(exc).__name__, clip(str(exc)))
-            raise bad_request(f"The input could not be processed: {type(exc).__name__}: {clip(str(exc))}", None) from None
+            raise bad_request(
+                f"The input could not be processed: {type(exc).__name__}: {clip(str(exc))}", None
+            ) from None
         return engine_input
 
     # --- running ---
@@ -185,8 +197,18 @@ class Endpoint(abc.ABC):
         for k in range(count):
             echo = prep.prompts[k // prep.n].text
             lp = echoed[k // prep.n] + logprobs[k] if prep.logprobs is not None else None
-            choices.append(self.choice(prep, k, echo + "".join(texts[k]), lp, finish[k], delta=False,
-                                       offset=len(echo), echoed=len(echoed[k // prep.n])))
+            choices.append(
+                self.choice(
+                    prep,
+                    k,
+                    echo + "".join(texts[k]),
+                    lp,
+                    finish[k],
+                    delta=False,
+                    offset=len(echo),
+                    echoed=len(echoed[k // prep.n]),
+                )
+            )
         return self.body(prep, choices, _usage(prep, completion_tokens), chunk=False)
 
     async def stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
@@ -225,8 +247,9 @@ class Endpoint(abc.ABC):
             yield frame(envelope(exc.kind, exc.message, exc.param, exc.code))
         except Exception:  # a defect of ours or vLLM's: the 200 is sent, so it can only be an event now
             log.exception("request %s failed mid-stream", prep.engine_request_id)
-            yield frame(envelope(Kind.INTERNAL, "The server failed while streaming this response.", None,
-                                 "internal_error"))
+            yield frame(
+                envelope(Kind.INTERNAL, "The server failed while streaming this response.", None, "internal_error")
+            )
         yield DONE
 
     async def _run(self, prep: PreparedRequest) -> AsyncIterator[tuple[int, Any]]:
@@ -271,21 +294,27 @@ class Endpoint(abc.ABC):
             async for out in self.engine.generate(prep.prompts[i].engine_input, prep.sampling, request_id):
                 yield out
         except vllm_compat.engine_dead_error():
-            raise ServiceError(Kind.UNAVAILABLE, "The engine died while serving this request.",
-                               code="engine_dead") from None
+            raise ServiceError(
+                Kind.UNAVAILABLE, "The engine died while serving this request.", code="engine_dead"
+            ) from None
         except vllm_compat.client_error() as exc:
             raise bad_request(str(exc), getattr(exc, "parameter", None)) from None
 
     # --- logprobs ---
 
     def _token_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
-        return [item for token_id, entry in zip(output.token_ids, output.logprobs, strict=False)
-                if (item := _logprob_entry(token_id, entry, top)) is not None]
+        return [
+            item
+            for token_id, entry in zip(output.token_ids, output.logprobs, strict=False)
+            if (item := _logprob_entry(token_id, entry, top)) is not None
+        ]
 
     def _prompt_logprobs(self, output: Any, top: int) -> list[p.TokenLogprob]:
         """The prompt's tokens with their logprobs (the first token has none), for echo."""
         items = []
-        for position, (token_id, entry) in enumerate(zip(output.prompt_token_ids, output.prompt_logprobs, strict=False)):
+        for position, (token_id, entry) in enumerate(
+            zip(output.prompt_token_ids, output.prompt_logprobs, strict=False)
+        ):
             item = _logprob_entry(token_id, entry, top) if entry else None
             if item is None:
                 token = self.engine.tokenizer.decode([token_id]) if position == 0 else ""
@@ -306,8 +335,11 @@ def _logprob_entry(token_id: int, entry: Any, top: int) -> p.TokenLogprob | None
         logprob=max(chosen.logprob, -9999.0),
         bytes=list(token.encode()),
         top_logprobs=[
-            p.TopLogprob(token=lp.decoded_token or "", logprob=max(lp.logprob, -9999.0),
-                         bytes=list((lp.decoded_token or "").encode()))
+            p.TopLogprob(
+                token=lp.decoded_token or "",
+                logprob=max(lp.logprob, -9999.0),
+                bytes=list((lp.decoded_token or "").encode()),
+            )
             for _, lp in tops
         ],
     )

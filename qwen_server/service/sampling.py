@@ -12,7 +12,16 @@ from qwen_server.engine import vllm_compat
 from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import bad_request
 
-_PLAIN = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_PLAIN = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 class Sampling:
@@ -23,8 +32,9 @@ class Sampling:
         """The model's generation_config defaults, read by the engine when it loaded the model."""
         return self.engine.sampling_defaults
 
-    def params(self, req: p.SamplingFields, max_tokens: int, logprobs: int | None,
-               prompt_logprobs: int | None = None) -> Any:
+    def params(
+        self, req: p.SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> Any:
         kwargs: dict[str, Any] = {k: v for k, v in self.defaults().items() if k != "max_tokens"}
         for name in _PLAIN:
             value = getattr(req, name)
@@ -41,8 +51,9 @@ class Sampling:
                 kwargs["structured_outputs"] = vllm_compat.structured_outputs(json_object=True)
             else:
                 if fmt.json_schema is None or fmt.json_schema.schema is None:
-                    raise bad_request("response_format json_schema needs json_schema.schema.",
-                                      "response_format.json_schema")
+                    raise bad_request(
+                        "response_format json_schema needs json_schema.schema.", "response_format.json_schema"
+                    )
                 kwargs["structured_outputs"] = vllm_compat.structured_outputs(json=fmt.json_schema.schema)
         try:
             return vllm_compat.sampling_params(
@@ -72,15 +83,23 @@ def check_common(req: p.SamplingFields) -> None:
     """Fields not honoured are refused, not dropped; stream_options needs a stream (as in vLLM)."""
     for name, harmless in p.REFUSED_FIELDS.items():
         value = getattr(req, name)
-        if value is msgspec.UNSET or value is None or any(
-            value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in harmless
+        if (
+            value is msgspec.UNSET
+            or value is None
+            or any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in harmless)
         ):
             continue
-        raise bad_request(f"{name} is not supported by this server (see the README's table of fields).", name,
-                          code="unsupported_field")
+        raise bad_request(
+            f"{name} is not supported by this server (see the README's table of fields).",
+            name,
+            code="unsupported_field",
+        )
     options = req.stream_options
     if options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true.", "stream_options")
     if options is not None and options.continuous_usage_stats:
-        raise bad_request("stream_options.continuous_usage_stats is not supported by this server.",
-                          "stream_options.continuous_usage_stats", code="unsupported_field")
+        raise bad_request(
+            "stream_options.continuous_usage_stats is not supported by this server.",
+            "stream_options.continuous_usage_stats",
+            code="unsupported_field",
+        )
