@@ -47,7 +47,7 @@ class App(Litestar):
         self.admission = admission
         self._logged: ASGIApp = request_log.wrap(super().__call__)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self._logged(scope, receive, send)
 
 

@@ -319,8 +319,9 @@ class Engine:
 
     def require_client(self) -> AsyncLLM:
         """The engine, or an UNAVAILABLE error telling the client when to retry."""
-        if self.ready:
-            return self.client
+        client = self.client
+        if self.ready and client is not None:
+            return client
         retry = self.settings.retry_after_seconds
         if (reason := self.dead_reason()) is not None:
             raise ServiceError(

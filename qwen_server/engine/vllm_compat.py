@@ -56,7 +56,7 @@ def check_vllm_version() -> None:
 # --- the engine ---
 
 
-def engine_classes() -> tuple[type, type, Any]:
+def engine_classes() -> tuple[Any, Any, Any]:
     """AsyncEngineArgs, AsyncLLM and UsageContext (importing them imports vLLM and torch)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
@@ -116,7 +116,7 @@ def prometheus_stat_logger(gauge_cls: Callable[..., Any]) -> type:
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     class EngineMetrics(PrometheusStatLogger):
-        _gauge_cls = staticmethod(gauge_cls)
+        _gauge_cls = staticmethod(gauge_cls)  # type: ignore[assignment]  # a Gauge factory, not the class
 
     return EngineMetrics
 
@@ -150,7 +150,9 @@ def allowed_cpu_list() -> list[Any]:
 async def render_prompts(client: AsyncLLM, prompts: list[dict[str, Any]]) -> list[Any]:
     """The engine inputs for `prompts`, made by vLLM's renderer (chat tokenization defaults; the
     model's multimodal processor runs off the loop)."""
-    return await client.renderer.render_cmpl_async(prompts, client.renderer.default_chat_tok_params)
+    # Our dicts are vLLM's TokensPrompt TypedDicts in shape; vLLM validates them.
+    inputs: Any = prompts
+    return await client.renderer.render_cmpl_async(inputs, client.renderer.default_chat_tok_params)
 
 
 def sampling_params(**kwargs: Any) -> Any:

@@ -1,11 +1,19 @@
-"""The ASGI types the HTTP layer's wrappers share, and the one helper that keeps them to HTTP."""
+"""The types the HTTP layer shares, and the one helper that keeps an ASGI wrapper to HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-Scope = MutableMapping[str, Any]
+from litestar import Request, Response
+
+# Litestar's generics: a request with any user, auth and state; a response with any content.
+AnyRequest = Request[Any, Any, Any]
+AnyResponse = Response[Any]
+
+# ASGI as the wrappers see it. The scope stays Any: Litestar types it as TypedDicts, which admit
+# neither the keys its router adds (route_handler, path_template) nor ours (the request record).
+Scope = Any
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]

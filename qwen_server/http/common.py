@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from litestar import Request, Response
+from litestar import Response
 
 from qwen_server import protocol as p
 from qwen_server.engine.lifecycle import Engine
+from qwen_server.http.asgi import AnyRequest, AnyResponse
 from qwen_server.service.chat import ChatService
 from qwen_server.service.completion import CompletionService
 
 JSON = "application/json"
 
 
-def chat_of(request: Request) -> ChatService:
-    return request.app.state.chat
+def chat_of(request: AnyRequest) -> ChatService:
+    return cast(ChatService, request.app.state.chat)
 
 
-def completion_of(request: Request) -> CompletionService:
-    return request.app.state.completion
+def completion_of(request: AnyRequest) -> CompletionService:
+    return cast(CompletionService, request.app.state.completion)
 
 
-def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
+def engine_of(request: AnyRequest) -> Engine:
+    return cast(Engine, request.app.state.engine)
 
 
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> AnyResponse:
     return Response(content=p.encoder.encode(obj), status_code=status, media_type=JSON, headers=headers)

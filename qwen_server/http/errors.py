@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 
-from litestar import Request, Response
+from litestar import Response
 from litestar.exceptions import HTTPException
 
 from qwen_server.errors import Kind, ServiceError, envelope
-from qwen_server.http.asgi import Send
+from qwen_server.http.asgi import AnyRequest, AnyResponse, Send
 
 log = logging.getLogger("qwen_server")
 
@@ -37,15 +37,15 @@ def headers_of(exc: ServiceError) -> dict[str, str]:
     return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
 
 
-def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> AnyResponse:
     return Response(content=body, status_code=status, media_type="application/json", headers=headers)
 
 
-def handle_service_error(_: Request, exc: ServiceError) -> Response:
+def handle_service_error(_: AnyRequest, exc: ServiceError) -> AnyResponse:
     return json_response(STATUS[exc.kind], envelope(exc.kind, exc.message, exc.param, exc.code), headers_of(exc))
 
 
-def handle_http_exception(_: Request, exc: HTTPException) -> Response:
+def handle_http_exception(_: AnyRequest, exc: HTTPException) -> AnyResponse:
     status = exc.status_code
     if status >= 500:
         log.error("internal error", exc_info=exc)
@@ -56,7 +56,7 @@ def handle_http_exception(_: Request, exc: HTTPException) -> Response:
     return json_response(status, envelope(kind_of(status), message), dict(exc.headers or {}))
 
 
-def handle_unexpected(_: Request, exc: Exception) -> Response:
+def handle_unexpected(_: AnyRequest, exc: Exception) -> AnyResponse:
     log.exception("unhandled error while serving a request", exc_info=exc)
     return json_response(500, envelope(Kind.INTERNAL, "Internal server error."))
 

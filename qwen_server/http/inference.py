@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from litestar import Request, Response, post
+from litestar import Response, post
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError
+from qwen_server.http.asgi import AnyRequest, AnyResponse
 from qwen_server.http.common import chat_of, completion_of, json_response
 from qwen_server.http.openapi import with_json_body
 from qwen_server.http.request_log import record_of
@@ -29,7 +30,7 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     operation_class=with_json_body(p.ChatCompletionRequest),
     opt={"inference": True},
 )
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: AnyRequest) -> AnyResponse:
     return await _serve(request, chat_of(request))
 
 
@@ -40,16 +41,16 @@ async def chat_completions(request: Request) -> Response:
     operation_class=with_json_body(p.CompletionRequest),
     opt={"inference": True},
 )
-async def completions(request: Request) -> Response:
+async def completions(request: AnyRequest) -> AnyResponse:
     return await _serve(request, completion_of(request))
 
 
-async def _serve(request: Request, service: Endpoint) -> Response:
+async def _serve(request: AnyRequest, service: Endpoint) -> AnyResponse:
     prep = await service.prepare(service.decode(await _body(request)), record_of(request.scope))
     return await _respond(request, service, prep)
 
 
-async def _body(request: Request) -> bytes:
+async def _body(request: AnyRequest) -> bytes:
     """The request body, which must be JSON (a form post is refused, as vLLM's server does); a body
     cut short (the client went away, or broken chunked framing, which Granian reports as a
     disconnect) is the client's error, not the server's."""
@@ -71,7 +72,7 @@ async def _body(request: Request) -> bytes:
         ) from None
 
 
-async def _respond(request: Request, service: Endpoint, prep: PreparedRequest) -> Response:
+async def _respond(request: AnyRequest, service: Endpoint, prep: PreparedRequest) -> AnyResponse:
     if prep.stream:
         # Litestar cancels the stream when the client disconnects; the cancellation reaches
         # vLLM's generator, which aborts the request in the engine.
@@ -82,7 +83,7 @@ async def _respond(request: Request, service: Endpoint, prep: PreparedRequest) -
     return json_response(result)
 
 
-async def _unless_disconnected(request: Request, work: Any) -> Any:
+async def _unless_disconnected(request: AnyRequest, work: Any) -> Any:
     """Run `work`, cancelling it (and so the engine request) if the client hangs up first.
     Litestar does not cancel non-streaming handlers on disconnect; this watches `receive()`."""
     task = asyncio.ensure_future(work)
@@ -100,6 +101,6 @@ async def _unless_disconnected(request: Request, work: Any) -> Any:
     return task.result()
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(request: AnyRequest) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from litestar import Request, Response, get
+from litestar import get
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError, clip
+from qwen_server.http.asgi import AnyRequest, AnyResponse
 from qwen_server.http.common import engine_of, json_response
 
 
 @get("/v1/models", summary="Models served; 503 until the engine is ready")
-async def models(request: Request) -> Response:
+async def models(request: AnyRequest) -> AnyResponse:
     return json_response(p.ModelList(data=_model_cards(request)))
 
 
 @get("/v1/models/{model_id:path}", summary="One served model's card; 404 model_not_found for others")
-async def model(request: Request) -> Response:
+async def model(request: AnyRequest) -> AnyResponse:
     model_id = str(request.path_params["model_id"]).removeprefix("/")  # ids may hold a '/' (org/name)
     for card in _model_cards(request):
         if card.id == model_id:
@@ -25,7 +26,7 @@ async def model(request: Request) -> Response:
     )
 
 
-def _model_cards(request: Request) -> list[p.ModelCard]:
+def _model_cards(request: AnyRequest) -> list[p.ModelCard]:
     engine = engine_of(request)
     # 503 until the engine is ready, as for inference: clients commonly wait for this endpoint to answer
     # before sending work (vLLM's server does not listen until then), and max_model_len is unknown before.

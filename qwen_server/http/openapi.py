@@ -33,7 +33,7 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 def json_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
     """The struct's schema, without the fields that are declared only to be refused (REFUSED_FIELDS)."""
     (top,), defs = msgspec.json.schema_components([struct], ref_template=_REF)
-    schema = _inline(top, defs)
+    schema: dict[str, Any] = _inline(top, defs)
     for name in REFUSED_FIELDS:
         schema.get("properties", {}).pop(name, None)
     return schema

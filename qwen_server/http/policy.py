@@ -13,13 +13,12 @@ key it gets 401, whatever the path, so a client without a key cannot tell which 
 
 from __future__ import annotations
 
-from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from qwen_server import metrics
 from qwen_server.errors import Kind, envelope
 from qwen_server.http.admission import Admission
-from qwen_server.http.asgi import ASGIApp, Receive, Scope, Send, http_only
+from qwen_server.http.asgi import AnyRequest, AnyResponse, ASGIApp, Receive, Scope, Send, http_only
 from qwen_server.http.auth import CHALLENGE, UNAUTHORIZED, ApiKeys
 from qwen_server.http.errors import handle_http_exception, json_response, send_error
 from qwen_server.http.request_log import record_of, route_opt
@@ -47,7 +46,7 @@ class RoutePolicy:
             return
         await self.admission.run(app, scope, receive, send, record_of(scope))
 
-    def unmatched(self, request: Request, exc: HTTPException) -> Response:
+    def unmatched(self, request: AnyRequest, exc: HTTPException) -> AnyResponse:
         """404 and 405: a request that matched no route is held to the default policy (the key, when
         keys are configured) before it learns the path is unknown."""
         scope = request.scope

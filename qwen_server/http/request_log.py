@@ -29,7 +29,7 @@ _DISCARD_EXTRA_BYTES = 16 * 1024 * 1024
 
 def record_of(scope: Scope) -> RequestRecord:
     """The request's record; made here if the app runs without `RequestLog` around it (tests)."""
-    record = scope.get(RECORD)
+    record: RequestRecord | None = scope.get(RECORD)
     if record is None:
         record = scope[RECORD] = RequestRecord(_request_id(scope))
     return record
@@ -116,7 +116,7 @@ def _has_body(scope: Scope) -> bool:
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
+            candidate: str = value.decode("latin-1")
             if _REQUEST_ID.fullmatch(candidate):
                 return candidate
             break

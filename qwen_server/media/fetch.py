@@ -73,7 +73,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
             raise FetchError(
                 f"The image host {host!r} could not be resolved: {exc.strerror}.", "unresolvable"
             ) from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         refused = [a for a in addresses if not may_connect(a, self._allowed)]
         if refused:
             raise FetchError(

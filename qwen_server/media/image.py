@@ -64,7 +64,7 @@ class Geometry:
         check_request_mm_kwargs(kwargs, self, trusted=trusted)
         if not kwargs:
             return self
-        size = kwargs.get("size") if trusted and isinstance(kwargs.get("size"), Mapping) else {}
+        size: Mapping[str, Any] = kwargs["size"] if trusted and isinstance(kwargs.get("size"), Mapping) else {}
         low = kwargs.get("min_pixels", size.get("shortest_edge", self.min_pixels))
         high = kwargs.get("max_pixels", size.get("longest_edge", self.max_pixels))
         for key, value in (("min_pixels", low), ("max_pixels", high)):
@@ -172,7 +172,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             if width > max_side or height > max_side:
                 raise MediaError(

@@ -40,14 +40,15 @@ def template_kwargs(kwargs: dict[str, Any] | None, template: str | None, *, trus
     """The client's chat_template_kwargs, without what would change how the prompt is built rather
     than what the template renders; a client's own template (the request's `chat_template`, or the
     same key in the kwargs) needs the operator's trust (`trusted`)."""
-    own = [("chat_template", template)] if template is not None else []
-    own += [(f"chat_template_kwargs.{key}", kwargs[key]) for key in kwargs or () if key == "chat_template"]
+    given = kwargs or {}
+    own = ["chat_template"] if template is not None else []
+    own += ["chat_template_kwargs.chat_template"] if "chat_template" in given else []
     if own and not trusted:
-        raise bad_request(f"{own[0][0]} is not accepted (--trust-request-chat-template allows it).", own[0][0])
-    for key in kwargs or ():
+        raise bad_request(f"{own[0]} is not accepted (--trust-request-chat-template allows it).", own[0])
+    for key in given:
         if key in _RENDER_KEYS:
             raise bad_request(f"chat_template_kwargs.{key} is not accepted.", f"chat_template_kwargs.{key}")
-    return {**(kwargs or {}), **({"chat_template": template} if template is not None else {})}
+    return {**given, **({"chat_template": template} if template is not None else {})}
 
 
 class ChatService(Endpoint):
@@ -202,7 +203,7 @@ class ChatService(Endpoint):
         )
 
     def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
-        common = {
+        common: dict[str, Any] = {
             "id": prep.request_id,
             "created": prep.created,
             "model": prep.model,

@@ -3,6 +3,7 @@ the field, nesting is bounded (msgspec and the code after it recurse)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -43,7 +44,7 @@ def decode_chat(body: bytes, settings: Settings) -> p.ChatCompletionRequest:
     return p.ChatCompletionRequest(**fields)
 
 
-def decode_part(decoder: msgspec.json.Decoder, data: bytes | msgspec.Raw, path: str) -> Any:
+def decode_part(decoder: msgspec.json.Decoder[Any], data: bytes | msgspec.Raw, path: str) -> Any:
     """`data` (the body, or the part of it at `path`) decoded strictly; errors name the field."""
     try:
         return decoder.decode(data)
@@ -53,7 +54,7 @@ def decode_part(decoder: msgspec.json.Decoder, data: bytes | msgspec.Raw, path: 
         raise bad_request("The request body is nested too deeply to decode.", path or "body", code="too_deep") from None
 
 
-def decode(decoder: msgspec.json.Decoder, body: bytes, max_depth: int) -> Any:
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes, max_depth: int) -> Any:
     """Strict decoding of a request body; errors name the field. Free-form JSON fields (processor
     and template options, schemas) may nest at most `max_depth` levels: they reach code that recurses."""
     request = decode_part(decoder, body, "")
@@ -80,6 +81,7 @@ def depth_over(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
