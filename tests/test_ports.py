@@ -117,7 +117,7 @@ HANDOFF = textwrap.dedent(
     from qwen_server.launcher import ports, supervise
     port = int(sys.argv[1])
     sock = ports.take_port("127.0.0.1", port)
-    sys.exit(supervise.serve(sock, {"target": "tests.hello_app:app", "address": "127.0.0.1", "port": port,
+    sys.exit(supervise.run_granian(sock, {"target": "tests.hello_app:app", "address": "127.0.0.1", "port": port,
                                     "interface": "asgi", "workers": 2, "workers_kill_timeout": 5}))
     """
 )
@@ -177,7 +177,7 @@ BEFORE_FORK = textwrap.dedent(
         def worker_pids(self): return []
 
     granian_compat.server_on_socket = lambda sock, granian_kwargs, on_interrupt: NoGranian()
-    sys.exit(supervise.serve(socket.socket(), {}))
+    sys.exit(supervise.run_granian(socket.socket(), {}))
     """
 )
 

@@ -191,7 +191,7 @@ def main(**opts: Any) -> None:
     for key in [k for k in os.environ if k.startswith(settings_mod.ENV_PREFIX)]:
         del os.environ[key]
     os.environ.update(s.to_env())
-    sys.exit(supervise.serve(sock, granian_kwargs, s.drain_timeout))
+    sys.exit(supervise.run_granian(sock, granian_kwargs, s.drain_timeout))
 
 
 def _take_port(s: Settings, opts: dict[str, Any]) -> socket.socket:

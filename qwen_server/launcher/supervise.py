@@ -80,7 +80,7 @@ def _start_watchdog(supervisor: int) -> None:
     threading.Thread(target=watch, name="qwen-server-orphan-watchdog", daemon=True).start()
 
 
-def serve(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: float = 30.0) -> int:
+def run_granian(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: float = 30.0) -> int:
     """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind.
     The workers share a run directory (drain markers; Prometheus files unless the caller chose a
     PROMETHEUS_MULTIPROC_DIR), removed at the end."""
