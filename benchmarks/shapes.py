@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from side_by_side import MODEL_NAME, Server, engine_flags  # noqa: E402
-from tests.serverproc import free_port  # noqa: E402
+from qwen_server.testing.servers import free_port  # noqa: E402
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 IGNORE = {"ignore_eos": True}

@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import loadgen  # noqa: E402
 from qwen_server import procs  # noqa: E402
-from tests.serverproc import free_port  # noqa: E402
+from qwen_server.testing.servers import free_port  # noqa: E402
 
 MODEL_NAME = "tiny"
 ENGINE: dict[str, Any] = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"image": 4}'}

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from qwen_server import procs
-from tests.serverproc import ServerProcess, free_port
+from qwen_server.testing.servers import free_port
+from tests.serverproc import ServerProcess
 
 # vLLM's CPU backend sizes its KV cache from this (GiB); the tiny model needs little. Set before any
 # engine starts, in this process (engine tests) and in the servers the tests launch.

@@ -10,7 +10,7 @@ import pytest
 
 from qwen_server.engine import cpushare
 from qwen_server.settings import Settings
-from tests.serverproc import free_port
+from qwen_server.testing.servers import free_port
 
 
 def cpu(id: int, core: int, node: int = 0) -> SimpleNamespace:

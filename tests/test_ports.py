@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from qwen_server.launcher import granian_compat, ports, supervise
-from tests.serverproc import ROOT, ServerProcess, base_env, free_port, port_holder_report, port_is_free, run_launcher
+from qwen_server.testing.servers import free_port
+from tests.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
 HOLD_BOUND = (
