@@ -1,6 +1,6 @@
 """Is the engine or the server the bottleneck? Samples a running server's engine with py-spy.
 
-    .venv/bin/python benchmarks/engine_profile.py --pid SERVER_PID --seconds 10 [--out DIR]
+    .venv/bin/python -m benchmarks.engine_profile --pid SERVER_PID --seconds 10 [--out DIR]
 
 Run it while a load runs (`loadgen.py`). Finds vLLM's EngineCore and model worker below SERVER_PID
 by their process titles and samples them (and the front end: the process that holds the HTTP
@@ -30,11 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import proctree
 from qwen_server import procs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import proctree
 
 # vLLM 0.32's frame names; a release that renames them shows up as "other" (the totals say so).
 _ENGINE_LOOP = "run_busy_loop"

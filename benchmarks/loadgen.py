@@ -6,7 +6,7 @@ not. Reports requests/s, output tokens/s, TTFT, inter-token latency and end-to-e
 p50/p90/p99, errors, and (with `--server-pid`) the CPU seconds and peak RSS of the server's whole
 process tree. Prints progress while it runs; writes the result as JSON (`--json`).
 
-    .venv/bin/python benchmarks/loadgen.py --url http://127.0.0.1:8000 --model tiny \\
+    .venv/bin/python -m benchmarks.loadgen --url http://127.0.0.1:8000 --model tiny \\
         --concurrency 16 --requests 200 --image-size 224 --images 1 --max-tokens 16 --stream
 
 Images are distinct per request (seeded noise JPEGs, encoded before the run), so no server can
@@ -31,8 +31,7 @@ import aiohttp
 import msgspec
 from PIL import Image
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from proctree import TreeSampler
+from benchmarks.proctree import TreeSampler
 
 
 @dataclass

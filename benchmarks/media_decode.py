@@ -7,7 +7,7 @@ gradient, shapes and noise). The two methods are timed alternately so machine no
 
 Run from the project root:
 
-    .venv/bin/python benchmarks/media_decode.py [--repeats 20] [--budgets qwen,224] [--json out.json]
+    .venv/bin/python -m benchmarks.media_decode [--repeats 20] [--budgets qwen,224] [--json out.json]
 
 Reports median ms per image, images/s, speedup (plain/ours) and the mean absolute difference
 (0-255) between the two outputs.

@@ -1,6 +1,6 @@
 """The offline engine ceiling: vLLM's `LLM.generate` on pre-decoded images, no server at all.
 
-    .venv/bin/python benchmarks/offline.py --model PATH --shapes '[[224, 1, 16]]' --out offline.json
+    .venv/bin/python -m benchmarks.offline --model PATH --shapes '[[224, 1, 16]]' --out offline.json
 
 Each shape is [image size, images per request, output tokens]; prints JSON keyed "size/images/tokens"
 with requests/s and output tokens/s, to --out. Images are decoded before the clock starts.
@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vllm.inputs import TextPrompt
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -37,7 +35,7 @@ def main() -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    import loadgen
+    from benchmarks import loadgen
 
     llm = LLM(
         model=args.model,

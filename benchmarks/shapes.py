@@ -5,7 +5,7 @@ same engine flags as side_by_side.py). For every request it prints both statuses
 shapes differ (field names and JSON types; values are not compared: the weights are random). For
 streams, the shape of every chunk is compared and the choices per chunk counted.
 
-    .venv/bin/python benchmarks/shapes.py          # about 4 minutes here; loopback ports only
+    .venv/bin/python -m benchmarks.shapes          # about 4 minutes here; loopback ports only
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.side_by_side import MODEL_NAME, Server, engine_flags
+from qwen_server.testing.servers import free_port
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-from side_by_side import MODEL_NAME, Server, engine_flags  # noqa: E402
-from qwen_server.testing.servers import free_port  # noqa: E402
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 IGNORE = {"ignore_eos": True}

@@ -10,9 +10,9 @@ highest qwen/vLLM ratio any server could reach in that row. Prints one table wit
 ratio qwen/vLLM, and writes JSON and Markdown to `benchmarks/results/`; each run also records the load
 average before it and the CPU share the hypervisor stole during it.
 
-    .venv/bin/python benchmarks/side_by_side.py            # the full matrix, 2 passes (about 50 min here)
-    .venv/bin/python benchmarks/side_by_side.py --quick    # 224/1024 px, c16, 16 tokens, streaming
-    .venv/bin/python benchmarks/side_by_side.py --targets --repeat 3 --no-sweep  # target rows, median of 2x3
+    .venv/bin/python -m benchmarks.side_by_side            # the full matrix, 2 passes (about 50 min here)
+    .venv/bin/python -m benchmarks.side_by_side --quick    # 224/1024 px, c16, 16 tokens, streaming
+    .venv/bin/python -m benchmarks.side_by_side --targets --repeat 3 --no-sweep  # target rows, median of 2x3
     (plus an open-loop rate sweep and `latency_vs_load.png`; --no-sweep skips it; needs the `bench` extra)
 
 Loopback ports only. The machine's other load hits both servers alike only if nothing else runs:
@@ -38,13 +38,12 @@ from typing import Any
 
 import httpx
 
+from benchmarks import loadgen
+from qwen_server import procs
+from qwen_server.testing.servers import free_port
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
-import loadgen  # noqa: E402
-from qwen_server import procs  # noqa: E402
-from qwen_server.testing.servers import free_port  # noqa: E402
 
 MODEL_NAME = "tiny"
 ENGINE: dict[str, Any] = {"max_model_len": 4096, "max_num_seqs": 64, "limit_mm_per_prompt": '{"image": 4}'}
@@ -258,7 +257,8 @@ def offline(model: str, cases: list[dict], out_dir: Path) -> dict:
         path = out_dir / f"offline-c{conc}.json"
         args = [
             sys.executable,
-            str(HERE / "offline.py"),
+            "-m",
+            "benchmarks.offline",
             "--model",
             model,
             "--shapes",
