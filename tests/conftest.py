@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import base64
 import functools
 import http.server
-import io
 import os
 import signal
 import threading
@@ -15,7 +13,7 @@ from PIL import Image
 
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
-from tests.serverproc import ServerProcess
+from tests.helpers.serverproc import ServerProcess
 
 # vLLM's CPU backend sizes its KV cache from this (GiB); the tiny model needs little. Set before any
 # engine starts, in this process (engine tests) and in the servers the tests launch.
@@ -98,10 +96,3 @@ def server(tiny_model: Path, media_dir: Path, tmp_path_factory: pytest.TempPathF
         code = srv.stop()
         assert code == 0, srv.log()[-3000:]
         assert srv.leftovers() == []
-
-
-def image_data_url(size: tuple[int, int] = (224, 224), color=(200, 30, 30), fmt: str = "JPEG") -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, fmt)
-    mime = {"JPEG": "image/jpeg", "PNG": "image/png"}[fmt]
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from qwen_server.media.image import Geometry
-from tests.conftest import image_data_url
-from tests.serverproc import ServerProcess
+from tests.helpers.media import image_data_url
+from tests.helpers.serverproc import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from qwen_server import procs
 from qwen_server.engine.lifecycle import _freeze_heap
-from tests.serverproc import ServerProcess
+from tests.helpers.serverproc import ServerProcess
 
 
 def test_freeze_heap_moves_live_objects_out_of_gc() -> None:

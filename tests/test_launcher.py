@@ -14,8 +14,8 @@ import pytest
 
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
-from tests.conftest import image_data_url
-from tests.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher, wait_port_free
+from tests.helpers.media import image_data_url
+from tests.helpers.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher, wait_port_free
 
 OPTIONS = ("--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4")
 

@@ -25,8 +25,8 @@ import pytest
 from qwen_server import procs
 from qwen_server.engine import cpushare
 from qwen_server.testing.servers import free_port
-from tests.conftest import image_data_url
-from tests.serverproc import ServerProcess
+from tests.helpers.media import image_data_url
+from tests.helpers.serverproc import ServerProcess
 
 KEYS = ("key-one-0123456789", "key-two-abcdefghij")
 LIMIT = 3  # admitted inference requests per worker

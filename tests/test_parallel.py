@@ -8,8 +8,8 @@ from pathlib import Path
 import openai
 
 from qwen_server.testing.servers import free_port
-from tests.conftest import image_data_url
-from tests.serverproc import ServerProcess, base_env
+from tests.helpers.media import image_data_url
+from tests.helpers.serverproc import ServerProcess, base_env
 
 
 def test_tensor_parallel_2_answers_a_chat_with_an_image(tiny_model: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from qwen_server.launcher import granian_compat, ports, supervise
 from qwen_server.testing.servers import free_port
-from tests.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher
+from tests.helpers.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
 HOLD_BOUND = (
@@ -118,7 +118,7 @@ HANDOFF = textwrap.dedent(
     from qwen_server.launcher import ports, supervise
     port = int(sys.argv[1])
     sock = ports.take_port("127.0.0.1", port)
-    sys.exit(supervise.run_granian(sock, {"target": "tests.hello_app:app", "address": "127.0.0.1", "port": port,
+    sys.exit(supervise.run_granian(sock, {"target": "tests.helpers.hello_app:app", "address": "127.0.0.1", "port": port,
                                     "interface": "asgi", "workers": 2, "workers_kill_timeout": 5}))
     """
 )
@@ -152,7 +152,7 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
                 time.sleep(0.2)
         srv.remember_tree()
         raw = subprocess.run(
-            [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "tests.hello_app:app"],
+            [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "tests.helpers.hello_app:app"],
             cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30,
         )
         assert raw.returncode != 0

@@ -40,8 +40,8 @@ from schemathesis.checks import not_a_server_error
 
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
-from tests.conftest import image_data_url
-from tests.serverproc import ServerProcess, wait_port_free
+from tests.helpers.media import image_data_url
+from tests.helpers.serverproc import ServerProcess, wait_port_free
 
 LIMIT = 32  # --max-pending-requests: inference requests admitted at once
 MAX_SEQS = 16  # --max-num-seqs: sequences the engine runs per step

@@ -15,7 +15,7 @@ import httpx
 from qwen_server import procs
 from qwen_server.launcher import ports
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the project root (tests/helpers/serverproc.py)
 
 
 def base_env(**extra: str) -> dict[str, str]:
