@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from qwen_server.launcher.cli import main
 from qwen_server.settings import ENV_PREFIX, FIELDS, env_name
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "systemd" / "qwen-server.service"
 MANIFEST = DEPLOY / "kubernetes" / "deployment.yaml"
 README = DEPLOY / "README.md"
