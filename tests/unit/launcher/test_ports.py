@@ -1,4 +1,5 @@
-"""Port checks and the socket hand-off to Granian, with real processes on loopback (no engine)."""
+"""Port checks and the launcher's side of the socket hand-off to Granian, with real processes on
+loopback (no engine, no Granian serving: the hand-off itself is in tests/integration/test_ports.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from qwen_server.launcher import granian_compat, ports, supervise
 from qwen_server.testing.servers import free_port
-from tests.helpers.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher
+from tests.helpers.serverproc import ROOT, base_env, port_holder_report, port_is_free, run_launcher
 
 HOLD_LISTENING = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); print('up',flush=True); time.sleep(60)"
 HOLD_BOUND = (
@@ -112,20 +111,9 @@ def test_time_wait_alone_does_not_block() -> None:
     ports.take_port("127.0.0.1", port).close()
 
 
-HANDOFF = textwrap.dedent(
-    """
-    import sys
-    from qwen_server.launcher import ports, supervise
-    port = int(sys.argv[1])
-    sock = ports.take_port("127.0.0.1", port)
-    sys.exit(supervise.run_granian(sock, {"target": "tests.helpers.hello_app:app", "address": "127.0.0.1", "port": port,
-                                    "interface": "asgi", "workers": 2, "workers_kill_timeout": 5}))
-    """
-)
-
-
 def test_granian_has_the_private_names_granian_compat_uses() -> None:
-    """Names the private API a Granian upgrade removed, before the hand-off below fails on it."""
+    """Names the private API a Granian upgrade removed, before the hand-off fails on it
+    (tests/integration/test_ports.py)."""
     from granian._granian import SocketHolder
     from granian._internal import load_target
     from granian.server.mp import MPServer
@@ -134,34 +122,6 @@ def test_granian_has_the_private_names_granian_compat_uses() -> None:
     assert callable(SocketHolder.get_fd) and callable(load_target)
     for name in ("_init_shared_socket", "signal_handler_interrupt", "serve"):
         assert callable(getattr(MPServer, name, None)), f"granian.server.mp.MPServer.{name} is gone"
-
-
-def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: Path) -> None:
-    """Fails loudly if a Granian upgrade changes the private hooks the hand-off relies on (granian_compat.py)."""
-    assert granian_compat.granian_version_ok()
-    port = free_port()
-    srv = ServerProcess([sys.executable, "-c", HANDOFF, str(port)], tmp_path / "handoff.log", port)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert httpx.get(srv.url, timeout=2).text == "hello"
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, srv.log()
-                time.sleep(0.2)
-        srv.remember_tree()
-        raw = subprocess.run(
-            [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "tests.helpers.hello_app:app"],
-            cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30,
-        )
-        assert raw.returncode != 0
-        assert "Address already in use" in raw.stderr + raw.stdout
-        assert httpx.get(srv.url, timeout=2).text == "hello"
-    finally:
-        assert srv.stop() == 0
-    assert srv.leftovers() == []
-    assert port_holder_report(port) is None
 
 
 BEFORE_FORK = textwrap.dedent(
