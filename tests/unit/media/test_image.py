@@ -1,60 +1,20 @@
-"""Images from data URLs and local files: formats, modes, orientation, sizing for the model, the
-cache, and refusal of bad or hostile input. Remote URLs: test_fetch.py (fetcher) and test_api.py."""
+"""Images from data URLs: formats, modes, orientation, sizing for the model, and refusal of bad or
+hostile input (qwen_server/media/image.py, through the loader as a request's images go). The cache
+and per-request totals: test_loader.py; local files: test_sources.py; remote URLs: test_fetch.py
+(fetcher) and tests/integration/test_api.py."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 from qwen_server.media.image import Geometry, MMKwargsError, check_request_mm_kwargs, decode_image
-from qwen_server.media.loader import MediaLoader
-from qwen_server.settings import Settings
-
-PARAM = "messages[0].content[0].image_url"
-LIMITS = {"max_image_bytes": 5 * 1024 * 1024, "max_image_pixels": 10_000_000}
-QWEN25 = Geometry(factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-                  grid=(("patch_size", 14), ("temporal_patch_size", 2), ("merge_size", 2)))
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def photo(width: int, height: int) -> Image.Image:
-    """Smooth gradients with noise: compresses like a photo, unlike a flat colour."""
-    gradient = Image.linear_gradient("L").resize((width, height))
-    noise = Image.effect_noise((width, height), 40)
-    return Image.merge("RGB", (gradient, noise, gradient.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
-
-
-def loader(**settings) -> MediaLoader:
-    return MediaLoader(Settings(**{**LIMITS, **settings}))
-
-
-def load(url: str, geometry: Geometry | None = None, **settings) -> Image.Image:
-    async def run() -> Image.Image:
-        media = loader(**settings)
-        try:
-            return Image.fromarray((await media.load(url, PARAM, geometry)).pixels)
-        finally:
-            await media.aclose()
-
-    return asyncio.run(run())
+from tests.helpers.media import PARAM, QWEN25, budget, data_url, encode, load, photo
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
@@ -216,10 +176,6 @@ def test_exif_rotation_is_sized_on_the_displayed_sides() -> None:
     assert image.size == Geometry(28, 3136, 200_000).target(400, 1600)
 
 
-def budget(kwargs, trusted: bool = False) -> Geometry:
-    return QWEN25.with_request_kwargs(kwargs, trusted=trusted, pixel_cap=64_000_000)
-
-
 def test_request_kwargs_change_the_budget() -> None:
     assert budget({"max_pixels": 50176}).target(3840, 2160) == (280, 168)
     assert budget({"size": {"shortest_edge": 3136, "longest_edge": 50176}}, trusted=True).max_pixels == 50176
@@ -291,99 +247,3 @@ def test_extreme_aspect_ratio_is_a_clear_error() -> None:
     with pytest.raises(MediaError, match="aspect ratio") as info:
         load(data_url(encode(Image.new("RGB", (2000, 5)), "PNG")), QWEN25)
     assert info.value.reason == "bad_aspect_ratio"
-
-
-# --- repeats and per-request totals ---
-
-
-def test_repeated_images_are_decoded_once() -> None:
-    url = data_url(encode(photo(640, 480), "JPEG"), "image/jpeg")
-    other = budget({"max_pixels": 50176})
-
-    async def run():
-        media = loader()
-        try:
-            first, second = await media.load_all([(url, "a"), (url, "b")], QWEN25)
-            third = await media.load(url, "c", QWEN25)
-            smaller = await media.load(url, "d", other)
-            return first, second, third, smaller
-        finally:
-            await media.aclose()
-
-    first, second, third, smaller = asyncio.run(run())
-    assert first.pixels is second.pixels is third.pixels  # one decode, shared
-    assert first.uuid == third.uuid != smaller.uuid  # the budget is part of the identity
-    width, height = other.target(640, 480)
-    assert smaller.pixels.shape == (height, width, 3)
-
-
-def test_the_model_processor_does_not_write_to_shared_pixels(tiny_model) -> None:
-    """Cached arrays go to every request with that image: the processor must only read them."""
-    from transformers import AutoImageProcessor
-
-    processor = AutoImageProcessor.from_pretrained(str(tiny_model))
-    for size in ((224, 224), (600, 400)):  # as is, and through the processor's own resize
-        pixels = np.array(photo(*size))
-        before = pixels.copy()
-        processor(images=[pixels], return_tensors="pt")
-        assert (pixels == before).all()
-
-
-def test_total_image_bytes_per_request_is_limited() -> None:
-    png = encode(photo(300, 300), "PNG")
-    urls = [(data_url(png), f"messages[0].content[{i}].image_url") for i in range(3)]
-
-    async def run():
-        media = loader(max_request_image_bytes=int(len(png) * 2.5))
-        try:
-            await media.load_all(urls, None)
-        finally:
-            await media.aclose()
-
-    with pytest.raises(MediaError) as info:
-        asyncio.run(run())
-    assert info.value.kind is Kind.TOO_LARGE and info.value.reason == "request_too_large"
-    assert info.value.param in {param for _, param in urls}
-
-
-# --- local files ---
-
-
-@pytest.fixture
-def media_root(tmp_path: Path) -> Path:
-    root = tmp_path / "media"
-    (root / "sub").mkdir(parents=True)
-    Image.new("RGB", (30, 20), (0, 255, 0)).save(root / "sub" / "green.png")
-    Image.new("RGB", (30, 20)).save(tmp_path / "secret.png")
-    os.symlink(tmp_path / "secret.png", root / "link-out.png")
-    os.symlink(root / "sub" / "green.png", root / "link-in.png")
-    return root
-
-
-def test_local_files_load_from_the_allowed_directory(media_root: Path) -> None:
-    root = str(media_root)
-    for url in (f"{root}/sub/green.png", f"file://{root}/sub/green.png", f"{root}/link-in.png"):
-        assert load(url, allowed_local_media_path=root).getpixel((1, 1)) == (0, 255, 0), url
-
-
-@pytest.mark.parametrize(
-    ("path", "reason"),
-    [
-        ("{root}/../secret.png", "forbidden_path"),
-        ("file://{root}/sub/../../secret.png", "forbidden_path"),
-        ("{root}/link-out.png", "forbidden_path"),
-        ("/etc/passwd", "forbidden_path"),
-        ("{root}/sub", "not_found"),
-        ("{root}/missing.png", "not_found"),
-        ("file://otherhost{root}/sub/green.png", "unsupported_url"),
-    ],
-)
-def test_local_paths_outside_the_directory_are_refused(media_root: Path, path: str, reason: str) -> None:
-    with pytest.raises(MediaError) as info:
-        load(path.format(root=media_root), allowed_local_media_path=str(media_root))
-    assert info.value.reason == reason and info.value.kind is Kind.INVALID
-
-
-def test_local_files_are_refused_unless_enabled(media_root: Path) -> None:
-    with pytest.raises(MediaError, match="not enabled"):
-        load(f"{media_root}/sub/green.png")
