@@ -1,7 +1,7 @@
 """qwen_server.engine.vllm_compat against the installed vLLM: each name it resolves is still where it looks,
 and the installed release is one it was verified on. A failure names what an upgrade moved.
 
-Imports vLLM (and torch) in this process, unlike the rest of tests/unit; no engine is started.
+Imports vLLM (and torch) in this process, which is why it is not in tests/unit; no engine is started.
 """
 
 from __future__ import annotations

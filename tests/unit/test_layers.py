@@ -1,6 +1,6 @@
 """The layers' boundaries, as imports: only `http/` (and the app that assembles it) imports Litestar;
-only `engine/vllm_compat.py` imports vLLM (tests/test_vllm_compat.py checks that one); the launcher
-imports none of the serving side's heavy packages (tests/test_ports.py)."""
+only `engine/vllm_compat.py` imports vLLM (tests/integration/test_vllm_compat.py checks that one); the
+launcher imports none of the serving side's heavy packages (tests/unit/launcher/test_ports.py)."""
 
 from __future__ import annotations
 

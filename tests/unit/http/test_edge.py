@@ -1,7 +1,7 @@
 """The HTTP layer's logic (request log, route policy, admission) against FAKE ASGI apps (no engine, no server): deadlines, drain cuts,
 admission, API keys and request IDs at the ASGI level. The same behaviours run against the real
 engine behind Granian in test_ops.py; these pin the exact messages sent in each case. The scope
-carries a fake matched route, as Litestar's router leaves it; tests/unit/ runs the real app."""
+carries a fake matched route, as Litestar's router leaves it; test_edge_policy.py and test_routes.py run the real app."""
 
 from __future__ import annotations
 

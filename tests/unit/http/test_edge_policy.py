@@ -100,7 +100,7 @@ def test_inference_is_refused_while_draining_before_its_body_is_decoded(serve) -
 
 def test_a_new_route_declaring_inference_gets_admission(serve) -> None:
     # (The limit itself, which needs requests in flight at once, is tested at the ASGI level in
-    # tests/test_edge.py: this test client runs one request at a time.)
+    # tests/unit/http/test_edge.py: this test client runs one request at a time.)
     bodies_read = 0
 
     @post("/v1/embeddings", status_code=200, opt={"inference": True})
