@@ -10,7 +10,7 @@ a function runs, so importing the app stays cheap. What is used, and from where:
   `cached_image_processor_from_config`, `current_platform`, `get_allowed_cpu_list`, the renderer
   (`renderer.render_cmpl_async`, `renderer.default_chat_tok_params`) and `vllm_config`'s layout.
 
-`tests/unit/test_vllm_compat.py` resolves each of them from the installed vLLM and fails naming the
+`tests/integration/test_vllm_compat.py` resolves each of them from the installed vLLM and fails naming the
 one an upgrade moved, and checks the installed release against `VERIFIED_VLLM`.
 """
 

@@ -10,7 +10,7 @@ signal or a list of its worker processes. What the launcher needs of them is her
 - the app loader: `granian._internal.load_target`, which the default loader of `serve()` calls.
 
 The 2.8.0 release rewrote this part of Granian: the version fence below refuses any other release,
-and `tests/test_ports.py` fails loudly when an upgrade within it breaks the hand-off.
+and `tests/integration/test_ports.py` fails loudly when an upgrade within it breaks the hand-off.
 """
 
 from __future__ import annotations

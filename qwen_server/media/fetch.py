@@ -117,7 +117,7 @@ class Fetcher:
         self.allowed_domains = {d.lower().rstrip(".") for d in allowed_domains} if allowed_domains else None
         transport = httpx.AsyncHTTPTransport(trust_env=False, limits=httpx.Limits(max_connections=64))
         # httpx takes no network backend, so its pool is rebuilt with ours (httpx pinned < 0.29;
-        # tests/test_fetch.py fails if a fetch to loopback stops being refused).
+        # tests/unit/media/test_fetch.py fails if a fetch to loopback stops being refused).
         transport._pool = httpcore.AsyncConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False),
             max_connections=64,

@@ -139,7 +139,7 @@ class MediaLoader:
     def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
         s = self.settings
         image = decode_image(data, param, max_pixels=s.max_image_pixels, max_side=s.max_image_side, geometry=geometry)
-        # Shared through the cache: the model's processor reads it (tests/test_media.py checks it
+        # Shared through the cache: the model's processor reads it (tests/unit/media/test_loader.py checks it
         # does not write to it); writable, because torch warns on read-only arrays.
         return np.array(image)
 

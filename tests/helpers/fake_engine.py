@@ -57,5 +57,9 @@ class FakeEngine:
     def require_client(self) -> Any:
         if self.ready:
             return self
-        raise ServiceError(Kind.UNAVAILABLE, f"The model is loading ({self.stage}); retry shortly.", code="loading",
-                           retry_after=self.settings.retry_after_seconds)
+        raise ServiceError(
+            Kind.UNAVAILABLE,
+            f"The model is loading ({self.stage}); retry shortly.",
+            code="loading",
+            retry_after=self.settings.retry_after_seconds,
+        )

@@ -22,8 +22,12 @@ def image_data_url(size: tuple[int, int] = (224, 224), color=(200, 30, 30), fmt:
 
 PARAM = "messages[0].content[0].image_url"
 LIMITS = {"max_image_bytes": 5 * 1024 * 1024, "max_image_pixels": 10_000_000}
-QWEN25 = Geometry(factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-                  grid=(("patch_size", 14), ("temporal_patch_size", 2), ("merge_size", 2)))
+QWEN25 = Geometry(
+    factor=28,
+    min_pixels=56 * 56,
+    max_pixels=28 * 28 * 1280,
+    grid=(("patch_size", 14), ("temporal_patch_size", 2), ("merge_size", 2)),
+)
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:

@@ -34,7 +34,7 @@ class ServerProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - held for the server's lifetime, closed in stop()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env or base_env(), stdout=self._log, stderr=subprocess.STDOUT)
         self.tree: set[int] = set()
         ServerProcess.started.append(self)
@@ -94,7 +94,11 @@ def run_launcher(port: int, *args: str, timeout: float = 30) -> tuple[subprocess
     t0 = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *args],
-        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return done, time.monotonic() - t0
 

@@ -16,12 +16,17 @@ from qwen_server.testing.servers import free_port
 from tests.helpers.serverproc import ServerProcess
 
 SERVER_OPTIONS = (
-    "--max-model-len", "2048",
+    "--max-model-len",
+    "2048",
     "--enforce-eager",
-    "--max-num-seqs", "16",
-    "--limit-mm-per-prompt", '{"image": 4}',
-    "--served-model-name", "tiny",
-    "--served-model-name", "tiny-alias",
+    "--max-num-seqs",
+    "16",
+    "--limit-mm-per-prompt",
+    '{"image": 4}',
+    "--served-model-name",
+    "tiny",
+    "--served-model-name",
+    "tiny-alias",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import threading
 import time
@@ -76,8 +77,13 @@ def test_images_from_urls_and_files_match_data_urls(client: openai.OpenAI, image
     """The same picture as a data URL, a remote URL and a local file: same prompt, same output."""
 
     def answer(url: str) -> tuple[int, str]:
-        r = client.chat.completions.create(model="tiny", messages=[user(image_part(url), "What?")], max_tokens=4,
-                                           temperature=0, extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=[user(image_part(url), "What?")],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         return r.usage.prompt_tokens, r.choices[0].message.content
 
     data = "data:image/jpeg;base64," + base64.b64encode((media_dir / "red.jpg").read_bytes()).decode()
@@ -92,8 +98,9 @@ def test_large_images_are_sized_to_the_model_budget(client: openai.OpenAI, image
     # to the size the processor would have chosen (252x168: 9x6 merged 28 px patches = 54 tokens).
     width, height = Geometry(28, 56 * 56, 224 * 224).target(896, 672)
     small = client.chat.completions.create(model="tiny", messages=[user(image_part(), "x")], max_tokens=1)
-    big = client.chat.completions.create(model="tiny", messages=[user(image_part(f"{image_host}/big.png"), "x")],
-                                         max_tokens=1)
+    big = client.chat.completions.create(
+        model="tiny", messages=[user(image_part(f"{image_host}/big.png"), "x")], max_tokens=1
+    )
     assert big.usage.prompt_tokens == small.usage.prompt_tokens - 64 + (width // 28) * (height // 28)
 
 
@@ -134,7 +141,9 @@ def test_streaming_text_matches_non_streaming(client: openai.OpenAI) -> None:
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
     streamed = "".join(
         c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
+        for c in client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
         if c.choices
     )
     assert streamed == full.choices[0].message.content
@@ -156,8 +165,14 @@ def test_multi_turn_with_system(client: openai.OpenAI) -> None:
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
-    args = dict(model="tiny", messages=[user(image_part(), "Random?")], max_tokens=12, temperature=1.0, top_p=0.9,
-                extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.01})
+    args = {
+        "model": "tiny",
+        "messages": [user(image_part(), "Random?")],
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "extra_body": {"ignore_eos": True, "top_k": 50, "min_p": 0.01},
+    }
     a = client.chat.completions.create(seed=7, **args).choices[0].message.content
     b = client.chat.completions.create(seed=7, **args).choices[0].message.content
     c = client.chat.completions.create(seed=8, **args).choices[0].message.content
@@ -166,34 +181,51 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_n_choices(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=4, n=3, seed=1,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny", messages=[user("Hi")], max_tokens=4, n=3, seed=1, extra_body={"ignore_eos": True}
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     assert r.usage.completion_tokens == 12
 
 
 def test_penalties_and_engine_extras(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model="tiny", messages=[user("Hi")], max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5,
+        model="tiny",
+        messages=[user("Hi")],
+        max_tokens=8,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
         extra_body={"repetition_penalty": 1.2, "min_tokens": 8, "ignore_eos": False, "top_k": 5},
     )
     assert r.usage.completion_tokens == 8
 
 
 def test_stop_strings_and_stop_token_ids(client: openai.OpenAI) -> None:
-    base = client.chat.completions.create(model="tiny", messages=[user("Go")], max_tokens=20, temperature=0,
-                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    base = (
+        client.chat.completions.create(
+            model="tiny", messages=[user("Go")], max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .message.content
+    )
     assert len(base) > 2
     stop = base[len(base) // 2 :][:2]
-    r = client.chat.completions.create(model="tiny", messages=[user("Go")], max_tokens=20, temperature=0, stop=[stop],
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny", messages=[user("Go")], max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].finish_reason == "stop"
     assert stop not in r.choices[0].message.content
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=5, logprobs=True, top_logprobs=3,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[user("Hi")],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 5
     for item in content:
@@ -205,13 +237,27 @@ def test_logprobs(client: openai.OpenAI) -> None:
 def test_streamed_logprobs_cover_every_token(client: openai.OpenAI) -> None:
     # The random-weight model emits many byte tokens whose text the detokenizer holds back (about a
     # third of 200 were); their chunks carry no text, but their logprobs must still be sent.
-    chat = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=64, logprobs=True, stream=True,
-                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[user("Hi")],
+        max_tokens=64,
+        logprobs=True,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(chat)
     assert chunks[-1].usage.completion_tokens == 64
     assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs) == 64
-    text = client.completions.create(model="tiny", prompt="The cat", max_tokens=64, logprobs=1, stream=True,
-                                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text = client.completions.create(
+        model="tiny",
+        prompt="The cat",
+        max_tokens=64,
+        logprobs=1,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(text)
     assert chunks[-1].usage.completion_tokens == 64
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 64
@@ -219,14 +265,22 @@ def test_streamed_logprobs_cover_every_token(client: openai.OpenAI) -> None:
 
 def test_json_schema_response_format(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
-        model="tiny", messages=[user("yes or no?")], max_tokens=20, seed=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "string", "enum": ["yes", "no"]}}},
+        model="tiny",
+        messages=[user("yes or no?")],
+        max_tokens=20,
+        seed=3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": {"type": "string", "enum": ["yes", "no"]}},
+        },
     )
     assert json.loads(r.choices[0].message.content) in ("yes", "no")
 
 
 def test_json_object_response_format_starts_an_object(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="tiny", messages=[user("json")], max_tokens=5, response_format={"type": "json_object"})
+    r = client.chat.completions.create(
+        model="tiny", messages=[user("json")], max_tokens=5, response_format={"type": "json_object"}
+    )
     assert r.choices[0].message.content.lstrip().startswith("{")
 
 
@@ -234,14 +288,18 @@ def test_per_request_max_pixels(client: openai.OpenAI) -> None:
     big = image_part(image_data_url(size=(448, 448)))
     default = client.chat.completions.create(model="tiny", messages=[user(big)], max_tokens=1).usage.prompt_tokens
     small = client.chat.completions.create(
-        model="tiny", messages=[user(big)], max_tokens=1, extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}}
+        model="tiny",
+        messages=[user(big)],
+        max_tokens=1,
+        extra_body={"mm_processor_kwargs": {"max_pixels": 28 * 28 * 16}},
     ).usage.prompt_tokens
     assert small < default
 
 
 def test_text_completions(client: openai.OpenAI) -> None:
-    r = client.completions.create(model="tiny", prompt="The cat", max_tokens=5, logprobs=2, echo=True,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt="The cat", max_tokens=5, logprobs=2, echo=True, extra_body={"ignore_eos": True}
+    )
     assert r.object == "text_completion"
     assert r.choices[0].text.startswith("The cat")
     # With echo, the prompt's tokens come first (OpenAI's and vLLM's shape; #25), then the 5 generated.
@@ -268,7 +326,12 @@ def test_openapi_docs(server: ServerProcess) -> None:
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["required"] == ["messages"]
     assert body["properties"]["messages"]["minItems"] == 1
-    assert "prompt" in schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert (
+        "prompt"
+        in schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "properties"
+        ]
+    )
 
 
 # --- errors: OpenAI envelope, right status, the field named ---
@@ -303,7 +366,10 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, conta
         ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
         ({"messages": [{"role": "user", "content": "hi"}], "logprobs": False, "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, "logit_bias"),
-        ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
     ],
 )
 def test_invalid_fields_are_400_naming_the_field(server: ServerProcess, body: dict, param: str) -> None:
@@ -311,8 +377,17 @@ def test_invalid_fields_are_400_naming_the_field(server: ServerProcess, body: di
 
 
 def test_unknown_top_level_fields_are_tolerated(server: ServerProcess) -> None:
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
-                                              "parallel_tool_calls": False, "store": False, "metadata": {"a": 1}})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1,
+            "parallel_tool_calls": False,
+            "store": False,
+            "metadata": {"a": 1},
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -425,10 +500,12 @@ def test_server_still_serves_after_errors(client: openai.OpenAI) -> None:
 
 
 def test_a_stream_with_several_choices_sends_one_choice_per_chunk(client: openai.OpenAI) -> None:
-    chat = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=12, n=3, stream=True,
-                                          extra_body={"ignore_eos": True})
-    text = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, n=3, stream=True,
-                                     extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="tiny", messages=[user("Hi")], max_tokens=12, n=3, stream=True, extra_body={"ignore_eos": True}
+    )
+    text = client.completions.create(
+        model="tiny", prompt="The cat", max_tokens=12, n=3, stream=True, extra_body={"ignore_eos": True}
+    )
     for chunks in (list(chat), list(text)):
         assert chunks and all(len(c.choices) == 1 for c in chunks), [len(c.choices) for c in chunks]
         finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
@@ -437,17 +514,27 @@ def test_a_stream_with_several_choices_sends_one_choice_per_chunk(client: openai
 
 def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None:
     prompt = "Hello, my name is"
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0, extra_body={"ignore_eos": True}
+    )
     choice = r.choices[0]
     assert choice.text.startswith(prompt)
     # The prompt's own tokens come first (echo with logprobs); the generated ones start after the prompt.
     skip = r.usage.prompt_tokens
     offsets, tokens = choice.logprobs.text_offset[skip:], choice.logprobs.tokens[skip:]
     assert offsets[0] == len(prompt)  # was 0: counted from the generated text
-    assert [b - a for a, b in zip(offsets, offsets[1:])] == [len(t) for t in tokens[:-1]]
-    stream = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    assert [b - a for a, b in itertools.pairwise(offsets)] == [len(t) for t in tokens[:-1]]
+    stream = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=4,
+            echo=True,
+            logprobs=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert stream[0].choices[0].text == prompt  # the echo comes first, as vLLM streams it
     streamed = [o for c in stream[1:] if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
     assert streamed[0] == len(prompt) and streamed == sorted(streamed)
@@ -461,8 +548,11 @@ def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None
         ("/v1/chat/completions", {"return_token_ids": True}, "return_token_ids"),
         ("/v1/chat/completions", {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
         ("/v1/chat/completions", {"echo": True}, "echo"),
-        ("/v1/chat/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-         "stream_options.continuous_usage_stats"),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            "stream_options.continuous_usage_stats",
+        ),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
@@ -474,8 +564,9 @@ def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None
         ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
-def test_fields_not_honoured_are_refused_naming_the_field(server: ServerProcess, path: str, extra: dict,
-                                                          param: str) -> None:
+def test_fields_not_honoured_are_refused_naming_the_field(
+    server: ServerProcess, path: str, extra: dict, param: str
+) -> None:
     base = {"model": "tiny", "max_tokens": 2}
     base |= {"messages": [user("Hi")]} if path.endswith("chat/completions") else {"prompt": "Hi"}
     r = post(server, path, {**base, **extra})
@@ -485,18 +576,36 @@ def test_fields_not_honoured_are_refused_naming_the_field(server: ServerProcess,
 
 def test_defaults_of_fields_not_honoured_are_accepted(client: openai.OpenAI) -> None:
     # What client libraries send when nothing is asked for: never a 400.
-    r = client.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=2, tool_choice="none",
-                                       store=False, metadata={"a": "b"}, user="u", extra_body={
-                                           "use_beam_search": False, "priority": 0, "tools": [], "length_penalty": 1,
-                                           "return_token_ids": False, "spaces_between_special_tokens": True})
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[user("Hi")],
+        max_tokens=2,
+        tool_choice="none",
+        store=False,
+        metadata={"a": "b"},
+        user="u",
+        extra_body={
+            "use_beam_search": False,
+            "priority": 0,
+            "tools": [],
+            "length_penalty": 1,
+            "return_token_ids": False,
+            "spaces_between_special_tokens": True,
+        },
+    )
     assert r.choices[0].message.role == "assistant"
 
 
 def test_allowed_token_ids_are_honoured(client: openai.OpenAI) -> None:
     seen = []
     for allowed in (40, 41):
-        r = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, logprobs=0,
-                                      extra_body={"allowed_token_ids": [allowed], "ignore_eos": True})
+        r = client.completions.create(
+            model="tiny",
+            prompt="Hi",
+            max_tokens=8,
+            logprobs=0,
+            extra_body={"allowed_token_ids": [allowed], "ignore_eos": True},
+        )
         tokens = r.choices[0].logprobs.tokens
         assert len(tokens) == 8 and len(set(tokens)) == 1, tokens  # the one allowed token, every time
         seen.append(tokens[0])
@@ -511,33 +620,48 @@ def test_model_card_by_id(client: openai.OpenAI) -> None:
     assert info.value.response.json()["error"]["code"] == "model_not_found"
 
 
-def test_token_id_and_batched_prompts_answer_one_choice_per_prompt(client: openai.OpenAI, server: ServerProcess) -> None:
+def test_token_id_and_batched_prompts_answer_one_choice_per_prompt(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
     ids = client.completions.create(model="tiny", prompt=[40, 41, 42], max_tokens=3, extra_body={"ignore_eos": True})
     assert len(ids.choices) == 1 and ids.usage.prompt_tokens == 3
-    texts = client.completions.create(model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, n=2,
-                                      extra_body={"ignore_eos": True})
+    texts = client.completions.create(
+        model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, n=2, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in texts.choices] == [0, 1, 2, 3] and texts.usage.completion_tokens == 12
-    lists = client.completions.create(model="tiny", prompt=[[40, 41], [42, 43, 44]], max_tokens=2, echo=True,
-                                      extra_body={"ignore_eos": True})
+    lists = client.completions.create(
+        model="tiny", prompt=[[40, 41], [42, 43, 44]], max_tokens=2, echo=True, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in lists.choices] == [0, 1] and lists.usage.prompt_tokens == 5
     # Greedy: a batched prompt answers as it does alone.
-    alone = client.completions.create(model="tiny", prompt="A dog sat", max_tokens=3, temperature=0,
-                                      extra_body={"ignore_eos": True})
-    batched = client.completions.create(model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, temperature=0,
-                                        extra_body={"ignore_eos": True})
+    alone = client.completions.create(
+        model="tiny", prompt="A dog sat", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
+    batched = client.completions.create(
+        model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert batched.choices[1].text == alone.choices[0].text
-    streamed = list(client.completions.create(model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3,
-                                              stream=True, extra_body={"ignore_eos": True}))
+    streamed = list(
+        client.completions.create(
+            model="tiny", prompt=["The cat", "A dog sat"], max_tokens=3, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert sorted(c.choices[0].index for c in streamed if c.choices[0].finish_reason) == [0, 1]
-    for prompt, param in (([40, 10**6], "prompt[1]"), ([[40], [-1]], "prompt[1][0]"), ([40, "x"], "prompt"), ([], "prompt")):
+    for prompt, param in (
+        ([40, 10**6], "prompt[1]"),
+        ([[40], [-1]], "prompt[1][0]"),
+        ([40, "x"], "prompt"),
+        ([], "prompt"),
+    ):
         r = post(server, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (prompt, r.text[:300])
 
 
 def test_echo_with_logprobs_reports_the_prompts_tokens(client: openai.OpenAI) -> None:
     prompt = "Hello, my name is"
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1, extra_body={"ignore_eos": True}
+    )
     lp = r.choices[0].logprobs
     prompt_tokens = r.usage.prompt_tokens
     assert len(lp.tokens) == prompt_tokens + 3
@@ -545,10 +669,21 @@ def test_echo_with_logprobs_reports_the_prompts_tokens(client: openai.OpenAI) ->
     assert "".join(lp.tokens[:prompt_tokens]) == prompt
     assert lp.text_offset[0] == 0 and lp.text_offset[prompt_tokens] == len(prompt)
     # logprobs: 0 still reports the chosen token's own logprob.
-    zero = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, logprobs=0, extra_body={"ignore_eos": True})
+    zero = client.completions.create(
+        model="tiny", prompt="Hi", max_tokens=3, logprobs=0, extra_body={"ignore_eos": True}
+    )
     tops = zero.choices[0].logprobs.top_logprobs
     assert len(tops) == 3 and all(len(t) == 1 for t in tops), tops
-    stream = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=1,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    stream = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=3,
+            echo=True,
+            logprobs=1,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     first = stream[0].choices[0]
     assert first.text == prompt and first.logprobs.token_logprobs[0] is None

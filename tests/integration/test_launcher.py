@@ -15,15 +15,30 @@ import pytest
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
 from tests.helpers.media import image_data_url
-from tests.helpers.serverproc import ROOT, ServerProcess, base_env, port_holder_report, port_is_free, run_launcher, wait_port_free
+from tests.helpers.serverproc import (
+    ROOT,
+    ServerProcess,
+    base_env,
+    port_holder_report,
+    port_is_free,
+    run_launcher,
+    wait_port_free,
+)
 
 OPTIONS = ("--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4")
 
 
 def chat_ok(url: str) -> None:
     body = {
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url()}},
-                                                  {"type": "text", "text": "hi"}]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url()}},
+                    {"type": "text", "text": "hi"},
+                ],
+            }
+        ],
         "max_tokens": 3,
     }
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
@@ -56,8 +71,14 @@ def _scenario(port: int, model: tuple[str, ...], tmp_path: Path, started: list[S
     assert second.returncode == 1 and elapsed < 2.5
     assert f"PID {a.proc.pid} (listening): qwen-server 127.0.0.1:{port}" in second.stderr
     assert "--replace" in second.stderr
-    raw = subprocess.run([sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "qwen_server.app:app"],
-                         cwd=ROOT, env=base_env(QWEN_SERVER_MODEL=model[1]), capture_output=True, text=True, timeout=60)
+    raw = subprocess.run(
+        [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "qwen_server.app:app"],
+        cwd=ROOT,
+        env=base_env(QWEN_SERVER_MODEL=model[1]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert raw.returncode != 0 and "Address already in use" in raw.stderr + raw.stdout
     chat_ok(a.url)
 
@@ -112,7 +133,9 @@ def test_reload_keeps_the_port_and_serves_again(tiny_model: Path, tmp_path: Path
     srv = ServerProcess.launcher(port, tmp_path / "r.log", "--model", str(tiny_model), *OPTIONS, "--reload")
     try:
         srv.wait_ready()
-        first_worker = {p for p in srv.remember_tree() if "worker-1" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline}
+        first_worker = {
+            p for p in srv.remember_tree() if "worker-1" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline
+        }
         touched = ROOT / "qwen_server" / "__init__.py"
         os.utime(touched)  # a source change: Granian restarts the workers
         deadline = time.monotonic() + 30
@@ -156,7 +179,9 @@ def test_ctrl_c_during_model_load_stops_promptly(tiny_model: Path, tmp_path: Pat
     else:
         pytest.fail("never saw the engine-start stage:\n" + srv.log()[-3000:])
     # Before readiness, inference gets 503 with Retry-After, in the OpenAI envelope.
-    early = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    early = httpx.post(
+        srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10
+    )
     assert early.status_code == 503 and early.headers["retry-after"].isdigit()
     assert early.json()["error"]["code"] == "loading"
     # So is the model list: clients wait for it to answer before they send work.
@@ -200,8 +225,10 @@ def test_restart_cycles_on_one_port(tiny_model: Path, tmp_path: Path) -> None:
         assert code == 0, srv.log()[-3000:]
         assert srv.leftovers() == []
         assert port_holder_report(port) is None  # free at once: the next cycle binds it again
-    print(f"{RESTART_CYCLES} restart cycles: ready in {min(ready_s):.1f}-{max(ready_s):.1f} s, "
-          f"stopped in {min(stop_s):.1f}-{max(stop_s):.1f} s, every exit 0, nothing left, port free each time")
+    print(
+        f"{RESTART_CYCLES} restart cycles: ready in {min(ready_s):.1f}-{max(ready_s):.1f} s, "
+        f"stopped in {min(stop_s):.1f}-{max(stop_s):.1f} s, every exit 0, nothing left, port free each time"
+    )
 
 
 def test_demo_serves_with_no_options_then_a_dead_engine_past_the_restart_limit_ends_the_worker(
@@ -218,7 +245,9 @@ def test_demo_serves_with_no_options_then_a_dead_engine_past_the_restart_limit_e
         srv.wait_ready()
         assert "Serving the built-in DEMO model" in srv.log()
         chat_ok(srv.url)
-        core = next(p for p in srv.remember_tree() if "VLLM::EngineCore" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline)
+        core = next(
+            p for p in srv.remember_tree() if "VLLM::EngineCore" in (procs.info(p) or procs.ProcInfo(0, 0, "")).cmdline
+        )
         os.kill(core, signal.SIGKILL)
         t0 = time.monotonic()
         dead = None

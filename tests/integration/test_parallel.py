@@ -17,8 +17,18 @@ def test_tensor_parallel_2_answers_a_chat_with_an_image(tiny_model: Path, tmp_pa
     env = base_env(VLLM_CPU_OMP_THREADS_BIND="0|1")
     port = free_port()
     srv = ServerProcess.launcher(
-        port, tmp_path / "tp2.log", "--model", str(tiny_model), "--tensor-parallel-size", "2",
-        "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4", env=env,
+        port,
+        tmp_path / "tp2.log",
+        "--model",
+        str(tiny_model),
+        "--tensor-parallel-size",
+        "2",
+        "--max-model-len",
+        "1024",
+        "--enforce-eager",
+        "--max-num-seqs",
+        "4",
+        env=env,
     )
     try:
         srv.wait_ready()
@@ -26,8 +36,15 @@ def test_tensor_parallel_2_answers_a_chat_with_an_image(tiny_model: Path, tmp_pa
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         r = client.chat.completions.create(
             model=str(tiny_model),
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url()}},
-                                                   {"type": "text", "text": "What is it?"}]}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_data_url()}},
+                        {"type": "text", "text": "What is it?"},
+                    ],
+                }
+            ],
             max_tokens=5,
             extra_body={"ignore_eos": True},
         )

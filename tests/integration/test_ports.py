@@ -43,8 +43,21 @@ def test_granian_serves_the_handed_socket_and_a_second_granian_fails(tmp_path: P
                 time.sleep(0.2)
         srv.remember_tree()
         raw = subprocess.run(
-            [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), "tests.helpers.hello_app:app"],
-            cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                "asgi",
+                "--port",
+                str(port),
+                "tests.helpers.hello_app:app",
+            ],
+            cwd=ROOT,
+            env=base_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert raw.returncode != 0
         assert "Address already in use" in raw.stderr + raw.stdout

@@ -54,10 +54,26 @@ CHAT = "/v1/chat/completions"
 def rel(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("reliability") / "server.log"
     srv = ServerProcess.launcher(
-        free_port(), log, "--model", str(tiny_model), "--served-model-name", "tiny",
-        "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--max-num-seqs", str(MAX_SEQS),
-        "--limit-mm-per-prompt", '{"image": 4}', "--max-pending-requests", str(LIMIT),
-        "--respawn-failed-workers", "--drain-timeout", str(DRAIN_TIMEOUT), "--workers-kill-timeout", "30",
+        free_port(),
+        log,
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enforce-eager",
+        "--max-num-seqs",
+        str(MAX_SEQS),
+        "--limit-mm-per-prompt",
+        '{"image": 4}',
+        "--max-pending-requests",
+        str(LIMIT),
+        "--respawn-failed-workers",
+        "--drain-timeout",
+        str(DRAIN_TIMEOUT),
+        "--workers-kill-timeout",
+        "30",
     )
     try:
         srv.wait_ready(timeout=400)
@@ -78,8 +94,13 @@ def chat_body(max_tokens: int = 8, image: str | None = None, **extra) -> dict:
     content: list[dict] = [{"type": "text", "text": "Describe."}]
     if image:
         content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "ignore_eos": True, **extra}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 def post(srv: ServerProcess, body: dict | bytes, timeout: float = 60) -> httpx.Response:
@@ -126,14 +147,20 @@ def metric_sum(srv: ServerProcess, name: str, **labels: str) -> float:
     """The sum of a metric's series (those with all of `labels`) in /metrics."""
     text = httpx.get(srv.url + "/metrics", timeout=10).text
     want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith((name + "{", name + " ")) and all(w in line for w in want))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and all(w in line for w in want)
+    )
 
 
 def gauge_pids(srv: ServerProcess, name: str) -> set[str]:
     text = httpx.get(srv.url + "/metrics", timeout=10).text
-    return {line.split('pid="', 1)[1].split('"', 1)[0] for line in text.splitlines()
-            if line.startswith(name + "{") and 'pid="' in line}
+    return {
+        line.split('pid="', 1)[1].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith(name + "{") and 'pid="' in line
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,8 +195,10 @@ def raw_request(srv: ServerProcess, body: bytes, *, rcvbuf: int | None = None, s
 
 
 def _request_head(body: bytes) -> bytes:
-    return (f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
 
 
 def _response_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -249,8 +278,10 @@ def test_idle_keepalive_connections_do_not_block_new_requests(rel: ServerProcess
     finally:
         for s in socks:
             s.close()
-    report(f"{IDLE_CONNECTIONS} idle connections ({len(keepalive)} keep-alive, {len(socks) - len(keepalive)} silent): "
-           f"image chat answered in {chat_latency:.3f} s, /health in {health_latency:.3f} s")
+    report(
+        f"{IDLE_CONNECTIONS} idle connections ({len(keepalive)} keep-alive, {len(socks) - len(keepalive)} silent): "
+        f"image chat answered in {chat_latency:.3f} s, /health in {health_latency:.3f} s"
+    )
     # Blocked would mean a hang until the client's timeout (a failure above), not a slow answer: the
     # latencies are reported, not asserted (this machine is shared; speed is measured in benchmarks/).
 
@@ -276,7 +307,9 @@ async def _burst(srv: ServerProcess, bodies: list[bytes], timeout: float) -> lis
         return httpx.Response(status, headers=headers, content=payload), time.perf_counter() - t0
 
     try:
-        return await asyncio.wait_for(asyncio.gather(*(one(r, w, b) for (r, w), b in zip(conns, bodies))), timeout)
+        return await asyncio.wait_for(
+            asyncio.gather(*(one(r, w, b) for (r, w), b in zip(conns, bodies, strict=False))), timeout
+        )
     finally:
         for _, writer in conns:
             writer.close()
@@ -284,8 +317,10 @@ async def _burst(srv: ServerProcess, bodies: list[bytes], timeout: float) -> lis
 
 def test_burst_of_ten_times_the_bound_gets_fast_429s_and_admitted_requests_finish(rel: ServerProcess) -> None:
     # Distinct images (colours far apart) so that admitted requests decode each one for real.
-    bodies = [json.dumps(chat_body(16, image_data_url(color=((37 * i) % 256, (91 * i) % 256, 128)))).encode()
-              for i in range(BURST)]
+    bodies = [
+        json.dumps(chat_body(16, image_data_url(color=((37 * i) % 256, (91 * i) % 256, 128)))).encode()
+        for i in range(BURST)
+    ]
     log_offset = len(rel.log())
     rejected_before = metric_sum(rel, "qwen_server_requests_rejected_total")
     images_before = metric_sum(rel, "qwen_server_images_total")
@@ -302,12 +337,17 @@ def test_burst_of_ten_times_the_bound_gets_fast_429s_and_admitted_requests_finis
             assert r.json()["usage"]["completion_tokens"] == 16
     p50, p99 = percentile(refused, 0.5), percentile(refused, 0.99)
     # The server's own time for each refusal (its access log); the rest is Granian's I/O and this client's loop.
-    served = [float(line.split("latency_ms=", 1)[1].split()[0]) / 1000
-              for line in rel.log()[log_offset:].splitlines() if " 429 " in line and "latency_ms=" in line]
+    served = [
+        float(line.split("latency_ms=", 1)[1].split()[0]) / 1000
+        for line in rel.log()[log_offset:].splitlines()
+        if " 429 " in line and "latency_ms=" in line
+    ]
     assert len(served) == len(refused)
-    report(f"burst of {BURST} (bound {LIMIT}): {len(ok)} admitted, all 200, slowest {max(ok):.2f} s; "
-           f"{len(refused)} refused with 429, latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms at the client, "
-           f"p99 {percentile(served, 0.99) * 1000:.1f} ms in the server")
+    report(
+        f"burst of {BURST} (bound {LIMIT}): {len(ok)} admitted, all 200, slowest {max(ok):.2f} s; "
+        f"{len(refused)} refused with 429, latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms at the client, "
+        f"p99 {percentile(served, 0.99) * 1000:.1f} ms in the server"
+    )
     # Something was refused, so the bound was reached: at least LIMIT were admitted.
     assert refused and len(ok) >= LIMIT
     # Refusals do not queue behind the engine: every 429 was back before the slowest admitted request.
@@ -327,7 +367,7 @@ def _slow_upload(rel: ServerProcess, body: bytes, done: dict) -> None:
     sock = raw_request(rel, body, send_body=False)
     try:
         for i in range(len(body)):
-            sock.sendall(body[i:i + 1])
+            sock.sendall(body[i : i + 1])
             time.sleep(SLOW_BYTE_INTERVAL)
         done["sent_at"] = time.monotonic()
         done["status"], done["body"] = read_response(sock, timeout=60)
@@ -351,6 +391,7 @@ def test_a_429_to_a_big_body_reaches_an_asyncio_client(rel: ServerProcess) -> No
     async def run() -> list[int]:
         statuses: list[int] = []
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=LIMIT + 1)) as holders_client:
+
             async def hold() -> None:  # a slow reader of a long stream: admitted until cancelled
                 async with holders_client.stream("POST", rel.url + CHAT, json=chat_body(1500, stream=True)) as r:
                     async for _ in r.aiter_lines():
@@ -395,7 +436,9 @@ def test_slow_uploader_and_slow_reader_do_not_stall_others(rel: ServerProcess) -
     reader.settimeout(30)
     read = b""
     # An uploader that sends its (small) body one byte every 0.2 s: about 12 s.
-    slow_body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, separators=(",", ":")).encode()
+    slow_body = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, separators=(",", ":")
+    ).encode()
     upload: dict = {}
     uploader = threading.Thread(target=_slow_upload, args=(rel, slow_body, upload))
     uploader.start()
@@ -427,11 +470,13 @@ def test_slow_uploader_and_slow_reader_do_not_stall_others(rel: ServerProcess) -
     released_in = time.monotonic() - t0
 
     base, worst = sorted(baseline)[2], max(during)
-    report(f"slow clients: {len(slow_body)}-byte body at {SLOW_BYTE_INTERVAL} s/byte and a reader taking "
-           f"{SLOW_READ[0] / SLOW_READ[1]:.0f} B/s of a multi-MB stream; meanwhile {len(during)} image chats: median "
-           f"{sorted(during)[len(during) // 2]:.3f} s, worst {worst:.3f} s (#{during.index(worst)}) (alone: median "
-           f"{base:.3f} s); responses held after the engine was done: {held:.0f}; released {released_in:.2f} s after "
-           f"the reader's hang-up")
+    report(
+        f"slow clients: {len(slow_body)}-byte body at {SLOW_BYTE_INTERVAL} s/byte and a reader taking "
+        f"{SLOW_READ[0] / SLOW_READ[1]:.0f} B/s of a multi-MB stream; meanwhile {len(during)} image chats: median "
+        f"{sorted(during)[len(during) // 2]:.3f} s, worst {worst:.3f} s (#{during.index(worst)}) (alone: median "
+        f"{base:.3f} s); responses held after the engine was done: {held:.0f}; released {released_in:.2f} s after "
+        f"the reader's hang-up"
+    )
     # The normal requests ran, one after another, while both slow clients were connected: a worker
     # stalled by either would have answered none of them until the upload ended.
     assert len(during) >= 5
@@ -473,13 +518,18 @@ def test_disconnect_storm_leaves_no_request_in_the_engine(rel: ServerProcess) ->
     assert metric_sum(rel, "vllm:num_requests_waiting") == 0
     # Every one of them was answered (and logged) by the server, not lost on the way.
     deadline = time.monotonic() + 5
-    while metric_sum(rel, "qwen_server_http_requests_total", **answered) - ok_before < STORM and time.monotonic() < deadline:
+    while (
+        metric_sum(rel, "qwen_server_http_requests_total", **answered) - ok_before < STORM
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     assert metric_sum(rel, "qwen_server_http_requests_total", **answered) - ok_before == STORM
     r, latency = timed_post(rel, chat_body(8))
     assert r.status_code == 200
-    report(f"disconnect storm: {STORM} streams started and abandoned in {storm_s:.1f} s (half with RST); "
-           f"engine empty {idle_in:.2f} s later; next chat {latency:.3f} s")
+    report(
+        f"disconnect storm: {STORM} streams started and abandoned in {storm_s:.1f} s (half with RST); "
+        f"engine empty {idle_in:.2f} s later; next chat {latency:.3f} s"
+    )
 
 
 # --- 5. fuzzing ---
@@ -496,11 +546,17 @@ SMALL_PNG = image_data_url((8, 8), fmt="PNG")
 
 # Anything JSON can hold, nested.
 json_leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
 )
-junk = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                    max_leaves=8)
+junk = st.recursive(
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 
 # Image URLs that never leave the machine: data URLs (good, truncated, garbage, lying about their
 # type), loopback hosts in several spellings and file paths the server must refuse, and random text
@@ -513,24 +569,49 @@ image_urls = st.one_of(
     st.binary(max_size=80).map(lambda b: "data:image/png;base64," + base64.b64encode(b).decode()),
     st.text(max_size=60).map(lambda t: "data:image/jpeg;base64," + t),
     st.text(max_size=40).map(lambda t: "data:" + t),
-    st.sampled_from([
-        "data:image/png;base64," + base64.b64encode(_png_header(60000, 60000)).decode(),
-        "data:image/png;base64," + base64.b64encode(_png_header(1, 2**31 - 1)).decode(),
-        "data:image/gif;base64,R0lGODlhAQABAAAAACw=", "data:text/plain;base64,aGVsbG8=", "data:,", "",
-        "http://127.0.0.1:1/x.png", "http://[::1]/x.png", "http://127.0.0.2/a.jpg", "http://127.255.255.254/latest",
-        "http://localhost/x.png", "https://127.0.0.1/x", "http://127.1/x", "file:///etc/passwd", "/etc/passwd",
-        "../../etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1/", "javascript:alert(1)",
-    ]),
+    st.sampled_from(
+        [
+            "data:image/png;base64," + base64.b64encode(_png_header(60000, 60000)).decode(),
+            "data:image/png;base64," + base64.b64encode(_png_header(1, 2**31 - 1)).decode(),
+            "data:image/gif;base64,R0lGODlhAQABAAAAACw=",
+            "data:text/plain;base64,aGVsbG8=",
+            "data:,",
+            "",
+            "http://127.0.0.1:1/x.png",
+            "http://[::1]/x.png",
+            "http://127.0.0.2/a.jpg",
+            "http://127.255.255.254/latest",
+            "http://localhost/x.png",
+            "https://127.0.0.1/x",
+            "http://127.1/x",
+            "file:///etc/passwd",
+            "/etc/passwd",
+            "../../etc/passwd",
+            "ftp://127.0.0.1/x",
+            "gopher://127.0.0.1/",
+            "javascript:alert(1)",
+        ]
+    ),
     st.text(max_size=60).filter(lambda t: "http" not in t.lower() and "//" not in t),
 )
 text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=60)})
-image_part = st.fixed_dictionaries({
-    "type": st.just("image_url"),
-    "image_url": st.one_of(st.fixed_dictionaries({"url": image_urls}, optional={"detail": st.sampled_from(["auto", "low", "high", "max"])}),
-                           junk),
-})
-odd_part = st.one_of(junk, st.fixed_dictionaries({"type": st.text(max_size=10)}, optional={"text": junk, "image_url": junk}))
-content = st.one_of(st.none(), st.text(max_size=200), st.lists(st.one_of(text_part, image_part, odd_part), max_size=5), junk)
+image_part = st.fixed_dictionaries(
+    {
+        "type": st.just("image_url"),
+        "image_url": st.one_of(
+            st.fixed_dictionaries(
+                {"url": image_urls}, optional={"detail": st.sampled_from(["auto", "low", "high", "max"])}
+            ),
+            junk,
+        ),
+    }
+)
+odd_part = st.one_of(
+    junk, st.fixed_dictionaries({"type": st.text(max_size=10)}, optional={"text": junk, "image_url": junk})
+)
+content = st.one_of(
+    st.none(), st.text(max_size=200), st.lists(st.one_of(text_part, image_part, odd_part), max_size=5), junk
+)
 message = st.fixed_dictionaries(
     {"role": st.one_of(st.sampled_from(["system", "developer", "user", "assistant"]), junk)},
     optional={"content": content, "name": st.one_of(st.text(max_size=10), junk)},
@@ -556,18 +637,30 @@ OPTIONAL_FIELDS = {
     "repetition_penalty": wild_float,
     "ignore_eos": st.one_of(st.booleans(), junk),
     "min_tokens": st.one_of(st.integers(0, 8), wild_int),
-    "logit_bias": st.dictionaries(st.one_of(st.integers(-10, 10**12).map(str), st.text(max_size=5)), wild_float, max_size=3),
+    "logit_bias": st.dictionaries(
+        st.one_of(st.integers(-10, 10**12).map(str), st.text(max_size=5)), wild_float, max_size=3
+    ),
     "logprobs": st.one_of(st.booleans(), junk),
     "top_logprobs": st.one_of(st.integers(-1, 25), junk),
     "response_format": st.one_of(
-        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
-                              optional={"json_schema": st.one_of(junk, st.fixed_dictionaries({"schema": junk}))}),
-        junk),
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+            optional={"json_schema": st.one_of(junk, st.fixed_dictionaries({"schema": junk}))},
+        ),
+        junk,
+    ),
     "stream": st.one_of(st.booleans(), junk),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), junk),
     "mm_processor_kwargs": st.one_of(
-        st.dictionaries(st.sampled_from(["max_pixels", "min_pixels", "fps", "x", "temporal_patch_size", "patch_size",
-                                         "merge_size", "size"]), junk, max_size=2), junk),
+        st.dictionaries(
+            st.sampled_from(
+                ["max_pixels", "min_pixels", "fps", "x", "temporal_patch_size", "patch_size", "merge_size", "size"]
+            ),
+            junk,
+            max_size=2,
+        ),
+        junk,
+    ),
     "chat_template_kwargs": st.one_of(st.dictionaries(st.text(max_size=12), junk, max_size=2), junk),
     "add_generation_prompt": st.one_of(st.booleans(), junk),
     "continue_final_message": st.booleans(),
@@ -576,18 +669,24 @@ OPTIONAL_FIELDS = {
     "extra_unknown_field": junk,
 }
 chat_bodies = st.fixed_dictionaries(
-    {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), junk)}, optional=OPTIONAL_FIELDS,
+    {"messages": st.one_of(st.lists(message, min_size=1, max_size=3), junk)},
+    optional=OPTIONAL_FIELDS,
 )
 # Well-formed requests with values drawn across their allowed ranges: these reach the engine.
-valid_image_part = st.fixed_dictionaries({
-    "type": st.just("image_url"),
-    "image_url": st.fixed_dictionaries({"url": st.sampled_from([SMALL_PNG, image_data_url(color=(1, 99, 3))])}),
-})
-valid_message = st.fixed_dictionaries({
-    "role": st.just("user"),
-    "content": st.one_of(st.text(min_size=1, max_size=100),
-                         st.lists(st.one_of(text_part, valid_image_part), min_size=1, max_size=3)),
-})
+valid_image_part = st.fixed_dictionaries(
+    {
+        "type": st.just("image_url"),
+        "image_url": st.fixed_dictionaries({"url": st.sampled_from([SMALL_PNG, image_data_url(color=(1, 99, 3))])}),
+    }
+)
+valid_message = st.fixed_dictionaries(
+    {
+        "role": st.just("user"),
+        "content": st.one_of(
+            st.text(min_size=1, max_size=100), st.lists(st.one_of(text_part, valid_image_part), min_size=1, max_size=3)
+        ),
+    }
+)
 VALID_FIELDS = {
     "model": st.just("tiny"),
     "max_tokens": small_tokens,
@@ -611,7 +710,8 @@ VALID_FIELDS = {
     "mm_processor_kwargs": st.sampled_from([{}, {"max_pixels": 12544}, {"min_pixels": 3136, "max_pixels": 50176}]),
 }
 valid_chat_bodies = st.fixed_dictionaries(
-    {"messages": st.lists(valid_message, min_size=1, max_size=2)}, optional=VALID_FIELDS,
+    {"messages": st.lists(valid_message, min_size=1, max_size=2)},
+    optional=VALID_FIELDS,
 )
 # What goes on the wire: a well-formed body, a generated body (its JSON, sometimes with
 # NaN/Infinity, which is not JSON), any JSON value, or raw bytes.
@@ -674,13 +774,23 @@ def test_fuzzed_chat_bodies_never_get_a_5xx_and_the_worker_stays_up(rel: ServerP
     t0 = time.monotonic()
 
     with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as client:
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        )
         @given(raw=wire_bodies)
         @example(raw=json.dumps({**chat_body(4), "seed": 2**64}).encode())
         @example(raw=json.dumps({**chat_body(4), "top_k": 2**70, "stream": True}).encode())
         @example(raw=json.dumps({**chat_body(4), "stop": [""]}).encode())
-        @example(raw=json.dumps({**chat_body(2, image=SMALL_PNG), "mm_processor_kwargs": {"temporal_patch_size": 0}}).encode())
+        @example(
+            raw=json.dumps(
+                {**chat_body(2, image=SMALL_PNG), "mm_processor_kwargs": {"temporal_patch_size": 0}}
+            ).encode()
+        )
         def fuzz(raw: bytes) -> None:
             _check_answer(raw, client.post(rel.url + CHAT, content=raw), seen)
 
@@ -703,8 +813,13 @@ def _schema_fuzz(operation, counts: dict[int, int]) -> None:
     """Call `operation` with bodies that fit its schema and bodies that break it; count statuses."""
     cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
 
-    @settings(max_examples=SCHEMA_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=SCHEMA_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=cases)
     def fuzz(case) -> None:
         r = case.call(timeout=120)
@@ -727,8 +842,10 @@ def test_bodies_generated_from_the_servers_openapi_schema_never_get_a_5xx(rel: S
     t0 = time.monotonic()
     for path in (CHAT, "/v1/completions"):
         _schema_fuzz(schema[path]["POST"], seen.setdefault(path, {}))
-    report(f"schema fuzz: {sum(sum(c.values()) for c in seen.values())} cases in {time.monotonic() - t0:.1f} s, "
-           f"statuses {seen}")
+    report(
+        f"schema fuzz: {sum(sum(c.values()) for c in seen.values())} cases in {time.monotonic() - t0:.1f} s, "
+        f"statuses {seen}"
+    )
     for path, counts in seen.items():
         assert counts.get(200, 0) > 0 and counts.get(400, 0) > 0, (path, counts)
     assert rel.proc.poll() is None and worker_pid(rel) == worker
@@ -776,30 +893,57 @@ def test_values_that_reach_the_engine_cannot_kill_it(rel: ServerProcess) -> None
     strings, logit_bias, template options, completions): each is answered, none kills EngineCore."""
     worker, core = worker_pid(rel), titled(rel, "VLLM::EngineCore")
     schemas = [
-        {"$ref": "#"}, {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
-        {"type": "string", "pattern": "("}, {"type": "string", "minLength": 100_000_000},
+        {"$ref": "#"},
+        {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+        {"type": "string", "pattern": "("},
+        {"type": "string", "minLength": 100_000_000},
         {"type": "array", "minItems": 100_000_000, "items": {"type": "integer"}},
-        {"type": "string", "pattern": "(a|aa)*b" * 50}, {"type": "integer", "minimum": 10, "maximum": 1},
-        {"enum": []}, {"type": "nonsense"}, {"anyOf": [{"type": "string"}] * 2000}, {"not": {}},
+        {"type": "string", "pattern": "(a|aa)*b" * 50},
+        {"type": "integer", "minimum": 10, "maximum": 1},
+        {"enum": []},
+        {"type": "nonsense"},
+        {"anyOf": [{"type": "string"}] * 2000},
+        {"not": {}},
     ]
     chats = [{"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": s}}} for s in schemas]
     chats += [
-        {"stop": ["x" * 100_000]}, {"logit_bias": {"0": 100, "1": -100}}, {"logit_bias": {"-1": 1}},
-        {"stop_token_ids": [-1]}, {"stop_token_ids": [10**9]}, {"min_tokens": 1000},
-        {"n": 16, "logprobs": True, "top_logprobs": 20}, {"presence_penalty": 2, "frequency_penalty": -2,
-                                                         "repetition_penalty": 10},
-        {"top_k": 0}, {"top_p": 1e-300}, {"temperature": 1e-300}, {"seed": -1},
-        {"chat_template_kwargs": {"enable_thinking": {"a": [1]}}}, {"chat_template_kwargs": {"messages": 5}},
+        {"stop": ["x" * 100_000]},
+        {"logit_bias": {"0": 100, "1": -100}},
+        {"logit_bias": {"-1": 1}},
+        {"stop_token_ids": [-1]},
+        {"stop_token_ids": [10**9]},
+        {"min_tokens": 1000},
+        {"n": 16, "logprobs": True, "top_logprobs": 20},
+        {"presence_penalty": 2, "frequency_penalty": -2, "repetition_penalty": 10},
+        {"top_k": 0},
+        {"top_p": 1e-300},
+        {"temperature": 1e-300},
+        {"seed": -1},
+        {"chat_template_kwargs": {"enable_thinking": {"a": [1]}}},
+        {"chat_template_kwargs": {"messages": 5}},
         {"chat_template_kwargs": {"tools": "x"}},
-        {"messages": [{"role": "assistant", "content": "hi"}], "continue_final_message": True,
-         "add_generation_prompt": False},
+        {
+            "messages": [{"role": "assistant", "content": "hi"}],
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        },
     ]
-    completions = [{"prompt": ""}, {"prompt": "\x00" * 100}, {"prompt": "a" * 20_000},
-                   {"prompt": "hi", "echo": True, "logprobs": 20}, {"prompt": "hi", "max_tokens": 2047},
-                   {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}},
-                   # token-id prompts: the vocabulary's edges, past them, and a batch of long ones
-                   {"prompt": [0]}, {"prompt": [575]}, {"prompt": [576]}, {"prompt": [-1]}, {"prompt": [2**63 - 1]},
-                   {"prompt": [[0] * 2000, [575] * 2000]}, {"prompt": [[]]}]
+    completions = [
+        {"prompt": ""},
+        {"prompt": "\x00" * 100},
+        {"prompt": "a" * 20_000},
+        {"prompt": "hi", "echo": True, "logprobs": 20},
+        {"prompt": "hi", "max_tokens": 2047},
+        {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}},
+        # token-id prompts: the vocabulary's edges, past them, and a batch of long ones
+        {"prompt": [0]},
+        {"prompt": [575]},
+        {"prompt": [576]},
+        {"prompt": [-1]},
+        {"prompt": [2**63 - 1]},
+        {"prompt": [[0] * 2000, [575] * 2000]},
+        {"prompt": [[]]},
+    ]
     seen: dict[int, int] = {}
     with httpx.Client(timeout=120) as client:
         for extra in chats:
@@ -849,8 +993,12 @@ def test_truncated_and_badly_chunked_bodies_are_400s_not_500s(rel: ServerProcess
     head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     cases = {
         "content-length longer than the body": (head + "Content-Length: 1000\r\n\r\n" + '{"messages": [').encode(),
-        **{f"chunk size {size}": (head + "Transfer-Encoding: chunked\r\n\r\n" + f"{size}\r\nabcdef\r\n0\r\n\r\n").encode()
-           for size in ("zz", "-5", "ffffffffffffffffffffffff", "3")},
+        **{
+            f"chunk size {size}": (
+                head + "Transfer-Encoding: chunked\r\n\r\n" + f"{size}\r\nabcdef\r\n0\r\n\r\n"
+            ).encode()
+            for size in ("zz", "-5", "ffffffffffffffffffffffff", "3")
+        },
     }
     statuses = {}
     for name, data in cases.items():
@@ -901,18 +1049,22 @@ def test_big_bodies_are_refused_without_stalling_the_event_loop(rel: ServerProce
     bodies = {
         "300k messages": json.dumps({"model": "tiny", "messages": [message] * 300_000, "max_tokens": 2}).encode(),
         "64 MiB of messages": json.dumps({"model": "tiny", "messages": [message] * 1_500_000}).encode(),
-        "64 MiB of parts": json.dumps({"model": "tiny", "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "a"}] * 2_000_000}]}).encode(),
-        "64 MiB of text": json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hello " * 11_000_000}],
-                                      "max_tokens": 2}).encode(),
+        "64 MiB of parts": json.dumps(
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 2_000_000}]}
+        ).encode(),
+        "64 MiB of text": json.dumps(
+            {"model": "tiny", "messages": [{"role": "user", "content": "hello " * 11_000_000}], "max_tokens": 2}
+        ).encode(),
     }
     figures = []
     for name, body in bodies.items():
         assert len(body) < limit, (name, len(body))
         (r, elapsed), worst, answered = _live_during(rel, lambda body=body: timed_post(rel, body, timeout=300))
         error = assert_envelope(r, 400)
-        figures.append(f"{name} ({len(body) / 2**20:.1f} MiB): 400 {error['code']} in {elapsed:.2f} s, "
-                       f"/live answered {answered} times meanwhile, worst {worst * 1000:.0f} ms")
+        figures.append(
+            f"{name} ({len(body) / 2**20:.1f} MiB): 400 {error['code']} in {elapsed:.2f} s, "
+            f"/live answered {answered} times meanwhile, worst {worst * 1000:.0f} ms"
+        )
         # The loop served others while this body was handled. How long /live waited is reported, not
         # asserted: speed belongs in benchmarks/, and this machine is shared.
         assert answered >= 1, figures[-1]
@@ -921,9 +1073,13 @@ def test_big_bodies_are_refused_without_stalling_the_event_loop(rel: ServerProce
 
 def test_a_clients_own_template_is_refused_unless_trusted(rel: ServerProcess) -> None:
     loop = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}x"
-    (r, elapsed), worst, _ = _live_during(rel, lambda: timed_post(rel, chat_body(2, chat_template_kwargs={"chat_template": loop})))
+    (r, elapsed), worst, _ = _live_during(
+        rel, lambda: timed_post(rel, chat_body(2, chat_template_kwargs={"chat_template": loop}))
+    )
     error = assert_envelope(r, 400)  # it ran for ~3 s on the event loop
-    assert error["param"] == "chat_template_kwargs.chat_template" and "--trust-request-chat-template" in error["message"]
+    assert (
+        error["param"] == "chat_template_kwargs.chat_template" and "--trust-request-chat-template" in error["message"]
+    )
     error = assert_envelope(post(rel, chat_body(2, chat_template_kwargs={"tokenize": True})), 400)
     assert error["param"] == "chat_template_kwargs.tokenize"
     report(f"client template: 400 in {elapsed:.2f} s, /live worst {worst * 1000:.0f} ms")
@@ -956,8 +1112,9 @@ def _wait_ready_again(rel: ServerProcess, old_worker: int | None, within: float 
 
 
 def _long_stream(rel: ServerProcess, out: list, request_id: str) -> None:
-    with httpx.stream("POST", rel.url + CHAT, json=chat_body(1500, stream=True), timeout=60,
-                      headers={"x-request-id": request_id}) as r:
+    with httpx.stream(
+        "POST", rel.url + CHAT, json=chat_body(1500, stream=True), timeout=60, headers={"x-request-id": request_id}
+    ) as r:
         out.append((r.status_code, sse_events(r.iter_lines())))
 
 
@@ -985,8 +1142,13 @@ def test_sigkill_of_the_engine_core_is_recovered_in_place(rel: ServerProcess) ->
     streams: list = []
     plain: list = []
     threads = [threading.Thread(target=_long_stream, args=(rel, streams, f"doomed-stream-{i}")) for i in range(2)]
-    threads.append(threading.Thread(target=lambda: plain.append(httpx.post(
-        rel.url + CHAT, json=chat_body(1500), timeout=60, headers={"x-request-id": "doomed-plain"}))))
+    threads.append(
+        threading.Thread(
+            target=lambda: plain.append(
+                httpx.post(rel.url + CHAT, json=chat_body(1500), timeout=60, headers={"x-request-id": "doomed-plain"})
+            )
+        )
+    )
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
@@ -1049,8 +1211,10 @@ def test_sigkill_of_the_engine_core_is_recovered_in_place(rel: ServerProcess) ->
     in_flight_line = next(line for line in rel.log().splitlines() if "engine requests in flight then" in line)
     assert all(rid in in_flight_line for rid in ("doomed-stream-0", "doomed-stream-1", "doomed-plain")), in_flight_line
     rel.remember_tree()
-    report(f"EngineCore SIGKILL: /health {' -> '.join(statuses)}; dead after {dead_after:.2f} s, ready again "
-           f"after {ready_after:.1f} s (same worker), port held throughout")
+    report(
+        f"EngineCore SIGKILL: /health {' -> '.join(statuses)}; dead after {dead_after:.2f} s, ready again "
+        f"after {ready_after:.1f} s (same worker), port held throughout"
+    )
     assert post(rel, chat_body(4)).status_code == 200
 
 
@@ -1076,8 +1240,10 @@ def test_sigkill_of_the_worker_is_respawned_and_leaves_no_orphan(rel: ServerProc
     assert post(rel, chat_body(4)).status_code == 200
     # The killed worker's gauges are dropped: /metrics reports the live worker only.
     assert gauge_pids(rel, "vllm:num_requests_running") == {str(new_worker)}
-    report(f"worker SIGKILL: its engine processes gone after {orphans_gone:.2f} s, "
-           f"service back (new worker ready) after {ready_in:.1f} s")
+    report(
+        f"worker SIGKILL: its engine processes gone after {orphans_gone:.2f} s, "
+        f"service back (new worker ready) after {ready_in:.1f} s"
+    )
 
 
 # --- 7. SIGTERM with streams in flight (stops the server: last) ---
@@ -1148,10 +1314,12 @@ def test_sigterm_with_32_streams_in_flight_loses_none(rel: ServerProcess) -> Non
 
     endings = [results[i][0] for i in range(DRAIN_STREAMS)]
     during_drain = [i for i in range(short) if results[i][0] == "finished" and results[i][1] > t0]
-    report(f"SIGTERM with {streaming} of {DRAIN_STREAMS} streams in flight (short ones {min(left)}-{max(left)} of "
-           f"{SHORT_TOKENS} tokens from their end): {endings.count('finished')} finished ({len(during_drain)} during "
-           f"the drain), {endings.count('drain_abort')} cut with an error event; launcher exited {code} after "
-           f"{stopped_in:.1f} s")
+    report(
+        f"SIGTERM with {streaming} of {DRAIN_STREAMS} streams in flight (short ones {min(left)}-{max(left)} of "
+        f"{SHORT_TOKENS} tokens from their end): {endings.count('finished')} finished ({len(during_drain)} during "
+        f"the drain), {endings.count('drain_abort')} cut with an error event; launcher exited {code} after "
+        f"{stopped_in:.1f} s"
+    )
     assert set(endings) <= {"finished", "drain_abort"}, endings  # none cut silently
     assert streaming == DRAIN_STREAMS, f"{DRAIN_STREAMS - streaming} short streams ended before SIGTERM"
     assert during_drain, "no stream in flight at SIGTERM was let finish"
@@ -1254,7 +1422,9 @@ class SoakTraffic:
     def _expect(self, kind: str, ok, r: httpx.Response, detail: str = "") -> None:
         if not ok:
             with self._lock:
-                self.failures.append(f"{kind}: {r.status_code} {detail} {r.text[:200] if not r.is_stream_consumed or not detail else ''}")
+                self.failures.append(
+                    f"{kind}: {r.status_code} {detail} {r.text[:200] if not r.is_stream_consumed or not detail else ''}"
+                )
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -1268,16 +1438,32 @@ def _quiescent(srv: ServerProcess) -> dict[str, float]:
     for _ in range(5):
         samples.append(tree_rss(srv.proc.pid))
         time.sleep(0.5)
-    return {"rss": sorted(samples)[2], "fds": open_fds(worker_pid(srv)), "in_engine": health(srv)[1]["requests_in_engine"]}
+    return {
+        "rss": sorted(samples)[2],
+        "fds": open_fds(worker_pid(srv)),
+        "in_engine": health(srv)[1]["requests_in_engine"],
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(SOAK_SECONDS + 600)  # the run itself, plus start and stop
 def test_soak_mixed_traffic_keeps_memory_fds_and_engine_flat(tiny_model: Path, tmp_path: Path) -> None:
     srv = ServerProcess.launcher(
-        free_port(), tmp_path / "soak.log", "--model", str(tiny_model), "--served-model-name", "tiny",
-        "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--max-num-seqs", str(MAX_SEQS),
-        "--max-pending-requests", str(LIMIT), "--image-cache-bytes", "0",
+        free_port(),
+        tmp_path / "soak.log",
+        "--model",
+        str(tiny_model),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--enforce-eager",
+        "--max-num-seqs",
+        str(MAX_SEQS),
+        "--max-pending-requests",
+        str(LIMIT),
+        "--image-cache-bytes",
+        "0",
     )
     try:
         srv.wait_ready(timeout=400)
@@ -1314,13 +1500,15 @@ def test_soak_mixed_traffic_keeps_memory_fds_and_engine_flat(tiny_model: Path, t
     growth = end["rss"] / base["rss"] - 1
     counts = {f"{kind}:{status}": n for (kind, status), n in sorted(traffic.counts.items())}
     peak = max((rss for _, rss in samples), default=end["rss"])
-    report(f"soak {SOAK_SECONDS:.0f} s (warm-up {warmup:.0f} s): {traffic.total()} requests "
-           f"({(traffic.total() - warm_requests) / elapsed:.1f}/s after warm-up) {counts}; latency p50 "
-           f"{percentile(traffic.latencies, 0.5) * 1000:.0f} ms, p99 {percentile(traffic.latencies, 0.99) * 1000:.0f} ms, "
-           f"max {max(traffic.latencies):.1f} s; load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; "
-           f"tree RSS {base['rss'] / mib:.0f} -> {end['rss'] / mib:.0f} MiB ({growth * 100:+.2f}%), "
-           f"peak {peak / mib:.0f} MiB under load; worker fds {base['fds']} -> {end['fds']}; "
-           f"requests left in engine {end['in_engine']}")
+    report(
+        f"soak {SOAK_SECONDS:.0f} s (warm-up {warmup:.0f} s): {traffic.total()} requests "
+        f"({(traffic.total() - warm_requests) / elapsed:.1f}/s after warm-up) {counts}; latency p50 "
+        f"{percentile(traffic.latencies, 0.5) * 1000:.0f} ms, p99 {percentile(traffic.latencies, 0.99) * 1000:.0f} ms, "
+        f"max {max(traffic.latencies):.1f} s; load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; "
+        f"tree RSS {base['rss'] / mib:.0f} -> {end['rss'] / mib:.0f} MiB ({growth * 100:+.2f}%), "
+        f"peak {peak / mib:.0f} MiB under load; worker fds {base['fds']} -> {end['fds']}; "
+        f"requests left in engine {end['in_engine']}"
+    )
     assert traffic.failures == [], traffic.failures[:20]
     assert all(status in (200, 400) for (_, status) in traffic.counts), counts
     assert growth < 0.05

@@ -35,8 +35,11 @@ def _resolve(module: str, name: str) -> object:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        pytest.fail(f"vLLM {vllm_compat.installed_version()}: {module}.{name} is gone ({exc}); "
-                    "update qwen_server/engine/vllm_compat.py", pytrace=False)
+        pytest.fail(
+            f"vLLM {vllm_compat.installed_version()}: {module}.{name} is gone ({exc}); "
+            "update qwen_server/engine/vllm_compat.py",
+            pytrace=False,
+        )
 
 
 @pytest.mark.parametrize(("module", "name"), RESOLVED, ids=[f"{m}.{n}" for m, n in RESOLVED])
@@ -51,38 +54,45 @@ def test_installed_vllm_is_a_verified_release() -> None:
 
 def _has(obj: object, attr: str, where: str) -> None:
     if not hasattr(obj, attr):
-        pytest.fail(f"vLLM {vllm_compat.installed_version()}: {where}.{attr} is gone; update qwen_server/engine/vllm_compat.py",
-                    pytrace=False)
+        pytest.fail(
+            f"vLLM {vllm_compat.installed_version()}: {where}.{attr} is gone; update qwen_server/engine/vllm_compat.py",
+            pytrace=False,
+        )
 
 
 def test_the_internals_vllm_compat_relies_on_are_still_there() -> None:
     prometheus = _resolve("vllm.v1.metrics.loggers", "PrometheusStatLogger")
     _has(prometheus, "_gauge_cls", "PrometheusStatLogger")  # the hook that makes the gauges per worker
     record = inspect.signature(_resolve("vllm.v1.metrics.loggers", "StatLoggerBase").record)
-    assert list(record.parameters) == ["self", "scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"], \
+    assert list(record.parameters) == ["self", "scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"], (
         f"StatLoggerBase.record's signature changed: {record}"
+    )
     renderer = _resolve("vllm.renderers.base", "BaseRenderer")
     _has(renderer, "render_cmpl_async", "BaseRenderer")
     _has(renderer, "default_chat_tok_params", "BaseRenderer")
     config = _resolve("vllm.config", "VllmConfig")
     for field in ("scheduler_config", "device_config"):
         assert field in config.__dataclass_fields__, f"VllmConfig.{field} is gone"
-    assert "max_num_seqs" in _resolve("vllm.config", "SchedulerConfig").__dataclass_fields__, \
+    assert "max_num_seqs" in _resolve("vllm.config", "SchedulerConfig").__dataclass_fields__, (
         "SchedulerConfig.max_num_seqs is gone"
-    assert "device_type" in _resolve("vllm.config", "DeviceConfig").__dataclass_fields__, "DeviceConfig.device_type is gone"
+    )
+    assert "device_type" in _resolve("vllm.config", "DeviceConfig").__dataclass_fields__, (
+        "DeviceConfig.device_type is gone"
+    )
     _has(_resolve("vllm.usage.usage_lib", "UsageContext"), "OPENAI_API_SERVER", "UsageContext")
     _has(_resolve("vllm.v1.engine.async_llm", "AsyncLLM"), "from_engine_args", "AsyncLLM")
     _has(_resolve("vllm.platforms", "current_platform"), "is_cpu", "current_platform")
 
 
 def test_the_compat_functions_build_what_the_server_uses() -> None:
-    engine_args, async_llm, usage_context = vllm_compat.engine_classes()
+    _engine_args, _async_llm, usage_context = vllm_compat.engine_classes()
     assert usage_context.OPENAI_API_SERVER
     assert issubclass(vllm_compat.client_error(), Exception)
     assert issubclass(vllm_compat.engine_dead_error(), Exception)
     kind = _resolve("vllm.sampling_params", "RequestOutputKind")
     params = vllm_compat.sampling_params(
-        max_tokens=4, output_kind=vllm_compat.output_kind(True),
+        max_tokens=4,
+        output_kind=vllm_compat.output_kind(True),
         structured_outputs=vllm_compat.structured_outputs(json_object=True),
     )
     assert params.output_kind is kind.DELTA and params.structured_outputs.json_object

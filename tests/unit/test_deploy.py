@@ -131,7 +131,10 @@ def test_every_qwen_server_variable_named_in_the_recipes_is_a_setting() -> None:
 def test_every_option_in_the_command_lines_is_a_launcher_option() -> None:
     known = {o for p in main.params for o in (*p.opts, *p.secondary_opts)}
     c = container(manifest())
-    command_lines = {"ExecStart": unit_exec(parse_unit(UNIT.read_text())), "container": c["command"] + c.get("args", [])}
+    command_lines = {
+        "ExecStart": unit_exec(parse_unit(UNIT.read_text())),
+        "container": c["command"] + c.get("args", []),
+    }
     for where, argv in command_lines.items():
         used = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
         assert used <= known, f"{where}: not launcher options: {sorted(used - known)}"
@@ -259,7 +262,10 @@ def _tool(name: str) -> str:
 def _systemd_verify(tool: str, unit: Path) -> str:
     proc = subprocess.run(
         [tool, "verify", "--man=no", "--recursive-errors=no", str(unit)],
-        check=False, capture_output=True, text=True, timeout=60,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return (proc.stdout + proc.stderr).strip() + ("" if proc.returncode == 0 else f"\n(exit {proc.returncode})")
 
@@ -305,7 +311,7 @@ def _dropped(given: Any, decoded: Any, path: str = "") -> list[str]:
     if isinstance(given, list):
         if not isinstance(decoded, list) or len(decoded) < len(given):
             return [path]
-        return [p for i, (g, d) in enumerate(zip(given, decoded)) for p in _dropped(g, d, f"{path}[{i}]")]
+        return [p for i, (g, d) in enumerate(zip(given, decoded, strict=False)) for p in _dropped(g, d, f"{path}[{i}]")]
     return [] if given == decoded or str(given) == str(decoded) else [path]  # quantities: 1 -> "1"
 
 

@@ -51,8 +51,12 @@ def test_every_bad_value_is_named() -> None:
             }
         )
     text = str(info.value)
-    for name in ("QWEN_SERVER_MAX_MODEL_LEN=", "QWEN_SERVER_LIMIT_MM_PER_PROMPT=", "QWEN_SERVER_ENFORCE_EAGER=",
-                 "QWEN_SERVER_MAX_MODEL_LENGTH: not a known setting"):
+    for name in (
+        "QWEN_SERVER_MAX_MODEL_LEN=",
+        "QWEN_SERVER_LIMIT_MM_PER_PROMPT=",
+        "QWEN_SERVER_ENFORCE_EAGER=",
+        "QWEN_SERVER_MAX_MODEL_LENGTH: not a known setting",
+    ):
         assert name in text
 
 
@@ -73,14 +77,20 @@ def test_range_checks(env: dict[str, str], fragment: str) -> None:
 
 
 def test_to_env_round_trips() -> None:
-    s = Settings(model="m", max_model_len=10, limit_mm_per_prompt={"image": 2}, served_model_name=["a", "b"], enforce_eager=True)
+    s = Settings(
+        model="m", max_model_len=10, limit_mm_per_prompt={"image": 2}, served_model_name=["a", "b"], enforce_eager=True
+    )
     assert settings.from_env(s.to_env()) == s
     assert Settings().to_env() == {}
 
 
 def test_engine_kwargs_pass_vllm_names_through() -> None:
-    s = Settings(tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray",
-                 engine_args={"swap_space": 4, "tensor_parallel_size": 4})
+    s = Settings(
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        distributed_executor_backend="ray",
+        engine_args={"swap_space": 4, "tensor_parallel_size": 4},
+    )
     kwargs = s.engine_kwargs("/models/x")
     assert kwargs["model"] == "/models/x"
     assert kwargs["pipeline_parallel_size"] == 2
@@ -93,7 +103,12 @@ def test_engine_kwargs_pass_vllm_names_through() -> None:
 
 def test_cli_overrides_environment() -> None:
     s = cli.resolve_settings(
-        {"max_model_len": 8192, "served_model_name": ("x", "y,z"), "limit_mm_per_prompt": '{"image": 3}', "enforce_eager": False},
+        {
+            "max_model_len": 8192,
+            "served_model_name": ("x", "y,z"),
+            "limit_mm_per_prompt": '{"image": 3}',
+            "enforce_eager": False,
+        },
         {"QWEN_SERVER_MAX_MODEL_LEN": "1024", "QWEN_SERVER_ENFORCE_EAGER": "1", "QWEN_SERVER_DTYPE": "bfloat16"},
     )
     assert s.max_model_len == 8192
@@ -201,9 +216,29 @@ def test_equivalent_command_gives_granian_the_launchers_arguments(
     """Every argument the launcher hands Granian, the equivalent `granian` command hands it too."""
     cert, key = tls_files
     shown, equivalent = _print_config(
-        ["--port", "8123", "--workers", "2", "--log-level", "debug", "--root-path", "/p", "--reload",
-         "--workers-kill-timeout", "30", "--respawn-failed-workers", "--access-log", "--backlog", "2048",
-         "--backpressure", "8", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        [
+            "--port",
+            "8123",
+            "--workers",
+            "2",
+            "--log-level",
+            "debug",
+            "--root-path",
+            "/p",
+            "--reload",
+            "--workers-kill-timeout",
+            "30",
+            "--respawn-failed-workers",
+            "--access-log",
+            "--backlog",
+            "2048",
+            "--backpressure",
+            "8",
+            "--ssl-certfile",
+            str(cert),
+            "--ssl-keyfile",
+            str(key),
+        ]
     )
     _, argv = _split_command(equivalent)
     from_command = _granian_server_kwargs(argv, monkeypatch)
@@ -217,26 +252,73 @@ def test_equivalent_command_gives_granian_the_launchers_arguments(
 
 # One value per field, none its default ("<file>", "<dir>": made by the test). A new field must be given one.
 NON_DEFAULT: dict[str, Any] = {
-    "model": "Qwen/Qwen2.5-VL-3B-Instruct", "tokenizer": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "main",
-    "dtype": "bfloat16", "max_model_len": 4096, "tensor_parallel_size": 2, "pipeline_parallel_size": 2,
-    "data_parallel_size": 2, "distributed_executor_backend": "ray", "gpu_memory_utilization": 0.5,
-    "limit_mm_per_prompt": {"image": 4}, "mm_processor_kwargs": {"max_pixels": 1003520}, "enforce_eager": True,
-    "max_num_seqs": 8, "max_num_batched_tokens": 2048, "trust_remote_code": True, "seed": 7,
-    "enable_prefix_caching": False, "quantization": "awq", "kv_cache_dtype": "fp8",
+    "model": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "tokenizer": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "revision": "main",
+    "dtype": "bfloat16",
+    "max_model_len": 4096,
+    "tensor_parallel_size": 2,
+    "pipeline_parallel_size": 2,
+    "data_parallel_size": 2,
+    "distributed_executor_backend": "ray",
+    "gpu_memory_utilization": 0.5,
+    "limit_mm_per_prompt": {"image": 4},
+    "mm_processor_kwargs": {"max_pixels": 1003520},
+    "enforce_eager": True,
+    "max_num_seqs": 8,
+    "max_num_batched_tokens": 2048,
+    "trust_remote_code": True,
+    "seed": 7,
+    "enable_prefix_caching": False,
+    "quantization": "awq",
+    "kv_cache_dtype": "fp8",
     "engine_args": {"swap_space": 4, "disable_log_stats": True},
-    "served_model_name": ["qwen", "qwen vl"], "host": "0.0.0.0", "port": 8123, "root_path": "/api", "workers": 2,
-    "max_request_body_bytes": 1024, "retry_after_seconds": 9, "overload_retry_after_seconds": 3, "log_level": "debug", "log_format": "json",
-    "keep_off_engine_cores": True, "engine_nice": 0, "api_key": ["sk-one", "sk-two"], "api_key_file": "<file>",
-    "protect_probes": True, "max_pending_requests": 3, "request_timeout": 2.5, "drain_timeout": 4.5,
+    "served_model_name": ["qwen", "qwen vl"],
+    "host": "0.0.0.0",
+    "port": 8123,
+    "root_path": "/api",
+    "workers": 2,
+    "max_request_body_bytes": 1024,
+    "retry_after_seconds": 9,
+    "overload_retry_after_seconds": 3,
+    "log_level": "debug",
+    "log_format": "json",
+    "keep_off_engine_cores": True,
+    "engine_nice": 0,
+    "api_key": ["sk-one", "sk-two"],
+    "api_key_file": "<file>",
+    "protect_probes": True,
+    "max_pending_requests": 3,
+    "request_timeout": 2.5,
+    "drain_timeout": 4.5,
     "cors_allow_origins": ["https://app.example.com"],
-    "trust_request_mm_kwargs": True, "trust_request_chat_template": True, "max_messages": 64,
-    "max_content_parts": 16, "max_batch_prompts": 8, "completion_max_tokens": 32, "max_json_depth": 16, "engine_restarts": 2, "engine_restart_window": 60.0,
-    "max_image_bytes": 1000, "max_image_pixels": 1000, "max_image_side": 100, "max_request_image_bytes": 2000,
-    "image_cache_bytes": 0, "media_fetch_timeout": 2.5, "media_max_redirects": 0,
-    "allowed_media_domains": ["example.com"], "allowed_media_networks": ["10.0.0.0/8"],
+    "trust_request_mm_kwargs": True,
+    "trust_request_chat_template": True,
+    "max_messages": 64,
+    "max_content_parts": 16,
+    "max_batch_prompts": 8,
+    "completion_max_tokens": 32,
+    "max_json_depth": 16,
+    "engine_restarts": 2,
+    "engine_restart_window": 60.0,
+    "max_image_bytes": 1000,
+    "max_image_pixels": 1000,
+    "max_image_side": 100,
+    "max_request_image_bytes": 2000,
+    "image_cache_bytes": 0,
+    "media_fetch_timeout": 2.5,
+    "media_max_redirects": 0,
+    "allowed_media_domains": ["example.com"],
+    "allowed_media_networks": ["10.0.0.0/8"],
     "allowed_local_media_path": "<dir>",
-    "reload": True, "workers_kill_timeout": 30, "respawn_failed_workers": True, "access_log": True,
-    "backlog": 2048, "backpressure": 8, "ssl_certfile": "<file>", "ssl_keyfile": "<file>",
+    "reload": True,
+    "workers_kill_timeout": 30,
+    "respawn_failed_workers": True,
+    "access_log": True,
+    "backlog": 2048,
+    "backpressure": 8,
+    "ssl_certfile": "<file>",
+    "ssl_keyfile": "<file>",
 }
 TOGETHER = {"ssl_certfile": ("ssl_keyfile",), "ssl_keyfile": ("ssl_certfile",)}
 
@@ -304,8 +386,14 @@ def test_equivalent_command_round_trips_every_setting(
 def test_process_settings_in_the_environment_are_known_and_change_nothing_else(tls_files: tuple[Path, Path]) -> None:
     """The launcher's workers, and a plain `granian` run given these variables, accept them."""
     cert, key = tls_files
-    s = settings.from_env({"QWEN_SERVER_RELOAD": "true", "QWEN_SERVER_BACKLOG": "2048",
-                           "QWEN_SERVER_SSL_CERTFILE": str(cert), "QWEN_SERVER_SSL_KEYFILE": str(key)})
+    s = settings.from_env(
+        {
+            "QWEN_SERVER_RELOAD": "true",
+            "QWEN_SERVER_BACKLOG": "2048",
+            "QWEN_SERVER_SSL_CERTFILE": str(cert),
+            "QWEN_SERVER_SSL_KEYFILE": str(key),
+        }
+    )
     assert (s.reload, s.backlog, s.ssl_certfile) == (True, 2048, str(cert))
     assert s.engine_kwargs("/m") == Settings().engine_kwargs("/m")
 
@@ -316,7 +404,10 @@ def test_process_settings_in_the_environment_are_known_and_change_nothing_else(t
         (["--backlog", "0"], "QWEN_SERVER_BACKLOG: must be at least 1"),
         (["--backpressure", "0"], "QWEN_SERVER_BACKPRESSURE: must be at least 1"),
         (["--workers-kill-timeout", "0"], "QWEN_SERVER_WORKERS_KILL_TIMEOUT: must be at least 1"),
-        (["--ssl-certfile", "/nonexistent.pem", "--ssl-keyfile", "/nonexistent.pem"], "QWEN_SERVER_SSL_CERTFILE: not a file"),
+        (
+            ["--ssl-certfile", "/nonexistent.pem", "--ssl-keyfile", "/nonexistent.pem"],
+            "QWEN_SERVER_SSL_CERTFILE: not a file",
+        ),
         (["--ssl-certfile", __file__], "QWEN_SERVER_SSL_CERTFILE and QWEN_SERVER_SSL_KEYFILE go together"),
     ],
 )
@@ -332,7 +423,10 @@ def test_version_fences_compare_releases() -> None:
     assert versions.within("0.32.0", verified) and versions.within("0.32.9+cpu", verified)
     assert not versions.within("0.33.0", verified) and not versions.within("0.31.9", verified)
     assert not versions.within("0.32.0rc1", verified) and not versions.within(None, verified)  # (0, 32) < (0, 32, 0)
-    assert versions.outside_message("vLLM", "0.40.1", verified, "x") == "vLLM 0.40.1 is outside the releases x was verified on (0.32.0 to <0.33.0)."
+    assert (
+        versions.outside_message("vLLM", "0.40.1", verified, "x")
+        == "vLLM 0.40.1 is outside the releases x was verified on (0.32.0 to <0.33.0)."
+    )
 
 
 def test_admission_limit_is_the_setting_else_four_times_the_engines_batch() -> None:

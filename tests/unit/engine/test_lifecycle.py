@@ -57,8 +57,9 @@ def test_engine_nice_that_would_raise_priority_is_skipped_with_a_warning_when_un
         if not shutil.which("setpriv"):
             pytest.skip("root without setpriv: cannot drop CAP_SYS_NICE")
         prefix = ["setpriv", "--bounding-set", "-sys_nice"]
-    run = subprocess.run([*prefix, sys.executable, "-c", _UNPRIVILEGED_WORKER],
-                         check=False, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [*prefix, sys.executable, "-c", _UNPRIVILEGED_WORKER], check=False, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "0"  # the engine keeps the worker's nice
     assert re.search(r"engine processes left at this worker's nice \d+: \d+ would raise their priority", run.stderr)

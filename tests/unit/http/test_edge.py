@@ -57,6 +57,7 @@ async def call(edge: Edge, app, path: str = PATH, headers: list | None = None, o
             scope["route_handler"] = SimpleNamespace(opt=INFERENCE if opt is None else opt)
             scope["path_template"] = path
             await app(scope, receive, send)
+
         return routed
 
     scope = {"type": "http", "path": path, "method": "POST", "headers": headers or [], "app": None}
@@ -111,6 +112,7 @@ def test_admission_refuses_beyond_the_limit_without_calling_the_app() -> None:
             nonlocal calls
             calls += 1
             await app(scope, receive, send)
+
         return wrapped
 
     async def scenario():

@@ -129,8 +129,10 @@ def test_a_new_route_declaring_inference_gets_admission(serve) -> None:
 def _probe_statuses(serve, settings: Settings, headers: dict[str, str] | None = None) -> dict[str, int]:
     async def scenario():
         async with serve(settings) as s:
-            return {path: (await s.client.get(path, headers=headers or {})).status_code
-                    for path in ("/live", "/health", "/metrics")}
+            return {
+                path: (await s.client.get(path, headers=headers or {})).status_code
+                for path in ("/live", "/health", "/metrics")
+            }
 
     return run(scenario)
 
@@ -149,8 +151,10 @@ def test_existing_routes_keep_their_policy(serve) -> None:
     # /v1/* needs the key; /version and the documentation stayed open when policy moved to the routes.
     async def scenario():
         async with serve(Settings(api_key=[KEY])) as s:
-            return {path: (await s.client.get(path)).status_code
-                    for path in ("/v1/models", "/version", "/docs", "/docs/openapi.json")}
+            return {
+                path: (await s.client.get(path)).status_code
+                for path in ("/v1/models", "/version", "/docs", "/docs/openapi.json")
+            }
 
     assert run(scenario) == {"/v1/models": 401, "/version": 200, "/docs": 200, "/docs/openapi.json": 200}
 
@@ -161,9 +165,11 @@ def test_existing_routes_keep_their_policy(serve) -> None:
 def test_404_and_405_carry_the_request_id_and_the_envelope(serve) -> None:
     async def scenario():
         async with serve(Settings()) as s:
-            return (await s.client.get("/no/such/path", headers={"X-Request-Id": "r-404"}),
-                    await s.client.get("/v1/chat/completions", headers={"X-Request-Id": "r-405"}),
-                    await s.client.post("/live"))
+            return (
+                await s.client.get("/no/such/path", headers={"X-Request-Id": "r-404"}),
+                await s.client.get("/v1/chat/completions", headers={"X-Request-Id": "r-405"}),
+                await s.client.post("/live"),
+            )
 
     not_found, not_allowed, generated = run(scenario)
     assert_envelope(not_found, 404)
@@ -194,10 +200,13 @@ def test_with_keys_an_unmatched_request_without_the_key_gets_401(serve) -> None:
     async def scenario():
         async with serve(Settings(api_key=[KEY])) as s:
             c = s.client
-            return ((await c.get("/v1/nope")).status_code, (await c.get("/nope")).status_code,
-                    (await c.get("/v1/chat/completions")).status_code,
-                    (await c.get("/v1/nope", headers=AUTH)).status_code,
-                    (await c.get("/v1/chat/completions", headers=AUTH)).status_code)
+            return (
+                (await c.get("/v1/nope")).status_code,
+                (await c.get("/nope")).status_code,
+                (await c.get("/v1/chat/completions")).status_code,
+                (await c.get("/v1/nope", headers=AUTH)).status_code,
+                (await c.get("/v1/chat/completions", headers=AUTH)).status_code,
+            )
 
     assert run(scenario) == (401, 401, 401, 404, 405)
 

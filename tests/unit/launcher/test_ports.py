@@ -3,6 +3,7 @@ loopback (no engine, no Granian serving: the hand-off itself is in tests/integra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,9 +77,13 @@ def test_check_answers_before_litestar_torch_or_vllm_are_imported() -> None:
         """
     )
     try:
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=30
+        )
         after_import, after_check = out.stdout.splitlines()
-        assert after_import.split() == ["False", "False", "False"], "import qwen_server.launcher.cli loaded litestar, torch or vllm"
+        assert after_import.split() == ["False", "False", "False"], (
+            "import qwen_server.launcher.cli loaded litestar, torch or vllm"
+        )
         exit_code, seconds, *loaded = after_check.split()
         assert exit_code == "1"
         print(f"[ports] busy port refused {seconds} s after the launcher's import")
@@ -147,8 +152,9 @@ def test_serve_imports_what_its_threads_import_before_granian_forks() -> None:
     # A fork while the reaper thread imports leaves the child a module lock no thread of its own
     # holds: a worker respawned at that moment hung importing the app (seen once in CI). Imported too
     # early, before the metrics directory is set, the workers' metrics never reach /metrics.
-    out = subprocess.run([sys.executable, "-c", BEFORE_FORK], cwd=ROOT, env=base_env(), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", BEFORE_FORK], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert "imported before fork: True" in out.stdout
     assert "value store: MmapedValue" in out.stdout  # imported after PROMETHEUS_MULTIPROC_DIR was set
@@ -190,7 +196,5 @@ def test_orphaned_worker_is_diagnosed_and_replaced() -> None:
     finally:
         if starter.poll() is None:
             starter.kill()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(orphan, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -140,18 +140,37 @@ def test_http_errors_name_the_status(origin: str) -> None:
 # --- the address policy, as a pure function (nothing is resolved or connected) ---
 
 REFUSED_BY_DEFAULT = [
-    "10.0.0.1", "10.255.255.255",  # 10/8
-    "172.16.0.1", "172.31.255.255",  # 172.16/12, both ends
-    "192.168.0.1", "192.168.255.255",  # 192.168/16
-    "169.254.169.254", "169.254.0.1",  # link-local: cloud metadata services live here
+    "10.0.0.1",
+    "10.255.255.255",  # 10/8
+    "172.16.0.1",
+    "172.31.255.255",  # 172.16/12, both ends
+    "192.168.0.1",
+    "192.168.255.255",  # 192.168/16
+    "169.254.169.254",
+    "169.254.0.1",  # link-local: cloud metadata services live here
     "100.64.0.1",  # shared address space (carrier-grade NAT)
-    "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::ffff:127.0.0.1",  # IPv4-mapped IPv6
-    "fc00::1", "fd12:3456::1",  # unique local, fc00::/7
-    "fe80::1", "fe80::1%eth0", "febf::1",  # link-local fe80::/10, with a scope id as getaddrinfo gives it
-    "224.0.0.1", "239.255.255.250", "ff02::1", "ff0e::1",  # multicast, also the globally scoped kind
-    "0.0.0.0", "::",  # unspecified: connecting to them reaches this machine
-    "127.0.0.1", "127.0.0.2", "127.255.255.254", "::1",  # loopback
-    "255.255.255.255", "240.0.0.1", "192.0.2.1", "198.18.0.1",  # broadcast, reserved, documentation, benchmarking
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "::ffff:127.0.0.1",  # IPv4-mapped IPv6
+    "fc00::1",
+    "fd12:3456::1",  # unique local, fc00::/7
+    "fe80::1",
+    "fe80::1%eth0",
+    "febf::1",  # link-local fe80::/10, with a scope id as getaddrinfo gives it
+    "224.0.0.1",
+    "239.255.255.250",
+    "ff02::1",
+    "ff0e::1",  # multicast, also the globally scoped kind
+    "0.0.0.0",
+    "::",  # unspecified: connecting to them reaches this machine
+    "127.0.0.1",
+    "127.0.0.2",
+    "127.255.255.254",
+    "::1",  # loopback
+    "255.255.255.255",
+    "240.0.0.1",
+    "192.0.2.1",
+    "198.18.0.1",  # broadcast, reserved, documentation, benchmarking
 ]
 PUBLIC = ["1.1.1.1", "172.15.255.255", "172.32.0.1", "2606:4700:4700::1111", "::ffff:1.1.1.1"]
 
@@ -178,19 +197,23 @@ def test_public_addresses_are_allowed(no_network: None, address: str) -> None:
     assert may_connect(address)
 
 
-@pytest.mark.parametrize(("address", "networks", "allowed"), [
-    ("10.0.0.1", ["10.0.0.0/8"], True),
-    ("10.0.0.1", ["10.0.0.0/24", "192.168.0.0/16"], True),
-    ("10.0.1.1", ["10.0.0.0/24"], False),
-    ("169.254.169.254", ["10.0.0.0/8"], False),  # allowing one network opens no other
-    ("127.0.0.1", ["127.0.0.1/32"], True),
-    ("127.0.0.2", ["127.0.0.1/32"], False),
-    ("::1", ["::1/128"], True),
-    ("::1", ["127.0.0.0/8"], False),
-    ("fd12::1", ["fc00::/7"], True),
-])
-def test_allowed_networks_open_exactly_themselves(no_network: None, address: str, networks: list[str],
-                                                  allowed: bool) -> None:
+@pytest.mark.parametrize(
+    ("address", "networks", "allowed"),
+    [
+        ("10.0.0.1", ["10.0.0.0/8"], True),
+        ("10.0.0.1", ["10.0.0.0/24", "192.168.0.0/16"], True),
+        ("10.0.1.1", ["10.0.0.0/24"], False),
+        ("169.254.169.254", ["10.0.0.0/8"], False),  # allowing one network opens no other
+        ("127.0.0.1", ["127.0.0.1/32"], True),
+        ("127.0.0.2", ["127.0.0.1/32"], False),
+        ("::1", ["::1/128"], True),
+        ("::1", ["127.0.0.0/8"], False),
+        ("fd12::1", ["fc00::/7"], True),
+    ],
+)
+def test_allowed_networks_open_exactly_themselves(
+    no_network: None, address: str, networks: list[str], allowed: bool
+) -> None:
     assert may_connect(address, [ipaddress.ip_network(n) for n in networks]) is allowed
 
 
@@ -207,8 +230,11 @@ def test_redirect_to_an_address_outside_the_allowed_networks_is_refused(origin: 
     port = origin.rsplit(":", 1)[1]
     # First hop allowed (127.0.0.1/32), the second is not: 127.0.0.2, also written IPv4-mapped
     # (::ffff:127.0.0.2, loopback on the wire) and as the short form 127.2 of 127.0.0.2.
-    for target in (f"http://127.0.0.2:{port}/image", f"http://[::ffff:127.0.0.2]:{port}/image",
-                   f"http://127.2:{port}/image"):
+    for target in (
+        f"http://127.0.0.2:{port}/image",
+        f"http://[::ffff:127.0.0.2]:{port}/image",
+        f"http://127.2:{port}/image",
+    ):
         refused(f"{origin}/to?{target}", "forbidden_address")
     # After an allowed redirect (127.0.0.1 to itself), the refused hop is still checked.
     refused(f"{origin}/to?{origin}/to?http://127.0.0.2:{port}/image", "forbidden_address")
@@ -222,4 +248,3 @@ def test_allowed_domains_are_enforced_on_every_hop(origin: str) -> None:
     refused(f"{origin}/image", "forbidden_domain", allowed_domains=["images.example.com"])
     assert fetch(f"{origin}/image", allowed_domains=["127.0.0.1"]) == BODY
     refused(f"{origin}/to?http://localhost:1/x", "forbidden_domain", allowed_domains=["127.0.0.1"])
-

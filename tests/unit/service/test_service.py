@@ -18,13 +18,24 @@ from qwen_server.settings import Settings
 
 
 def _prepared() -> PreparedRequest:
-    return PreparedRequest(request_id="chatcmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
-                           prompts=[Prompt(None, 3)], sampling=None, n=1, stream=True, include_usage=False,
-                           logprobs=None)
+    return PreparedRequest(
+        request_id="chatcmpl-x",
+        engine_request_id="x",
+        record=RequestRecord("x"),
+        model="tiny",
+        prompts=[Prompt(None, 3)],
+        sampling=None,
+        n=1,
+        stream=True,
+        include_usage=False,
+        logprobs=None,
+    )
 
 
 def _output(text: str, finish: str | None = None) -> Any:
-    return SimpleNamespace(outputs=[SimpleNamespace(index=0, text=text, token_ids=[1], finish_reason=finish, logprobs=None)])
+    return SimpleNamespace(
+        outputs=[SimpleNamespace(index=0, text=text, token_ids=[1], finish_reason=finish, logprobs=None)]
+    )
 
 
 def _events(service: ChatService) -> list[str]:
@@ -42,8 +53,11 @@ def _fake_engine(generate) -> Any:
 
 
 def _fake_service(generate) -> ChatService:
-    return ChatService(engine=_fake_engine(lambda engine_input, sampling, request_id: generate(None)), media=None,  # type: ignore[arg-type]
-                       settings=Settings())
+    return ChatService(
+        engine=_fake_engine(lambda engine_input, sampling, request_id: generate(None)),
+        media=None,  # type: ignore[arg-type]
+        settings=Settings(),
+    )
 
 
 def test_a_stream_that_finishes_ends_with_done() -> None:
@@ -60,8 +74,9 @@ def test_a_stream_that_finishes_ends_with_done() -> None:
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyError("k"), AssertionError()])
-def test_an_unexpected_failure_mid_stream_becomes_an_error_event_not_a_silent_cut(failure: Exception,
-                                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unexpected_failure_mid_stream_becomes_an_error_event_not_a_silent_cut(
+    failure: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
     async def generate(prep):
         yield _output("Hel")
         raise failure
@@ -123,7 +138,7 @@ def _nested(depth: int) -> Any:
 def test_json_nested_past_the_recursion_limit_is_a_400_naming_the_body(field: str) -> None:
     deep = "[" * 5000 + "]" * 5000  # was a RecursionError in msgspec, answered 500
     if field == "whole_body":
-        body = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"{\"a\": " * 5000 + b"1" + b"}" * 5001
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001
     else:
         body = _chat_body()[:-1] + f', "{field}": {{"a": {deep}}}}}'.encode()
     with pytest.raises(ServiceError) as info:
@@ -132,7 +147,9 @@ def test_json_nested_past_the_recursion_limit_is_a_400_naming_the_body(field: st
 
 
 def test_json_nested_too_deep_inside_a_message_is_a_400() -> None:
-    body = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    body = (
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    )
     with pytest.raises(ServiceError) as info:
         decode_chat(body, Settings())
     assert info.value.kind is Kind.INVALID and info.value.code == "too_deep"
@@ -143,8 +160,10 @@ def test_json_nested_too_deep_inside_a_message_is_a_400() -> None:
     [
         ({"mm_processor_kwargs": _nested(65)}, "mm_processor_kwargs"),
         ({"chat_template_kwargs": {"x": [_nested(70)]}}, "chat_template_kwargs"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"schema": _nested(65)}}},
-         "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": _nested(65)}}},
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 def test_free_form_fields_deeper_than_the_limit_are_refused(extra: dict, param: str) -> None:
@@ -187,8 +206,10 @@ def test_message_and_part_counts_are_bounded_before_the_messages_are_built() -> 
 
 def test_two_pass_decoding_names_fields_as_one_pass_did() -> None:
     cases = [
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]},
-         "messages[0].content[0].image_url.url"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]},
+            "messages[0].content[0].image_url.url",
+        ),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "x"}]}, "messages[1].role"),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type"),
         ({"messages": []}, "messages"),
@@ -198,9 +219,23 @@ def test_two_pass_decoding_names_fields_as_one_pass_did() -> None:
         with pytest.raises(ServiceError) as info:
             decode_chat(json.dumps(body).encode(), Settings())
         assert info.value.param == param, (body, info.value.message)
-    request = decode_chat(json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}], "n": 2}).encode(),
-        Settings())
+    request = decode_chat(
+        json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "a"},
+                            {"type": "image_url", "image_url": {"url": "data:,"}},
+                        ],
+                    }
+                ],
+                "n": 2,
+            }
+        ).encode(),
+        Settings(),
+    )
     assert isinstance(request, p.ChatCompletionRequest) and request.n == 2
     assert request.messages[0].content == [p.TextPart(text="a"), p.ImageURLPart(image_url=p.ImageURL(url="data:,"))]
 
@@ -218,9 +253,12 @@ def test_error_messages_quote_client_input_cut_short() -> None:
 
 def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
     """A FAKE engine generator per prompt: choice i * n + j is prompt i's j-th, as in vLLM."""
+
     def out(index: int, text: str, finish: str | None = None) -> Any:
-        return SimpleNamespace(outputs=[SimpleNamespace(index=index, text=text, token_ids=[1], finish_reason=finish,
-                                                        logprobs=None)], prompt_logprobs=None)
+        return SimpleNamespace(
+            outputs=[SimpleNamespace(index=index, text=text, token_ids=[1], finish_reason=finish, logprobs=None)],
+            prompt_logprobs=None,
+        )
 
     async def generate(engine_input, sampling, request_id):  # engine_input: the prompt's index; sampling: n
         i = engine_input
@@ -231,13 +269,23 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
                 yield out(j, f"p{i}c{j}s{step}", "length" if step == 2 else None)
 
     service = CompletionService(engine=_fake_engine(generate), settings=Settings())
-    prep = PreparedRequest(request_id="cmpl-x", engine_request_id="x", record=RequestRecord("x"), model="tiny",
-                           prompts=[Prompt(0, 3), Prompt(1, 5)], sampling=2, n=2, stream=False,
-                           include_usage=False, logprobs=None)
+    prep = PreparedRequest(
+        request_id="cmpl-x",
+        engine_request_id="x",
+        record=RequestRecord("x"),
+        model="tiny",
+        prompts=[Prompt(0, 3), Prompt(1, 5)],
+        sampling=2,
+        n=2,
+        stream=False,
+        include_usage=False,
+        logprobs=None,
+    )
     result = asyncio.run(service.complete(prep))
     assert [c.index for c in result.choices] == [0, 1, 2, 3]
-    assert [c.text for c in result.choices] == [f"p{k // 2}c{k % 2}s0p{k // 2}c{k % 2}s1p{k // 2}c{k % 2}s2"
-                                                for k in range(4)]
+    assert [c.text for c in result.choices] == [
+        f"p{k // 2}c{k % 2}s0p{k // 2}c{k % 2}s1p{k // 2}c{k % 2}s2" for k in range(4)
+    ]
     assert result.usage.prompt_tokens == 8 and result.usage.completion_tokens == 12
 
     prep.stream = True
