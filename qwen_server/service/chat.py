@@ -14,7 +14,7 @@ from qwen_server.media.errors import MediaError
 from qwen_server.media.image import MMKwargsError, check_request_mm_kwargs
 from qwen_server.media.loader import LoadedImage, MediaLoader
 from qwen_server.service.decode import decode_chat
-from qwen_server.service.generation import Endpoint, PreparedRequest, Prompt
+from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt
 from qwen_server.service.sampling import check_common
 from qwen_server.settings import Settings
 
@@ -180,18 +180,8 @@ class ChatService(Endpoint):
     def opening(self, prep: PreparedRequest, index: int) -> Any | None:
         return p.ChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))
 
-    def choice(
-        self,
-        prep: PreparedRequest,
-        index: int,
-        text: str,
-        lp: list[p.TokenLogprob] | None,
-        finish: str | None,
-        *,
-        delta: bool,
-        offset: int = 0,
-        echoed: int = 0,
-    ) -> Any:
+    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any:
+        lp, text, finish = piece.logprobs, piece.text, piece.finish
         logprobs = p.ChoiceLogprobs(content=lp) if lp is not None else None
         if delta:
             return p.ChunkChoice(index=index, delta=p.Delta(content=text), logprobs=logprobs, finish_reason=finish)

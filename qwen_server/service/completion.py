@@ -10,7 +10,7 @@ from qwen_server import protocol as p
 from qwen_server.errors import bad_request, clip
 from qwen_server.logs import RequestRecord
 from qwen_server.service.decode import decode
-from qwen_server.service.generation import Endpoint, PreparedRequest, Prompt
+from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt
 from qwen_server.service.sampling import check_common
 
 
@@ -106,23 +106,13 @@ class CompletionService(Endpoint):
     def opening(self, prep: PreparedRequest, index: int) -> Any | None:
         """The echoed prompt, unless its logprobs are wanted: then it comes with the engine's first output."""
         if prep.echo and prep.logprobs is None:
-            return self.choice(prep, index, prep.prompts[index // prep.n].text, None, None, delta=True)
+            return self.choice(prep, index, Piece(prep.prompts[index // prep.n].text), delta=True)
         return None
 
-    def choice(
-        self,
-        prep: PreparedRequest,
-        index: int,
-        text: str,
-        lp: list[p.TokenLogprob] | None,
-        finish: str | None,
-        *,
-        delta: bool,
-        offset: int = 0,
-        echoed: int = 0,
-    ) -> Any:
-        logprobs = _logprobs(lp, offset, echoed) if lp is not None else None
-        return p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
+    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any:
+        lp = piece.logprobs
+        logprobs = _logprobs(lp, piece.offset, piece.echoed) if lp is not None else None
+        return p.CompletionChoice(index=index, text=piece.text, logprobs=logprobs, finish_reason=piece.finish)
 
     def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
         return p.Completion(id=prep.request_id, created=prep.created, model=prep.model, choices=choices, usage=usage)

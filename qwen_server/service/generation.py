@@ -59,6 +59,17 @@ class PreparedRequest:
         return sum(prompt.length for prompt in self.prompts)
 
 
+@dataclass(slots=True)
+class Piece:
+    """The text of one choice (whole, or one stream step's) and what describes it."""
+
+    text: str
+    logprobs: list[p.TokenLogprob] | None = None
+    finish: str | None = None
+    offset: int = 0  # characters of the choice's text before this piece (completions' text_offset)
+    echoed: int = 0  # how many of `logprobs` are the prompt's (completions' echo)
+
+
 def frame(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
@@ -82,20 +93,8 @@ class Endpoint(abc.ABC):
         """The decoded request checked, rendered and ready for the engine; `record` gets its counts."""
 
     @abc.abstractmethod
-    def choice(
-        self,
-        prep: PreparedRequest,
-        index: int,
-        text: str,
-        lp: list[p.TokenLogprob] | None,
-        finish: str | None,
-        *,
-        delta: bool,
-        offset: int = 0,
-        echoed: int = 0,
-    ) -> Any:
-        """Choice `index`: whole (`delta` false) or a stream chunk's. `offset` is the characters before
-        this text, `echoed` how many of `lp` are the prompt's (completions)."""
+    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any:
+        """Choice `index` made of `piece`: whole (`delta` false) or a stream chunk's."""
 
     @abc.abstractmethod
     def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
@@ -197,18 +196,8 @@ class Endpoint(abc.ABC):
         for k in range(count):
             echo = prep.prompts[k // prep.n].text
             lp = echoed[k // prep.n] + logprobs[k] if prep.logprobs is not None else None
-            choices.append(
-                self.choice(
-                    prep,
-                    k,
-                    echo + "".join(texts[k]),
-                    lp,
-                    finish[k],
-                    delta=False,
-                    offset=len(echo),
-                    echoed=len(echoed[k // prep.n]),
-                )
-            )
+            piece = Piece(echo + "".join(texts[k]), lp, finish[k], offset=len(echo), echoed=len(echoed[k // prep.n]))
+            choices.append(self.choice(prep, k, piece, delta=False))
         return self.body(prep, choices, _usage(prep, completion_tokens), chunk=False)
 
     async def stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
@@ -229,7 +218,8 @@ class Endpoint(abc.ABC):
                 if echo_pending and out.prompt_logprobs:  # the first output of prompt i carries them
                     echoed = self._prompt_logprobs(out, prep.logprobs or 0)
                     for k in range(i * prep.n, (i + 1) * prep.n):
-                        echo = self.choice(prep, k, prep.prompts[i].text, echoed, None, delta=True, echoed=len(echoed))
+                        piece = Piece(prep.prompts[i].text, echoed, echoed=len(echoed))
+                        echo = self.choice(prep, k, piece, delta=True)
                         yield frame(encode(self.body(prep, [echo], None, chunk=True)))
                 for o in out.outputs:
                     k = i * prep.n + o.index
@@ -238,7 +228,7 @@ class Endpoint(abc.ABC):
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp:
                         continue  # the detokenizer holds back a partial character; its logprobs are still sent
-                    choice = self.choice(prep, k, o.text, lp, o.finish_reason, delta=True, offset=sent[k])
+                    choice = self.choice(prep, k, Piece(o.text, lp, o.finish_reason, offset=sent[k]), delta=True)
                     sent[k] += len(o.text)
                     yield frame(encode(self.body(prep, [choice], None, chunk=True)))
             if prep.include_usage:
