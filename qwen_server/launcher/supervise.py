@@ -93,9 +93,7 @@ def run_granian(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeo
         os.environ[PROMETHEUS_MULTIPROC_ENV] = os.path.join(run_dir, "metrics")
     # Granian forks its workers from this process, also while the reaper thread runs. A fork while
     # that thread is importing hands the child a module import lock that no thread of its own will
-    # release; importing the app then hangs. The likely cause of a respawned worker that logged
-    # nothing for 200 s in CI, after an EngineCore kill whose cleanup made the reaper import this
-    # for the first time. So what the threads use is imported here, before any fork, and after
+    # release; importing the app then hangs. So what the threads use is imported here, before any fork, and after
     # PROMETHEUS_MULTIPROC_DIR is set: prometheus_client picks its value store at import, and the
     # workers inherit the module as imported here.
     from prometheus_client import multiprocess  # noqa: F401 - imported for _forget_worker_metrics
