@@ -171,8 +171,17 @@ REFUSED_BY_DEFAULT = [
     "240.0.0.1",
     "192.0.2.1",
     "198.18.0.1",  # broadcast, reserved, documentation, benchmarking
+    # IPv4 behind IPv6 translation: NAT64 (10.0.0.1, 127.0.0.1), a network's own NAT64 prefix, 6to4
+    "64:ff9b::a00:1",
+    "64:ff9b::7f00:1",
+    "64:ff9b:1::101:101",
+    "2002:a00:1::1",
+    "2002:7f00:1::",
 ]
-PUBLIC = ["1.1.1.1", "172.15.255.255", "172.32.0.1", "2606:4700:4700::1111", "::ffff:1.1.1.1"]
+PUBLIC = [
+    "1.1.1.1", "172.15.255.255", "172.32.0.1", "2606:4700:4700::1111", "::ffff:1.1.1.1",
+    "64:ff9b::101:101", "2002:101:101::1",  # 1.1.1.1 through NAT64 and 6to4
+]  # fmt: skip
 
 
 @pytest.fixture
