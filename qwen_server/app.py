@@ -32,6 +32,7 @@ from qwen_server.http.routes import route_handlers
 from qwen_server.media.loader import MediaLoader
 from qwen_server.service.chat import ChatService
 from qwen_server.service.completion import CompletionService
+from qwen_server.service.tokens import TokenService
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
@@ -65,7 +66,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
         media = MediaLoader(settings)
         app.state.engine = engine
         admission.size_by(lambda: engine.max_num_seqs)
-        app.state.chat = ChatService(engine, media, settings)
+        app.state.chat = chat = ChatService(engine, media, settings)
+        app.state.tokens = TokenService(engine, chat, settings)
         app.state.completion = CompletionService(engine, settings)
         app.state.started_at = time.time()
         engine.start()

@@ -183,7 +183,41 @@ class CompletionRequest(SamplingFields, kw_only=True, frozen=True):
     suffix: str | None = None
 
 
+class TokenizeRequest(Struct, kw_only=True, frozen=True):
+    """vLLM's /tokenize in one struct: a completion's `prompt`, or a chat's `messages` (images
+    included: their tokens are counted as the engine will see them)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # refused unless empty: this server renders no tools yet
+    media_io_kwargs: dict[str, Any] | None = None  # refused unless empty, as for chat
+
+
+class DetokenizeRequest(Struct, kw_only=True, frozen=True):
+    model: str | None = None
+    tokens: list[Int64]
+
+
 # --- responses ---
+
+
+class TokenizeResponse(Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(Struct):
+    prompt: str
 
 
 class Usage(Struct):
@@ -312,6 +346,10 @@ class ChatRequestOuter(ChatCompletionRequest, kw_only=True, frozen=True):
     messages: Annotated[list[msgspec.Raw], Meta(min_length=1)]  # type: ignore[assignment]
 
 
+class TokenizeRequestOuter(TokenizeRequest, kw_only=True, frozen=True):
+    messages: list[msgspec.Raw] | None = None  # type: ignore[assignment]  # decoded one by one, as a chat's
+
+
 class ChatMessageOuter(Struct, frozen=True):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[msgspec.Raw] | None = None
@@ -324,4 +362,6 @@ chat_outer_decoder = msgspec.json.Decoder(ChatRequestOuter)
 chat_message_outer_decoder = msgspec.json.Decoder(ChatMessageOuter)
 content_part_decoder = msgspec.json.Decoder(ContentPart)
 completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
+tokenize_outer_decoder = msgspec.json.Decoder(TokenizeRequestOuter)
+detokenize_request_decoder = msgspec.json.Decoder(DetokenizeRequest)
 encoder = msgspec.json.Encoder()

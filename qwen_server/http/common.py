@@ -11,6 +11,7 @@ from qwen_server.engine.lifecycle import Engine
 from qwen_server.http.asgi import AnyRequest, AnyResponse
 from qwen_server.service.chat import ChatService
 from qwen_server.service.completion import CompletionService
+from qwen_server.service.tokens import TokenService
 
 JSON = "application/json"
 
@@ -21,6 +22,10 @@ def chat_of(request: AnyRequest) -> ChatService:
 
 def completion_of(request: AnyRequest) -> CompletionService:
     return cast(CompletionService, request.app.state.completion)
+
+
+def tokens_of(request: AnyRequest) -> TokenService:
+    return cast(TokenService, request.app.state.tokens)
 
 
 def engine_of(request: AnyRequest) -> Engine:

@@ -46,11 +46,11 @@ async def completions(request: AnyRequest) -> AnyResponse:
 
 
 async def _serve(request: AnyRequest, service: Endpoint) -> AnyResponse:
-    prep = await service.prepare(service.decode(await _body(request)), record_of(request.scope))
+    prep = await service.prepare(service.decode(await read_body(request)), record_of(request.scope))
     return await _respond(request, service, prep)
 
 
-async def _body(request: AnyRequest) -> bytes:
+async def read_body(request: AnyRequest) -> bytes:
     """The request body, which must be JSON (a form post is refused, as vLLM's server does); a body
     cut short (the client went away, or broken chunked framing, which Granian reports as a
     disconnect) is the client's error, not the server's."""

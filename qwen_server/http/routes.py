@@ -6,5 +6,17 @@ from __future__ import annotations
 from qwen_server.http.inference import chat_completions, completions
 from qwen_server.http.models import model, models
 from qwen_server.http.probes import health, live, metrics_endpoint, version
+from qwen_server.http.tokens import detokenize, tokenize
 
-route_handlers = [chat_completions, completions, models, model, live, health, metrics_endpoint, version]
+route_handlers = [
+    chat_completions,
+    completions,
+    tokenize,
+    detokenize,
+    models,
+    model,
+    live,
+    health,
+    metrics_endpoint,
+    version,
+]

@@ -70,29 +70,7 @@ class ChatService(Endpoint):
             )
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        kwargs = template_kwargs(
-            req.chat_template_kwargs, req.chat_template, trusted=self.settings.trust_request_chat_template
-        )
-        conversation, image_urls = self._conversation(req.messages)
-        record.images = len(image_urls)
-        images = await self._load_images(image_urls, req.mm_processor_kwargs)
-        # The template and the tokenizer take time that grows with the request: off the event loop.
-        token_ids = await asyncio.to_thread(
-            self._render_chat,
-            conversation,
-            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-            continue_final_message=req.continue_final_message,
-            **kwargs,
-        )
-        prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
-        if images:
-            prompt["multi_modal_data"] = {"image": [loaded.pixels for loaded in images]}
-            # Content hashes as item ids: vLLM's multimodal cache hits without hashing pixels.
-            prompt["multi_modal_uuids"] = {"image": [loaded.uuid for loaded in images]}
-        mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}
-        if mm_kwargs:
-            prompt["mm_processor_kwargs"] = mm_kwargs
-        engine_input = await self.render(client, prompt)
+        engine_input = await self.engine_input(client, req, record)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         prompt_len = len(engine_input["prompt_token_ids"])
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -109,6 +87,38 @@ class ChatService(Endpoint):
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             logprobs=top,
         )
+
+    async def engine_input(
+        self, client: Any, req: p.ChatCompletionRequest | p.TokenizeRequest, record: RequestRecord
+    ) -> Any:
+        """The chat as the engine will see it: template, tokens, images loaded and expanded by the
+        model's processor. Shared with /tokenize, so that its count is the prompt's."""
+        kwargs = template_kwargs(
+            req.chat_template_kwargs, req.chat_template, trusted=self.settings.trust_request_chat_template
+        )
+        conversation, image_urls = self._conversation(req.messages or [])
+        record.images = len(image_urls)
+        images = await self._load_images(image_urls, req.mm_processor_kwargs)
+        # vLLM's defaults: a chat's template carries its special tokens; /tokenize may ask for more.
+        add_special = isinstance(req, p.TokenizeRequest) and bool(req.add_special_tokens)
+        # The template and the tokenizer take time that grows with the request: off the event loop.
+        token_ids = await asyncio.to_thread(
+            self._render_chat,
+            conversation,
+            add_special,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            **kwargs,
+        )
+        prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": [loaded.pixels for loaded in images]}
+            # Content hashes as item ids: vLLM's multimodal cache hits without hashing pixels.
+            prompt["multi_modal_uuids"] = {"image": [loaded.uuid for loaded in images]}
+        mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}
+        if mm_kwargs:
+            prompt["mm_processor_kwargs"] = mm_kwargs
+        return await self.render(client, prompt)
 
     def _conversation(self, messages: list[p.ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """OpenAI messages to the chat template's form; image URLs with their request paths."""
@@ -140,7 +150,7 @@ class ChatService(Endpoint):
             )
         return conversation, image_urls
 
-    def _render_chat(self, conversation: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    def _render_chat(self, conversation: list[dict[str, Any]], add_special_tokens: bool, **kwargs: Any) -> list[int]:
         """The chat template and the tokenizer (run in a thread): the prompt's token ids."""
         tokenizer = self.engine.tokenizer
         try:
@@ -152,7 +162,7 @@ class ChatService(Endpoint):
         if not isinstance(text, str):
             raise bad_request("The chat template did not render text.", "chat_template_kwargs")
         self.check_text_fits(text, "messages")
-        token_ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+        token_ids: list[int] = tokenizer.encode(text, add_special_tokens=add_special_tokens)
         self.check_prompt_fits(len(token_ids), "messages")
         return token_ids
 

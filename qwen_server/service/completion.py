@@ -7,10 +7,10 @@ import asyncio
 from typing import Any
 
 from qwen_server import protocol as p
-from qwen_server.errors import bad_request, clip
+from qwen_server.errors import bad_request
 from qwen_server.logs import RequestRecord
 from qwen_server.service.decode import decode
-from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt
+from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt, check_token_ids
 from qwen_server.service.sampling import check_common
 
 
@@ -66,7 +66,7 @@ class CompletionService(Endpoint):
             raise bad_request("prompt must not be empty.", "prompt")
         kinds = {type(item) for item in prompt}
         if kinds == {int}:
-            return [("", self._token_ids(prompt, "prompt"), "prompt")]
+            return [("", check_token_ids(prompt, self.engine.vocab_size, "prompt"), "prompt")]
         if len(kinds) != 1 or kinds - {str, list}:
             raise bad_request(
                 "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids.",
@@ -80,20 +80,10 @@ class CompletionService(Endpoint):
             )
         if kinds == {str}:
             return [(text, None, f"prompt[{i}]") for i, text in enumerate(prompt)]
-        return [("", self._token_ids(ids, f"prompt[{i}]"), f"prompt[{i}]") for i, ids in enumerate(prompt)]
-
-    def _token_ids(self, ids: list[Any], param: str) -> list[int]:
-        vocab = self.engine.vocab_size
-        for j, token in enumerate(ids):
-            if type(token) is not int or not 0 <= token < vocab:
-                raise bad_request(
-                    f"Token id {clip(repr(token), 40)} is not in the vocabulary of {vocab} tokens.",
-                    f"{param}[{j}]",
-                    code="invalid_token_id",
-                )
-        if not ids:
-            raise bad_request("A prompt of token ids must not be empty.", param)
-        return ids
+        return [
+            ("", check_token_ids(ids, self.engine.vocab_size, f"prompt[{i}]"), f"prompt[{i}]")
+            for i, ids in enumerate(prompt)
+        ]
 
     def _encode(self, text: str) -> list[int]:
         self.check_text_fits(text, "prompt")

@@ -17,14 +17,30 @@ def decode_chat(body: bytes, settings: Settings) -> p.ChatCompletionRequest:
     """A chat request in two passes (see protocol.py): the limits on messages and parts refuse a
     body before its objects are built."""
     outer = decode(p.chat_outer_decoder, body, settings.max_json_depth)
-    if len(outer.messages) > settings.max_messages:
+    fields = msgspec.structs.asdict(outer)
+    fields["messages"] = decode_messages(outer.messages, settings)
+    return p.ChatCompletionRequest(**fields)
+
+
+def decode_tokenize(body: bytes, settings: Settings) -> p.TokenizeRequest:
+    """A /tokenize request; its messages, if any, decoded as a chat's, within the same limits."""
+    outer = decode(p.tokenize_outer_decoder, body, settings.max_json_depth)
+    fields = msgspec.structs.asdict(outer)
+    if outer.messages is not None:
+        fields["messages"] = decode_messages(outer.messages, settings)
+    return p.TokenizeRequest(**fields)
+
+
+def decode_messages(raw_messages: list[msgspec.Raw], settings: Settings) -> list[p.ChatMessage]:
+    """Each message, then each of its parts, decoded on its own, after the counts are checked."""
+    if len(raw_messages) > settings.max_messages:
         raise bad_request(
-            f"The request has {len(outer.messages)} messages; at most {settings.max_messages} are accepted.",
+            f"The request has {len(raw_messages)} messages; at most {settings.max_messages} are accepted.",
             "messages",
             code="too_many_messages",
         )
     messages = []
-    for i, raw in enumerate(outer.messages):
+    for i, raw in enumerate(raw_messages):
         message = decode_part(p.chat_message_outer_decoder, raw, f"messages[{i}]")
         content = message.content
         if isinstance(content, list):
@@ -39,9 +55,7 @@ def decode_chat(body: bytes, settings: Settings) -> p.ChatCompletionRequest:
                 for j, part in enumerate(content)
             ]
         messages.append(p.ChatMessage(role=message.role, content=content, name=message.name))
-    fields = msgspec.structs.asdict(outer)
-    fields["messages"] = messages
-    return p.ChatCompletionRequest(**fields)
+    return messages
 
 
 def decode_part(decoder: msgspec.json.Decoder[Any], data: bytes | msgspec.Raw, path: str) -> Any:

@@ -70,6 +70,20 @@ class Piece:
     echoed: int = 0  # how many of `logprobs` are the prompt's (completions' echo)
 
 
+def check_token_ids(ids: list[Any], vocab: int, param: str) -> list[int]:
+    """`ids`, if each is a token of the vocabulary and there is at least one; else a 400 naming the first bad one."""
+    for j, token in enumerate(ids):
+        if type(token) is not int or not 0 <= token < vocab:
+            raise bad_request(
+                f"Token id {clip(repr(token), 40)} is not in the vocabulary of {vocab} tokens.",
+                f"{param}[{j}]",
+                code="invalid_token_id",
+            )
+    if not ids:
+        raise bad_request("A prompt of token ids must not be empty.", param)
+    return ids
+
+
 def frame(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 

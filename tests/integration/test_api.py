@@ -687,3 +687,62 @@ def test_echo_with_logprobs_reports_the_prompts_tokens(client: openai.OpenAI) ->
     )
     first = stream[0].choices[0]
     assert first.text == prompt and first.logprobs.token_logprobs[0] is None
+
+
+# --- /tokenize and /detokenize (vLLM's paths and shapes) ---
+
+
+def test_tokenize_counts_a_chat_with_an_image_as_the_chat_endpoint_sends_it(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    messages = [user(image_part(image_data_url((448, 448))), "What is this?")]
+    r = post(server, "/tokenize", {"model": "tiny", "messages": messages, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"])
+    text_only = post(server, "/tokenize", {"messages": [user("What is this?")]}).json()["count"]
+    assert body["count"] > text_only + 16  # the image's tokens, expanded by the model's processor
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert chat.usage.prompt_tokens == body["count"]
+    models = client.models.list().data
+    assert body["max_model_len"] == models[0].model_extra["max_model_len"]
+
+
+def test_tokenize_a_prompt_and_detokenize_it_back(server: ServerProcess, client: openai.OpenAI) -> None:
+    prompt = "Hello, my name is"
+    r = post(server, "/tokenize", {"prompt": prompt})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["tokens"]
+    assert (
+        r.json()["count"]
+        == len(tokens)
+        == client.completions.create(model="tiny", prompt=prompt, max_tokens=1).usage.prompt_tokens
+    )
+    back = post(server, "/detokenize", {"model": "tiny", "tokens": tokens})
+    assert back.status_code == 200, back.text
+    assert back.json() == {"prompt": prompt}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "messages"),
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
+        ("/tokenize", {"prompt": "a", "tools": [{"type": "function"}]}, 400, "tools"),
+        (
+            "/tokenize",
+            {"messages": [{"role": "user", "content": [{"type": "video"}]}]},
+            400,
+            "messages[0].content[0].type",
+        ),
+        ("/detokenize", {"tokens": [10**9]}, 400, "tokens[0]"),
+        ("/detokenize", {"tokens": []}, 400, "tokens"),
+        ("/detokenize", {"tokens": "1 2"}, 400, "tokens"),
+    ],
+)
+def test_tokenizer_routes_refuse_bad_input_naming_the_field(
+    server: ServerProcess, path: str, body: dict, status: int, param: str
+) -> None:
+    assert_error(post(server, path, body), status, param)
