@@ -26,8 +26,6 @@ import time
 from multiprocessing import connection
 from typing import Any
 
-import litestar  # noqa: F401 - imported here so that forked workers inherit it
-
 from qwen_server import settings as settings_mod
 from qwen_server.demo import model as demo
 from qwen_server.engine import vllm_compat

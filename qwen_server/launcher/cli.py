@@ -204,6 +204,9 @@ def _start_engine_host(s: Settings, sock: socket.socket) -> Any:
     """--shared-engine: the one engine, started here (after the port is ours, before Granian forks the
     workers, which inherit its imports and attach to it). Its module is the serving side's: imported
     only now, so that the port answer above never waits for torch or vLLM."""
+    # Litestar too (not the app): forked workers then import the app in ~0.03 s instead of ~0.5 s.
+    import litestar  # noqa: F401
+
     from qwen_server import logs
     from qwen_server.engine import host
 
