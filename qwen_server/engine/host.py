@@ -125,6 +125,8 @@ class EngineHost:
         if self._stopping.is_set():
             return
         self.died = True
+        for p in procs:
+            p.join(1.0)  # its sentinel fired: reap it, so that its exit code is known
         codes = {p.name: p.exitcode for p in procs}
         log.error("the shared engine died (%s); stopping the server (engine restart is not implemented yet)", codes)
         os.kill(os.getpid(), signal.SIGTERM)
