@@ -200,7 +200,9 @@ def engine_dead_error() -> type[Exception]:
 # `AsyncLLM.from_vllm_config(client_addresses=, client_count=, client_index=)`,
 # `vllm.v1.engine.input_processor.InputProcessor`, `vllm.renderers.renderer_from_config`, and for the
 # re-attach workaround `vllm.v1.engine.core_client.zmq` (the module global MPClient's ready wait uses),
-# `core_client._process_utility_output`, `MPClient.input_socket` and `call_utility_async("is_sleeping")`.
+# `core_client._process_utility_output`, `MPClient.input_socket` and `call_utility_async("is_sleeping")`;
+# and `vllm.v1.engine.core.EngineCoreProc.run_engine_core`, the process target CoreEngineProcManager
+# looks up at launch (replaced during the launch, for PR_SET_PDEATHSIG).
 
 
 def shared_engine_config(engine_kwargs: dict[str, Any], client_count: int) -> Any:
@@ -225,15 +227,22 @@ class SharedEngine:
 
         self.vllm_config = vllm_config
         self.client_count = client_count
+        from vllm.v1.engine.core import EngineCoreProc
+
         self.listeners = bind_engine_zmq_listeners(vllm_config, client_count)
+        # CoreEngineProcManager starts `EngineCoreProc.run_engine_core`, looked up at launch: during the
+        # launch it is our wrapper, which the spawned process imports by name (and which calls vLLM's).
+        original = EngineCoreProc.__dict__["run_engine_core"]
+        EngineCoreProc.run_engine_core = staticmethod(_run_engine_core_dying_with_parent)
         try:
-            with launch_core_engines(
-                vllm_config, Executor.get_class(vllm_config), False, self.listeners.addresses
-            ) as launch:
+            executor = Executor.get_class(vllm_config)
+            with launch_core_engines(vllm_config, executor, False, self.listeners.addresses) as launch:
                 pass  # the context's exit is the startup handshake
         except BaseException:
             self.close_listeners()
             raise
+        finally:
+            EngineCoreProc.run_engine_core = original
         self.launch = launch
         if launch.tensor_queue is not None:  # mm_tensor_ipc="torch_shm": not handed to workers yet
             self.stop()
@@ -265,6 +274,23 @@ class SharedEngine:
         for listener in (*self.listeners.inputs, *self.listeners.outputs):
             with contextlib.suppress(OSError):
                 listener.cleanup()
+
+
+def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
+    """EngineCore's process body under the shared engine's host: first PR_SET_PDEATHSIG, so that a
+    host killed outright (SIGKILL) takes EngineCore with it; then vLLM's `EngineCoreProc.run_engine_core`.
+    SIGTERM, not SIGKILL: EngineCore's own shutdown stops its model workers (a SIGKILLed EngineCore
+    left its CPU model worker running, seen here)."""
+    import ctypes
+    import signal
+
+    from vllm.v1.engine.core import EngineCoreProc
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the host died before the line above
+        os._exit(1)
+    return EngineCoreProc.run_engine_core(*args, **kwargs)
 
 
 def prewarm_input_processor(vllm_config: Any) -> None:

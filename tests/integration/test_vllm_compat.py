@@ -125,6 +125,10 @@ def test_the_shared_engine_internals_are_still_there() -> None:
     assert 'client_addresses.get("input_listener")' in source, "MPClient no longer adopts inherited listeners"
     _has(_resolve("vllm.v1.engine.core_client", "AsyncMPClient"), "call_utility_async", "AsyncMPClient")
     _has(_resolve("vllm.v1.engine.core", "EngineCore"), "is_sleeping", "EngineCore")  # the route probe's utility
+    # PR_SET_PDEATHSIG: the process target is looked up on the class at launch, so replacing it works.
+    manager_source = inspect.getsource(manager.__init__)
+    assert "target=EngineCoreProc.run_engine_core" in manager_source, "CoreEngineProcManager's process target changed"
+    assert isinstance(_resolve("vllm.v1.engine.core", "EngineCoreProc").__dict__["run_engine_core"], staticmethod)
 
 
 def test_the_compat_functions_build_what_the_server_uses() -> None:
