@@ -137,14 +137,17 @@ def test_a_killed_worker_is_respawned_and_reattaches_to_the_same_engine(server: 
 
 def test_sigterm_stops_the_whole_tree_and_frees_the_port(server: ServerProcess) -> None:
     tree = server.remember_tree()
+    names = {p: i.cmdline[:60] for p in tree if (i := procs.info(p))}
     assert len(_engine_cores(server)) == 1
     t0 = time.monotonic()
     code = server.stop(signal.SIGTERM)
     took = time.monotonic() - t0
-    assert code == 0, server.log()[-3000:]
-    assert server.leftovers() == [], server.log()[-3000:]
+    log = server.log_path.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    left = server.leftovers(within=10)  # a SIGKILLed model worker may take a moment to go
+    assert left == [], ({p: names.get(p) for p in left}, log[-3000:])
     free_after = wait_port_free(server.port, within=10)
-    assert "shared engine stopped" in server.log_path.read_text(errors="replace")
+    assert "shared engine stopped" in log
     print(
         f"\nSIGTERM -> launcher exit {took:.1f} s ({len(tree)} processes, none left); port free {free_after:.2f} s later"
     )
