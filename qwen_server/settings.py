@@ -25,6 +25,11 @@ import msgspec
 ENV_PREFIX = "QWEN_SERVER_"
 # prometheus_client's variable, not a setting: the launcher points it at a directory its workers share.
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Not settings either: what the launcher's engine host (--shared-engine) tells the workers it forks.
+# Present, a worker attaches to that engine instead of building its own (engine/lifecycle.py).
+ENGINE_HOST_SLOTS_ENV = "QWEN_ENGINE_HOST_SLOTS"  # JSON list, per slot: input/output address and listener fd
+ENGINE_HOST_CLIENT_COUNT_ENV = "QWEN_ENGINE_HOST_CLIENT_COUNT"  # slots the engine was launched for
+ENGINE_HOST_SLOT_DIR_ENV = "QWEN_ENGINE_HOST_SLOT_DIR"  # per-slot lock files, the recorded ready message
 
 _ENGINE = {"group": "engine"}
 _SERVER = {"group": "server"}
@@ -235,6 +240,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             GranianArg("workers_kill_timeout", "--workers-kill-timeout"),
         ),
     ] = 60
+    shared_engine: Annotated[
+        bool,
+        _doc(
+            "EXPERIMENTAL: the launcher starts ONE engine (after the port check, before Granian forks) and "
+            "every worker attaches to it, so --workers N shares one model copy and --reload or a worker's "
+            "respawn keeps the engine loaded. Launcher only (plain `granian` keeps one engine per worker). "
+            "Not yet: a dead worker's requests keep running, engine death stops the server instead of "
+            "restarting the engine.",
+        ),
+    ] = False
     respawn_failed_workers: Annotated[
         bool,
         _doc(

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import fcntl
 import gc
+import json
 import logging
 import os
 import signal
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import IO, TYPE_CHECKING, Any
 
 from qwen_server import metrics, procs
+from qwen_server import settings as settings_mod
 from qwen_server.demo import model as demo
 from qwen_server.engine import cpushare, vllm_compat
 from qwen_server.errors import Kind, ServiceError
@@ -79,6 +82,9 @@ class Engine:
         # Engine request ids in flight, so that a death can be traced to the requests it hit.
         self._inflight: collections.Counter[str] = collections.Counter()
         self._hit_by_death: set[str] = set()
+        # Attached mode (--shared-engine): the launcher's engine host left its slots in the environment;
+        # this worker attaches to that engine instead of building one. None: embedded (one engine here).
+        self.attach = Attachment.from_env(os.environ)
 
     # --- lifecycle ---
 
@@ -178,20 +184,25 @@ class Engine:
             self.model_path = path
             self._set_stage("importing vLLM")
             engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(vllm_compat.engine_classes)
-            if self.settings.workers > 1 and self._cpu_share is None:
-                self._set_stage("claiming this worker's share of the CPUs")
-                self._cpu_share = await asyncio.to_thread(cpushare.claim, self.settings)
-            self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
-            kwargs = self.settings.engine_kwargs(path)
-            args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))
-            client = await asyncio.to_thread(
-                async_llm_cls.from_engine_args,
-                args,
-                # vLLM's server context: its batch defaults (max_num_seqs, max_num_batched_tokens) are
-                # the server's, larger on big GPUs than the plain engine's.
-                usage_context=usage_context_cls.OPENAI_API_SERVER,
-                stat_loggers=[_scheduler_stats_recorder(self), metrics.engine_stat_logger()],
-            )
+            stat_loggers = [_scheduler_stats_recorder(self), metrics.engine_stat_logger()]
+            if self.attach is not None:
+                self._set_stage("attaching to the shared engine")
+                client = await self.attach.connect(stat_loggers)
+            else:
+                if self.settings.workers > 1 and self._cpu_share is None:
+                    self._set_stage("claiming this worker's share of the CPUs")
+                    self._cpu_share = await asyncio.to_thread(cpushare.claim, self.settings)
+                self._set_stage("starting the engine (config, weights, memory profiling, KV cache)")
+                kwargs = self.settings.engine_kwargs(path)
+                args = engine_args_cls(**(kwargs if self.settings.model else demo.engine_overrides(kwargs)))
+                client = await asyncio.to_thread(
+                    async_llm_cls.from_engine_args,
+                    args,
+                    # vLLM's server context: its batch defaults (max_num_seqs, max_num_batched_tokens) are
+                    # the server's, larger on big GPUs than the plain engine's.
+                    usage_context=usage_context_cls.OPENAI_API_SERVER,
+                    stat_loggers=stat_loggers,
+                )
             if self.state is not EngineState.LOADING:  # stopped while loading
                 await asyncio.to_thread(client.shutdown)
                 return None
@@ -302,7 +313,10 @@ class Engine:
             body["stage"] = self.stage
             body["elapsed_seconds"] = round(time.monotonic() - self._t0, 1)
         elif self.client is not None:
-            # Requests this worker still tracks, and the scheduler's own counts (running, waiting).
+            body["worker_pid"] = os.getpid()
+            body["engine_mode"] = "embedded" if self.attach is None else f"attached (slot {self.attach.slot})"
+            # Requests this worker still tracks, and the scheduler's own counts (running, waiting; with a
+            # shared engine each step's counts reach one of its clients only).
             body["requests_in_engine"] = self.client.get_num_unfinished_requests()
             stats = self.scheduler_stats
             body["scheduler"] = {
@@ -335,6 +349,73 @@ class Engine:
                 retry_after=retry,
             )
         raise ServiceError(Kind.UNAVAILABLE, "The server is shutting down.", code="draining", retry_after=retry)
+
+
+class Attachment:
+    """This worker's slot on the launcher's shared engine (engine/host.py): a free slot taken with
+    flock() on its lock file (the kernel frees it when the worker dies, so a respawned or reloaded
+    worker finds it free), and the client attached to it."""
+
+    def __init__(self, slots: list[dict[str, Any]], client_count: int, slot_dir: str) -> None:
+        self.slots = slots
+        self.client_count = client_count
+        self.slot_dir = slot_dir
+        self.slot: int | None = None
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def from_env(cls, environ: Any) -> Attachment | None:
+        raw = environ.get(settings_mod.ENGINE_HOST_SLOTS_ENV)
+        if not raw:
+            return None
+        return cls(
+            json.loads(raw),
+            int(environ[settings_mod.ENGINE_HOST_CLIENT_COUNT_ENV]),
+            environ[settings_mod.ENGINE_HOST_SLOT_DIR_ENV],
+        )
+
+    def _take_slot(self) -> int:
+        from qwen_server.engine import host
+
+        if self.slot is not None:
+            return self.slot
+        for slot in range(self.client_count):
+            fd = os.open(host.slot_lock_path(self.slot_dir, slot), os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._lock_fd, self.slot = fd, slot  # held (open) for the life of this process
+            return slot
+        raise RuntimeError(f"all {self.client_count} slots of the shared engine are taken by other workers")
+
+    async def connect(self, stat_loggers: list[Any]) -> AsyncLLM:
+        from qwen_server.engine import host
+
+        slot = await asyncio.to_thread(self._take_slot)
+        used = os.path.exists(host.slot_used_path(self.slot_dir, slot))
+        t0 = time.monotonic()
+        client = await asyncio.to_thread(
+            vllm_compat.attach_client,
+            host.inherited_config(),
+            self.slots[slot],
+            self.client_count,
+            slot,
+            os.path.join(self.slot_dir, host.READY_PAYLOAD),
+            used,
+            stat_loggers,
+        )
+        attempts = await vllm_compat.confirm_route(client) if used else 0
+        open(host.slot_used_path(self.slot_dir, slot), "w").close()
+        log.info(
+            "attached to the shared engine on slot %d of %d in %.2f s (%s)",
+            slot,
+            self.client_count,
+            time.monotonic() - t0,
+            f"slot re-used: ready message replayed, route confirmed in {attempts} attempt(s)" if used else "new slot",
+        )
+        return client
 
 
 def _scheduler_stats_recorder(engine: Engine):

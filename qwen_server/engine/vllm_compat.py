@@ -16,6 +16,8 @@ one an upgrade moved, and checks the installed release against `VERIFIED_VLLM`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -186,3 +188,255 @@ def engine_dead_error() -> type[Exception]:
     from vllm.v1.engine.exceptions import EngineDeadError
 
     return EngineDeadError
+
+
+# --- one engine shared by several workers (--shared-engine, experimental) ---
+#
+# Internal, verified on 0.32.0 only (vLLM's multi-API-server machinery, `vllm serve --api-server-count`):
+# `vllm.v1.engine.utils.bind_engine_zmq_listeners`, `launch_core_engines` (a context manager whose exit
+# waits for the engine's handshake) and its `CoreEngineLaunch` (`engine_manager.processes`,
+# `engine_manager.shutdown`, `tensor_queue`), the listeners' `address`/`socket`/`cleanup`,
+# `vllm.v1.executor.Executor.get_class`, `AsyncEngineArgs._api_process_count/_api_process_rank`,
+# `AsyncLLM.from_vllm_config(client_addresses=, client_count=, client_index=)`,
+# `vllm.v1.engine.input_processor.InputProcessor`, `vllm.renderers.renderer_from_config`, and for the
+# re-attach workaround `vllm.v1.engine.core_client.zmq` (the module global MPClient's ready wait uses),
+# `core_client._process_utility_output`, `MPClient.input_socket` and `call_utility_async("is_sleeping")`;
+# and `vllm.v1.engine.core.EngineCoreProc.run_engine_core`, the process target CoreEngineProcManager
+# looks up at launch (replaced during the launch, for PR_SET_PDEATHSIG).
+
+
+def shared_engine_config(engine_kwargs: dict[str, Any], client_count: int) -> Any:
+    """The VllmConfig of an engine that `client_count` front-end processes attach to."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    args = AsyncEngineArgs(**engine_kwargs)
+    # What `vllm serve --api-server-count N` sets: N clients, and this process is none of them.
+    args._api_process_count = client_count
+    args._api_process_rank = -1
+    return args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+
+
+class SharedEngine:
+    """One EngineCore launched for `client_count` slots; each slot is one ROUTER (input) and one PULL
+    (output) listener, bound here and adopted by the client that takes the slot."""
+
+    def __init__(self, vllm_config: Any, client_count: int) -> None:
+        from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
+        from vllm.v1.executor import Executor
+
+        self.vllm_config = vllm_config
+        self.client_count = client_count
+        from vllm.v1.engine.core import EngineCoreProc
+
+        self.listeners = bind_engine_zmq_listeners(vllm_config, client_count)
+        # CoreEngineProcManager starts `EngineCoreProc.run_engine_core`, looked up at launch: during the
+        # launch it is our wrapper, which the spawned process imports by name (and which calls vLLM's).
+        original = EngineCoreProc.__dict__["run_engine_core"]
+        EngineCoreProc.run_engine_core = staticmethod(_run_engine_core_dying_with_parent)
+        try:
+            executor = Executor.get_class(vllm_config)
+            with launch_core_engines(vllm_config, executor, False, self.listeners.addresses) as launch:
+                pass  # the context's exit is the startup handshake
+        except BaseException:
+            self.close_listeners()
+            raise
+        finally:
+            EngineCoreProc.run_engine_core = original
+        self.launch = launch
+        if launch.tensor_queue is not None:  # mm_tensor_ipc="torch_shm": not handed to workers yet
+            self.stop()
+            raise RuntimeError("--shared-engine does not support mm_tensor_ipc=torch_shm yet")
+
+    def slots(self) -> list[dict[str, Any]]:
+        """Per slot: the addresses and the listener fds (inherited by forked workers)."""
+        return [
+            {
+                "input_address": i.address,
+                "output_address": o.address,
+                "input_fd": i.socket.fileno(),
+                "output_fd": o.socket.fileno(),
+            }
+            for i, o in zip(self.listeners.inputs, self.listeners.outputs, strict=True)
+        ]
+
+    def processes(self) -> list[Any]:
+        manager: Any = self.launch.engine_manager  # CoreEngineProcManager on one node (no Ray)
+        return list(manager.processes) if manager is not None else []
+
+    def stop(self) -> None:
+        manager = self.launch.engine_manager
+        if manager is not None:
+            manager.shutdown()
+        self.close_listeners()
+
+    def close_listeners(self) -> None:
+        for listener in (*self.listeners.inputs, *self.listeners.outputs):
+            with contextlib.suppress(OSError):
+                listener.cleanup()
+
+
+def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
+    """EngineCore's process body under the shared engine's host: first PR_SET_PDEATHSIG, so that a
+    host killed outright (SIGKILL) takes EngineCore with it; then vLLM's `EngineCoreProc.run_engine_core`.
+    SIGTERM, not SIGKILL: EngineCore's own shutdown stops its model workers (a SIGKILLed EngineCore
+    left its CPU model worker running, seen here)."""
+    import ctypes
+    import signal
+
+    from vllm.v1.engine.core import EngineCoreProc
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the host died before the line above
+        os._exit(1)
+    return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+def prewarm_input_processor(vllm_config: Any) -> None:
+    """Build one InputProcessor: the HF processor and transformers' lazy imports land in vLLM's caches
+    and sys.modules, so that forked workers build theirs in ~0.1 s instead of ~1 s."""
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    InputProcessor(vllm_config, renderer_from_config(vllm_config))
+
+
+def _tolerate_stale_utility_replies() -> None:
+    """A utility reply meant for a slot's previous client (an unknown call id) would raise KeyError
+    in `_process_utility_output` and end the new client's output task: ignore it instead."""
+    import vllm.v1.engine.core_client as cc
+
+    original = cc._process_utility_output
+    if getattr(original, "_qwen_server_tolerant", False):
+        return
+
+    def tolerant(output: Any, utility_results: dict[int, Any]) -> Any:
+        if output.call_id not in utility_results:
+            return None
+        return original(output, utility_results)
+
+    tolerant._qwen_server_tolerant = True  # type: ignore[attr-defined]
+    cc._process_utility_output = tolerant
+
+
+def _ready_wait_patch(payload_path: str, replay: bool) -> Callable[[], None]:
+    """EngineCore sends its ready message once per slot, at its start; a client attaching to a slot
+    used before waits for it forever. During one client's construction, the ROUTER socket of MPClient's
+    ready wait (`zmq.Socket.shadow` in core_client) records the payload (first client of a slot) or is
+    fed the recorded one (later clients). The engine sends the same bytes to every slot. Returns undo."""
+    import types
+
+    import vllm.v1.engine.core_client as cc
+    import zmq
+
+    class ReadyShadow:
+        def __init__(self, sock: Any) -> None:
+            self._sock = sock
+            self._pending: list[bytes] | None = None
+            if replay:
+                with open(payload_path, "rb") as f:
+                    self._pending = [(0).to_bytes(2, "little"), f.read()]  # engine rank 0's identity
+
+        def poll(self, timeout: Any = None, flags: int = zmq.POLLIN) -> Any:
+            return zmq.POLLIN if self._pending is not None else self._sock.poll(timeout, flags)
+
+        def recv_multipart(self, *args: Any, **kwargs: Any) -> Any:
+            if self._pending is not None:
+                message, self._pending = self._pending, None
+                return message
+            message = self._sock.recv_multipart(*args, **kwargs)
+            tmp = f"{payload_path}.{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(message[1])
+            os.replace(tmp, payload_path)
+            return message
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._sock, name)
+
+    class SocketNamespace:
+        # pyzmq's asyncio sockets call shadow() internally too: only the ROUTER (the ready wait) is wrapped.
+        def __getattr__(self, name: str) -> Any:
+            return getattr(zmq.Socket, name)
+
+        @staticmethod
+        def shadow(sock: Any) -> Any:
+            real: Any = zmq.Socket.shadow(sock)
+            return ReadyShadow(real) if real.type == zmq.ROUTER else real
+
+    shim = types.ModuleType("qwen_server_zmq_shim")
+    shim.__getattr__ = lambda name: getattr(zmq, name)  # type: ignore[method-assign]
+    shim.Socket = SocketNamespace()  # type: ignore[attr-defined]
+    original = cc.zmq
+    cc.zmq = shim
+
+    def undo() -> None:
+        cc.zmq = original
+
+    return undo
+
+
+def attach_client(
+    vllm_config: Any,
+    slot: dict[str, Any],
+    client_count: int,
+    client_index: int,
+    payload_path: str,
+    replay: bool,
+    stat_loggers: list[Any],
+) -> AsyncLLM:
+    """An AsyncLLM attached to the shared engine's slot `client_index` (its listeners adopted from the
+    inherited fds). `replay`: the slot was used before, so its ready message is replayed."""
+    import socket
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    # The client adopts (detaches) each listener: a copy of the inherited fd, so the original stays.
+    addresses = {
+        "input_address": slot["input_address"],
+        "output_address": slot["output_address"],
+        "input_listener": socket.socket(fileno=os.dup(slot["input_fd"])),
+        "output_listener": socket.socket(fileno=os.dup(slot["output_fd"])),
+    }
+    _tolerate_stale_utility_replies()
+    undo = _ready_wait_patch(payload_path, replay)
+    try:
+        return AsyncLLM.from_vllm_config(
+            vllm_config,
+            stat_loggers=stat_loggers,
+            disable_log_stats=False,
+            client_addresses=addresses,
+            client_count=client_count,
+            client_index=client_index,
+        )
+    finally:
+        undo()
+
+
+async def confirm_route(client: AsyncLLM, timeout: float = 10.0) -> int:
+    """Until the engine has reconnected to a re-attached slot, what the client sends is dropped
+    silently; with ROUTER_MANDATORY it fails with EHOSTUNREACH instead, so a cheap utility call is
+    retried until it goes through. Returns the attempts it took."""
+    import asyncio
+    import errno
+    import time
+
+    import zmq
+
+    core: Any = client.engine_core
+    core.input_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await asyncio.wait_for(core.call_utility_async("is_sleeping"), 2.0)
+            return attempts
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH or time.monotonic() > deadline:
+                raise
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.02)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from qwen_server import drain, procs
 from qwen_server.launcher import granian_compat
@@ -59,6 +60,16 @@ class _Drain:
         server.stop(signal.SIGTERM)
 
 
+class EngineHost(Protocol):
+    """What the supervisor needs of the launcher's engine host (--shared-engine, engine/host.py)."""
+
+    def pids(self) -> set[int]:
+        """The engine's processes: children of the launcher that are not Granian's and stay."""
+
+    def stop(self) -> None:
+        """Stop the engine (the workers are gone)."""
+
+
 def load_app_in_worker(target: str) -> Any:
     """Granian's target loader, run in each worker: arm the orphan watchdog, then import the app."""
     _start_watchdog(os.getppid())
@@ -80,11 +91,21 @@ def _start_watchdog(supervisor: int) -> None:
     threading.Thread(target=watch, name="qwen-server-orphan-watchdog", daemon=True).start()
 
 
-def run_granian(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeout: float = 30.0) -> int:
+def run_granian(
+    sock: socket.socket,
+    granian_kwargs: dict[str, Any],
+    drain_timeout: float = 30.0,
+    engine_host: EngineHost | None = None,
+) -> int:
     """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind.
     The workers share a run directory (drain markers; Prometheus files unless the caller chose a
-    PROMETHEUS_MULTIPROC_DIR), removed at the end."""
+    PROMETHEUS_MULTIPROC_DIR), removed at the end. `engine_host`'s processes are left running while
+    Granian does, and the host is stopped once the workers are gone."""
     granian_compat.check_granian_version()
+    # Granian starts its workers with multiprocessing's start method. Forked, they inherit what this
+    # process imported (with --shared-engine: torch, vLLM, the engine's config and listeners); spawned
+    # (Python 3.14's default is forkserver, which Granian turns into spawn) they would import it all again.
+    multiprocessing.set_start_method("fork", force=True)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     run_dir = tempfile.mkdtemp(prefix="qwen-server-")
     os.environ[drain.RUN_DIR_ENV] = run_dir
@@ -100,7 +121,9 @@ def run_granian(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeo
 
     server = granian_compat.server_on_socket(sock, granian_kwargs, _Drain(run_dir, drain_timeout).on_interrupt)
     stop = threading.Event()
-    reaper = threading.Thread(target=_reap_orphans, args=(server, stop), name="qwen-server-reaper", daemon=True)
+    # The engine host's children (EngineCore, multiprocessing's resource tracker) are not orphans.
+    keep = set(procs.children(os.getpid())) if engine_host is not None else set()
+    reaper = threading.Thread(target=_reap_orphans, args=(server, stop, keep), name="qwen-server-reaper", daemon=True)
     reaper.start()
     code = 0
     try:
@@ -110,13 +133,16 @@ def run_granian(sock: socket.socket, granian_kwargs: dict[str, Any], drain_timeo
     finally:
         stop.set()
         sock.close()
+        if engine_host is not None:
+            engine_host.stop()
         procs.terminate_children(os.getpid(), grace=5.0)
         shutil.rmtree(run_dir, ignore_errors=True)
     return code
 
 
-def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Event) -> None:
-    """End children that are not Granian's workers: orphans re-parented to us by a dead worker.
+def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Event, keep: set[int]) -> None:
+    """End children that are not Granian's workers (nor the engine host's `keep`): orphans re-parented
+    to us by a dead worker.
     Also drop the live gauges of workers that are gone: one killed outright never drops its own,
     and /metrics would report its last values (requests running, ...) for good."""
     me = os.getpid()
@@ -130,11 +156,11 @@ def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Eve
         # Engine processes orphaned to us that exited (a killed EngineCore's model workers) are reaped
         # here; Granian's own workers are left to Granian, which waits for them itself.
         for pid, name in procs.zombie_children(me):
-            if name.startswith("VLLM") and pid not in workers:
+            if name.startswith("VLLM") and pid not in workers and pid not in keep:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
         for pid in procs.children(me):
-            if pid in workers:
+            if pid in workers or pid in keep:
                 continue
             # A child we did not start directly: give it a moment (Granian may be spawning it).
             time.sleep(0.5)

@@ -28,6 +28,17 @@ RESOLVED = [
     ("vllm.transformers_utils.processor", "cached_image_processor_from_config"),
     ("vllm.platforms", "current_platform"),
     ("vllm.utils.cpu_resource_utils", "get_allowed_cpu_list"),
+    # --shared-engine (engine/host.py, attached workers)
+    ("vllm.v1.engine.utils", "bind_engine_zmq_listeners"),
+    ("vllm.v1.engine.utils", "launch_core_engines"),
+    ("vllm.v1.engine.utils", "CoreEngineLaunch"),
+    ("vllm.v1.engine.utils", "CoreEngineProcManager"),
+    ("vllm.v1.executor", "Executor"),
+    ("vllm.renderers", "renderer_from_config"),
+    ("vllm.v1.engine.input_processor", "InputProcessor"),
+    ("vllm.v1.engine.core_client", "zmq"),
+    ("vllm.v1.engine.core_client", "_process_utility_output"),
+    ("vllm.v1.engine.core_client", "MPClient"),
 ]
 
 
@@ -82,6 +93,42 @@ def test_the_internals_vllm_compat_relies_on_are_still_there() -> None:
     _has(_resolve("vllm.usage.usage_lib", "UsageContext"), "OPENAI_API_SERVER", "UsageContext")
     _has(_resolve("vllm.v1.engine.async_llm", "AsyncLLM"), "from_engine_args", "AsyncLLM")
     _has(_resolve("vllm.platforms", "current_platform"), "is_cpu", "current_platform")
+
+
+def test_the_shared_engine_internals_are_still_there() -> None:
+    """What --shared-engine uses of vLLM's multi-API-server machinery and what its re-attach workaround
+    patches (vllm_compat's "one engine shared by several workers" section)."""
+    from_config = inspect.signature(_resolve("vllm.v1.engine.async_llm", "AsyncLLM").from_vllm_config)
+    for name in ("client_addresses", "client_count", "client_index", "stat_loggers", "disable_log_stats"):
+        assert name in from_config.parameters, f"AsyncLLM.from_vllm_config lost {name}: {from_config}"
+    launch = inspect.signature(_resolve("vllm.v1.engine.utils", "launch_core_engines"))
+    assert list(launch.parameters) == ["vllm_config", "executor_class", "log_stats", "addresses"], (
+        f"launch_core_engines' signature changed: {launch}"
+    )
+    bind = inspect.signature(_resolve("vllm.v1.engine.utils", "bind_engine_zmq_listeners"))
+    assert list(bind.parameters) == ["vllm_config", "num_api_servers"], f"bind_engine_zmq_listeners changed: {bind}"
+    fields = _resolve("vllm.v1.engine.utils", "CoreEngineLaunch").__dataclass_fields__
+    assert {"engine_manager", "tensor_queue"} <= set(fields), f"CoreEngineLaunch changed: {list(fields)}"
+    manager = _resolve("vllm.v1.engine.utils", "CoreEngineProcManager")
+    _has(manager, "shutdown", "CoreEngineProcManager")
+    assert "self.processes" in inspect.getsource(manager.__init__), "CoreEngineProcManager.processes is gone"
+    args = _resolve("vllm.engine.arg_utils", "AsyncEngineArgs")
+    for name in ("_api_process_count", "_api_process_rank"):
+        assert name in args.__dataclass_fields__, f"AsyncEngineArgs.{name} is gone"
+    utility = inspect.signature(_resolve("vllm.v1.engine.core_client", "_process_utility_output"))
+    assert list(utility.parameters) == ["output", "utility_results"], f"_process_utility_output changed: {utility}"
+    client = _resolve("vllm.v1.engine.core_client", "MPClient")
+    # The ready wait the replay patch feeds: a shadow of the input ROUTER, polled then recv_multipart'ed.
+    source = inspect.getsource(client.__init__)
+    assert "zmq.Socket.shadow(self.input_socket)" in source, "MPClient's ready wait changed"
+    assert "sync_input_socket.recv_multipart()" in source, "MPClient's ready wait changed"
+    assert 'client_addresses.get("input_listener")' in source, "MPClient no longer adopts inherited listeners"
+    _has(_resolve("vllm.v1.engine.core_client", "AsyncMPClient"), "call_utility_async", "AsyncMPClient")
+    _has(_resolve("vllm.v1.engine.core", "EngineCore"), "is_sleeping", "EngineCore")  # the route probe's utility
+    # PR_SET_PDEATHSIG: the process target is looked up on the class at launch, so replacing it works.
+    manager_source = inspect.getsource(manager.__init__)
+    assert "target=EngineCoreProc.run_engine_core" in manager_source, "CoreEngineProcManager's process target changed"
+    assert isinstance(_resolve("vllm.v1.engine.core", "EngineCoreProc").__dict__["run_engine_core"], staticmethod)
 
 
 def test_the_compat_functions_build_what_the_server_uses() -> None:

@@ -313,6 +313,7 @@ NON_DEFAULT: dict[str, Any] = {
     "allowed_local_media_path": "<dir>",
     "reload": True,
     "workers_kill_timeout": 30,
+    "shared_engine": True,
     "respawn_failed_workers": True,
     "access_log": True,
     "backlog": 2048,
