@@ -20,6 +20,10 @@ from qwen_server.testing.servers import free_port
 from tests.helpers.media import image_data_url
 from tests.helpers.serverproc import ServerProcess, wait_port_free
 
+# The experimental --shared-engine mode boots its own engine per module: on demand (-m slow), not in
+# the default run, until the mode is on by default.
+pytestmark = pytest.mark.slow
+
 OPTIONS = (
     "--shared-engine",
     "--workers",

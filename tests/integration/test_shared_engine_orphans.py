@@ -8,9 +8,15 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
 from tests.helpers.serverproc import ServerProcess, wait_port_free
+
+# The experimental --shared-engine mode boots its own engine per module: on demand (-m slow), not in
+# the default run, until the mode is on by default.
+pytestmark = pytest.mark.slow
 
 
 def test_sigkill_of_the_launcher_takes_the_engine_with_it(tiny_model: Path, tmp_path: Path) -> None:
