@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from litestar import Response
+import msgspec
+from litestar import Response, post
+from litestar.handlers import HTTPRouteHandler
 
 from qwen_server import protocol as p
 from qwen_server.engine.lifecycle import Engine
 from qwen_server.http.asgi import AnyRequest, AnyResponse
+from qwen_server.http.openapi import with_json_body
 from qwen_server.service.chat import ChatService
 from qwen_server.service.completion import CompletionService
 from qwen_server.service.tokens import TokenService
 
 JSON = "application/json"
+
+
+def inference_post(path: str, summary: str, body: type[msgspec.Struct]) -> HTTPRouteHandler:
+    """An inference route: a JSON POST of `body` (as documented), under the inference policy
+    (admission, deadline, API key)."""
+    return post(path, status_code=200, summary=summary, operation_class=with_json_body(body), opt={"inference": True})
 
 
 def chat_of(request: AnyRequest) -> ChatService:

@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from litestar import Response, post
+from litestar import Response
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError
 from qwen_server.http.asgi import AnyRequest, AnyResponse
-from qwen_server.http.common import chat_of, completion_of, json_response
-from qwen_server.http.openapi import with_json_body
+from qwen_server.http.common import chat_of, completion_of, inference_post, json_response
 from qwen_server.http.request_log import record_of
 from qwen_server.service.generation import Endpoint, PreparedRequest
 
@@ -23,24 +22,12 @@ _CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an htt
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@post(
-    "/v1/chat/completions",
-    status_code=200,
-    summary="Chat completion (OpenAI), images as image_url parts",
-    operation_class=with_json_body(p.ChatCompletionRequest),
-    opt={"inference": True},
-)
+@inference_post("/v1/chat/completions", "Chat completion (OpenAI), images as image_url parts", p.ChatCompletionRequest)
 async def chat_completions(request: AnyRequest) -> AnyResponse:
     return await _serve(request, chat_of(request))
 
 
-@post(
-    "/v1/completions",
-    status_code=200,
-    summary="Text completion (OpenAI)",
-    operation_class=with_json_body(p.CompletionRequest),
-    opt={"inference": True},
-)
+@inference_post("/v1/completions", "Text completion (OpenAI)", p.CompletionRequest)
 async def completions(request: AnyRequest) -> AnyResponse:
     return await _serve(request, completion_of(request))
 

@@ -3,22 +3,17 @@ decoded to count their tokens, so these are admitted and bounded like the other 
 
 from __future__ import annotations
 
-from litestar import post
-
 from qwen_server import protocol as p
 from qwen_server.http.asgi import AnyRequest, AnyResponse
-from qwen_server.http.common import json_response, tokens_of
+from qwen_server.http.common import inference_post, json_response, tokens_of
 from qwen_server.http.inference import read_body
-from qwen_server.http.openapi import with_json_body
 from qwen_server.http.request_log import record_of
 
 
-@post(
+@inference_post(
     "/tokenize",
-    status_code=200,
-    summary="Tokens of a prompt or of a chat (images counted as the engine sees them), as vLLM's",
-    operation_class=with_json_body(p.TokenizeRequest),
-    opt={"inference": True},
+    "Tokens of a prompt or of a chat (images counted as the engine sees them), as vLLM's",
+    p.TokenizeRequest,
 )
 async def tokenize(request: AnyRequest) -> AnyResponse:
     service = tokens_of(request)
@@ -26,13 +21,7 @@ async def tokenize(request: AnyRequest) -> AnyResponse:
     return json_response(await service.tokenize(req, record_of(request.scope)))
 
 
-@post(
-    "/detokenize",
-    status_code=200,
-    summary="Token ids back to text, as vLLM's",
-    operation_class=with_json_body(p.DetokenizeRequest),
-    opt={"inference": True},
-)
+@inference_post("/detokenize", "Token ids back to text, as vLLM's", p.DetokenizeRequest)
 async def detokenize(request: AnyRequest) -> AnyResponse:
     service = tokens_of(request)
     return json_response(await service.detokenize(service.decode_detokenize(await read_body(request))))
