@@ -1,4 +1,5 @@
-"""Images for the tests, made in memory, and a MediaLoader with the media unit tests' limits."""
+"""Images for the tests, made in memory, a chat body carrying one, and a MediaLoader with the media unit
+tests' limits."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ def image_data_url(size: tuple[int, int] = (224, 224), color=(200, 30, 30), fmt:
     Image.new("RGB", size, color).save(buf, fmt)
     mime = {"JPEG": "image/jpeg", "PNG": "image/png"}[fmt]
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_body(max_tokens: int = 8, image: str | None = None, **extra) -> dict:
+    """A chat request body: a text part, after an image part if `image` is given; `extra` fields merged."""
+    content: list[dict] = [{"type": "text", "text": "Describe."}]
+    if image:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        **extra,
+    }
 
 
 PARAM = "messages[0].content[0].image_url"

@@ -24,7 +24,7 @@ import pytest
 from qwen_server import procs
 from qwen_server.engine import cpushare
 from qwen_server.testing.servers import free_port
-from tests.helpers.media import image_data_url
+from tests.helpers.media import chat_body, image_data_url
 from tests.helpers.serverproc import ServerProcess
 
 KEYS = ("key-one-0123456789", "key-two-abcdefghij")
@@ -98,19 +98,6 @@ def client(srv: ServerProcess, key: str = KEYS[0]) -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def chat_body(max_tokens: int = 4, image: str | None = None, **extra) -> dict:
-    content = [{"type": "text", "text": "Describe."}]
-    if image:
-        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-    return {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        **extra,
-    }
-
-
 def post(srv: ServerProcess, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(
@@ -153,7 +140,7 @@ def error_of(r: httpx.Response, status: int) -> dict:
 
 
 def test_missing_or_wrong_key_is_401_in_the_envelope(ops: ServerProcess) -> None:
-    body = json.dumps(chat_body()).encode()
+    body = json.dumps(chat_body(4)).encode()
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEYS[0]}"}):
         r = httpx.post(ops.url + "/v1/chat/completions", content=body, headers=headers, timeout=30)
         assert error_of(r, 401)["type"] == "authentication_error"
@@ -163,7 +150,7 @@ def test_missing_or_wrong_key_is_401_in_the_envelope(ops: ServerProcess) -> None
 
 def test_every_configured_key_works_with_the_openai_sdk(ops: ServerProcess) -> None:
     def ask(key: str):
-        body = chat_body()
+        body = chat_body(4)
         return client(ops, key).chat.completions.create(
             model=body["model"], messages=body["messages"], max_tokens=4, extra_body={"ignore_eos": True}
         )
@@ -192,12 +179,12 @@ def test_root_path_prefix_routes_like_the_bare_path_and_keeps_auth(ops: ServerPr
 
 
 def test_request_id_round_trips_and_names_the_response(ops: ServerProcess) -> None:
-    r = post(ops, chat_body(), {"X-Request-Id": "trace-42.a_b"})
+    r = post(ops, chat_body(4), {"X-Request-Id": "trace-42.a_b"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42.a_b"
     assert r.json()["id"] == "chatcmpl-trace-42.a_b"
     # Generated when absent or unusable; present on errors and on other routes too.
     for headers in ({}, {"X-Request-Id": "has space"}, {"X-Request-Id": "x" * 200}):
-        generated = post(ops, chat_body(), headers).headers["x-request-id"]
+        generated = post(ops, chat_body(4), headers).headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", generated)
     assert "x-request-id" in httpx.post(ops.url + "/v1/chat/completions", content=b"{}").headers
     assert "x-request-id" in httpx.get(ops.url + "/live").headers
@@ -213,7 +200,7 @@ def test_same_request_id_twice_at_once_is_fine(ops: ServerProcess) -> None:
 
 
 def test_body_over_the_configured_limit_is_413(ops: ServerProcess) -> None:
-    big = json.dumps(chat_body(image="data:image/png;base64," + "A" * 1_200_000)).encode()
+    big = json.dumps(chat_body(4, image="data:image/png;base64," + "A" * 1_200_000)).encode()
     assert error_of(post(ops, big), 413)["type"] == "invalid_request_error"
 
 
@@ -293,9 +280,9 @@ def test_cors_preflight_and_response_headers(ops: ServerProcess) -> None:
         },
     )
     assert pre.status_code in (200, 204) and pre.headers["access-control-allow-origin"] == ORIGIN
-    r = post(ops, chat_body(), {"Origin": ORIGIN})
+    r = post(ops, chat_body(4), {"Origin": ORIGIN})
     assert r.headers["access-control-allow-origin"] == ORIGIN
-    other = post(ops, chat_body(), {"Origin": "https://evil.example.com"})
+    other = post(ops, chat_body(4), {"Origin": "https://evil.example.com"})
     assert "access-control-allow-origin" not in other.headers
 
 
@@ -437,7 +424,7 @@ def test_sigterm_drains_finishes_short_requests_and_cuts_long_ones_cleanly(ops: 
         ops.proc.send_signal(signal.SIGTERM)
         health = _wait_health_draining(ops)
         streaming_then = sum(not f.done() for f in futures)
-        refused = post(ops, chat_body())
+        refused = post(ops, chat_body(4))
         endings = [f.result(timeout=60) for f in futures]
     assert health is not None, "/health did not turn 503 draining"
     # Draining is announced at once, not when the work ends: the long streams were still running.

@@ -40,7 +40,7 @@ from schemathesis.checks import not_a_server_error
 
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
-from tests.helpers.media import image_data_url
+from tests.helpers.media import chat_body, image_data_url
 from tests.helpers.serverproc import ServerProcess, wait_port_free
 
 LIMIT = 32  # --max-pending-requests: inference requests admitted at once
@@ -88,19 +88,6 @@ def rel(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def report(line: str) -> None:
     print(f"\n[reliability] {line}")
-
-
-def chat_body(max_tokens: int = 8, image: str | None = None, **extra) -> dict:
-    content: list[dict] = [{"type": "text", "text": "Describe."}]
-    if image:
-        content.insert(0, {"type": "image_url", "image_url": {"url": image}})
-    return {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        **extra,
-    }
 
 
 def post(srv: ServerProcess, body: dict | bytes, timeout: float = 60) -> httpx.Response:
