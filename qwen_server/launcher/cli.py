@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -193,8 +194,13 @@ def main(**opts: Any) -> None:
     for key in [k for k in os.environ if k.startswith(settings_mod.ENV_PREFIX)]:
         del os.environ[key]
     os.environ.update(s.to_env())
-    engine_host = _start_engine_host(s, sock) if s.shared_engine else None
-    code = supervise.run_granian(sock, granian_kwargs, s.drain_timeout, engine_host)
+    run_dir = supervise.make_run_dir()
+    try:
+        engine_host = _start_engine_host(s, sock) if s.shared_engine else None
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    code = supervise.run_granian(sock, granian_kwargs, s.drain_timeout, engine_host, run_dir)
     if engine_host is not None and engine_host.died:
         code = code or 1
     sys.exit(code)

@@ -23,6 +23,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from qwen_server import drain, procs
@@ -63,8 +64,8 @@ class _Drain:
 class EngineHost(Protocol):
     """What the supervisor needs of the launcher's engine host (--shared-engine, engine/host.py)."""
 
-    def pids(self) -> set[int]:
-        """The engine's processes: children of the launcher that are not Granian's and stay."""
+    def owns(self, pid: int) -> bool:
+        """Whether the launcher's child `pid` is the engine's (not Granian's, and it stays)."""
 
     def stop(self) -> None:
         """Stop the engine (the workers are gone)."""
@@ -91,27 +92,38 @@ def _start_watchdog(supervisor: int) -> None:
     threading.Thread(target=watch, name="qwen-server-orphan-watchdog", daemon=True).start()
 
 
+def make_run_dir() -> str:
+    """The directory the workers share (drain markers; Prometheus files unless the caller chose a
+    PROMETHEUS_MULTIPROC_DIR), named in the environment. Made before anything imports
+    prometheus_client in this process (vLLM does, so before the --shared-engine host starts):
+    prometheus_client picks its value store at import, and forked workers inherit it as picked."""
+    run_dir = tempfile.mkdtemp(prefix="qwen-server-")
+    os.environ[drain.RUN_DIR_ENV] = run_dir
+    if not os.environ.get(PROMETHEUS_MULTIPROC_ENV):
+        os.mkdir(os.path.join(run_dir, "metrics"))
+        os.environ[PROMETHEUS_MULTIPROC_ENV] = os.path.join(run_dir, "metrics")
+    return run_dir
+
+
 def run_granian(
     sock: socket.socket,
     granian_kwargs: dict[str, Any],
     drain_timeout: float = 30.0,
     engine_host: EngineHost | None = None,
+    run_dir: str | None = None,
 ) -> int:
     """Run Granian on `sock` until it stops; return the exit code. Leaves no process behind.
-    The workers share a run directory (drain markers; Prometheus files unless the caller chose a
-    PROMETHEUS_MULTIPROC_DIR), removed at the end. `engine_host`'s processes are left running while
-    Granian does, and the host is stopped once the workers are gone."""
+    The workers share `run_dir` (make_run_dir's; made here if None), removed at the end.
+    `engine_host`'s processes are left running while Granian does, and the host is stopped once the
+    workers are gone."""
     granian_compat.check_granian_version()
     # Granian starts its workers with multiprocessing's start method. Forked, they inherit what this
     # process imported (with --shared-engine: torch, vLLM, the engine's config and listeners); spawned
     # (Python 3.14's default is forkserver, which Granian turns into spawn) they would import it all again.
     multiprocessing.set_start_method("fork", force=True)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    run_dir = tempfile.mkdtemp(prefix="qwen-server-")
-    os.environ[drain.RUN_DIR_ENV] = run_dir
-    if not os.environ.get(PROMETHEUS_MULTIPROC_ENV):
-        os.mkdir(os.path.join(run_dir, "metrics"))
-        os.environ[PROMETHEUS_MULTIPROC_ENV] = os.path.join(run_dir, "metrics")
+    if run_dir is None:
+        run_dir = make_run_dir()
     # Granian forks its workers from this process, also while the reaper thread runs. A fork while
     # that thread is importing hands the child a module import lock that no thread of its own will
     # release; importing the app then hangs. So what the threads use is imported here, before any fork, and after
@@ -121,8 +133,13 @@ def run_granian(
 
     server = granian_compat.server_on_socket(sock, granian_kwargs, _Drain(run_dir, drain_timeout).on_interrupt)
     stop = threading.Event()
-    # The engine host's children (EngineCore, multiprocessing's resource tracker) are not orphans.
-    keep = set(procs.children(os.getpid())) if engine_host is not None else set()
+    # The engine host's children (EngineCore, also once restarted; multiprocessing's resource tracker)
+    # are not orphans.
+    started_before = set(procs.children(os.getpid())) if engine_host is not None else set()
+
+    def keep(pid: int) -> bool:
+        return pid in started_before or (engine_host is not None and engine_host.owns(pid))
+
     reaper = threading.Thread(target=_reap_orphans, args=(server, stop, keep), name="qwen-server-reaper", daemon=True)
     reaper.start()
     code = 0
@@ -140,7 +157,9 @@ def run_granian(
     return code
 
 
-def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Event, keep: set[int]) -> None:
+def _reap_orphans(
+    server: granian_compat.HandedSocketServer, stop: threading.Event, keep: Callable[[int], bool]
+) -> None:
     """End children that are not Granian's workers (nor the engine host's `keep`): orphans re-parented
     to us by a dead worker.
     Also drop the live gauges of workers that are gone: one killed outright never drops its own,
@@ -156,15 +175,15 @@ def _reap_orphans(server: granian_compat.HandedSocketServer, stop: threading.Eve
         # Engine processes orphaned to us that exited (a killed EngineCore's model workers) are reaped
         # here; Granian's own workers are left to Granian, which waits for them itself.
         for pid, name in procs.zombie_children(me):
-            if name.startswith("VLLM") and pid not in workers and pid not in keep:
+            if name.startswith("VLLM") and pid not in workers and not keep(pid):
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
         for pid in procs.children(me):
-            if pid in workers or pid in keep:
+            if pid in workers or keep(pid):
                 continue
             # A child we did not start directly: give it a moment (Granian may be spawning it).
             time.sleep(0.5)
-            if pid in server.worker_pids():
+            if pid in server.worker_pids() or keep(pid):
                 continue
             info = procs.info(pid)
             if info is not None and info.ppid == me:
