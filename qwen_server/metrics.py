@@ -6,7 +6,8 @@ vLLM's own `PrometheusStatLogger`, so dashboards made for `vllm serve` work unch
 Several workers: the launcher gives every worker one `PROMETHEUS_MULTIPROC_DIR` (set before
 prometheus_client is imported there) and `/metrics` merges all workers' files, whichever worker
 answers the scrape. Counters and histograms add up; gauges, vLLM's included, carry a `pid` label
-per live worker (so `sum(vllm:num_requests_running)` is the server's total). Without that
+per live worker (so `sum(vllm:num_requests_running)` is the server's total), except vLLM's gauges
+under --shared-engine, which describe the one engine and appear once. Without that
 variable (one process, e.g. plain `granian`), the default registry is used.
 """
 
@@ -78,9 +79,14 @@ def worker_exited() -> None:
         multiprocess.mark_process_dead(os.getpid())
 
 
-def engine_stat_logger() -> Any:
-    """vLLM's Prometheus stat logger, its gauges made per worker (see the module docstring).
-    vLLM declares them `mostrecent`, which across workers would report one engine's value."""
+def engine_stat_logger(shared_engine: bool) -> Any:
+    """vLLM's Prometheus stat logger. One engine per worker: its gauges made per worker (see the
+    module docstring), since vLLM's `mostrecent` would report one engine's value for all. Workers
+    attached to one shared engine: vLLM's gauges as they are, as under `vllm serve --api-server-count`:
+    each engine step's scheduler stats reach one of its clients, and the most recent is the engine's.
+    Counters and histograms (tokens, latencies) are per request and add up either way."""
+    if shared_engine:
+        return vllm_compat.prometheus_stat_logger(Gauge)
 
     def per_worker_gauge(*args: Any, multiprocess_mode: str = "", **kwargs: Any) -> Gauge:
         return Gauge(*args, **{**kwargs, "multiprocess_mode": "liveall"})

@@ -6,15 +6,23 @@ so that Granian's workers, forked from the launcher, inherit them instead of imp
 worker (first start, respawn, --reload) attaches in about a second instead of paying `import vllm`.
 
 `EngineHost.start` launches EngineCore for `workers + 1` client slots (the spare one lets a new worker
-attach while an old one still holds its slot), pre-warms one InputProcessor and the image processor, and tells the workers
-where the slots are through the variables named in settings.py (ENGINE_HOST_*). Each worker takes a
-free slot with flock() on the slot's lock file (engine/lifecycle.py); the kernel frees it when the
-worker dies. The host watches the engine's process: if it dies, the launcher stops (SIGTERM to itself:
-the workers drain, then exit), since nothing restarts it yet.
+attach while an old one still holds its slot), pre-warms one InputProcessor and the image processor, and
+tells the workers where the slots are through the variables named in settings.py (ENGINE_HOST_*). Each
+worker takes a free slot with flock() on the slot's lock file (engine/lifecycle.py); the kernel frees it
+when the worker dies, and EngineCore, watching the locks, then aborts that worker's requests.
+
+The host's word on the engine is `engine.json` in the slot directory: its generation (one per launch)
+and its state (`ready`, `dead`, `failed`), which the workers read once a second. When EngineCore dies,
+the host says `dead` (the workers fail their requests in flight with engine_dead and close their
+clients), waits a backoff, waits for the clients to close (one still open would swallow the new
+engine's ready message), and launches a new engine on the same listeners; past --engine-restarts in
+--engine-restart-window it says `failed` and stops the launcher (SIGTERM to itself: workers drain).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +43,8 @@ log = logging.getLogger("qwen_server.engine_host")
 
 SPARE_SLOTS = 1
 READY_PAYLOAD = "ready_payload.bin"
+ENGINE_STATE = "engine.json"
+MAX_BACKOFF = 30.0  # seconds, as a worker's own engine restarts (engine/lifecycle.py)
 
 # The host of this process, or (in a worker forked from the launcher) the launcher's, inherited.
 _hosted: EngineHost | None = None
@@ -59,12 +69,30 @@ def inherited_config() -> Any:
     return _hosted.engine.vllm_config
 
 
+def state_path(slot_dir: str) -> str:
+    return os.path.join(slot_dir, ENGINE_STATE)
+
+
+def read_state(slot_dir: str) -> dict[str, Any]:
+    """The host's latest word on the engine ({} before the first)."""
+    try:
+        with open(state_path(slot_dir), "rb") as f:
+            state: dict[str, Any] = json.loads(f.read())
+            return state
+    except FileNotFoundError:
+        return {}
+
+
 class EngineHost:
-    def __init__(self, engine: vllm_compat.SharedEngine, slot_dir: str) -> None:
+    def __init__(self, settings: Settings, engine: vllm_compat.SharedEngine, slot_dir: str) -> None:
+        self.settings = settings
         self.engine = engine
         self.slot_dir = slot_dir
         self.pid = os.getpid()
-        self.died = False
+        self.died = False  # gave up: the launcher's exit code says so
+        self.generation = 0
+        self.restarts: list[float] = []  # monotonic times of the restarts within the window
+        self.launching = False
         self._stopping = threading.Event()
 
     @classmethod
@@ -82,12 +110,17 @@ class EngineHost:
             kwargs = demo.engine_overrides(settings.engine_kwargs(path))
         count = settings.workers + SPARE_SLOTS
         log.info("shared engine: starting one engine for %d client slot(s), model %s", count, path)
-        config = vllm_compat.shared_engine_config(kwargs, count)
-        engine = vllm_compat.SharedEngine(config, count)
-        t_engine = time.monotonic() - t0
         slot_dir = tempfile.mkdtemp(prefix="qwen-server-slots-")
-        host = cls(engine, slot_dir)
+        locks = [slot_lock_path(slot_dir, slot) for slot in range(count)]
+        for lock in locks:
+            open(lock, "w").close()
+        host: EngineHost | None = None
         try:
+            config = vllm_compat.shared_engine_config(kwargs, count)
+            engine = vllm_compat.SharedEngine(config, count, locks)
+            host = cls(settings, engine, slot_dir)
+            host._launch()
+            t_engine = time.monotonic() - t0
             t1 = time.monotonic()
             vllm_compat.prewarm_input_processor(config)
             if config.model_config.is_multimodal_model:  # what each worker inspects to pre-size images (~1.8 s)
@@ -96,10 +129,10 @@ class EngineHost:
             os.environ[settings_mod.ENGINE_HOST_SLOTS_ENV] = json.dumps(engine.slots())
             os.environ[settings_mod.ENGINE_HOST_CLIENT_COUNT_ENV] = str(count)
             os.environ[settings_mod.ENGINE_HOST_SLOT_DIR_ENV] = slot_dir
-            for slot in range(count):
-                open(slot_lock_path(slot_dir, slot), "w").close()
         except BaseException:
-            host.stop()
+            if host is not None:
+                host.stop()
+            shutil.rmtree(slot_dir, ignore_errors=True)
             raise
         _hosted = host
         threading.Thread(target=host._watch, name="qwen-server-engine-watch", daemon=True).start()
@@ -116,20 +149,123 @@ class EngineHost:
         """The engine's processes (children of the launcher that its supervisor must leave alone)."""
         return {p.pid for p in self.engine.processes() if p.pid is not None}
 
+    def owns(self, pid: int) -> bool:
+        """Whether the launcher's child `pid` is the engine's. While an engine launches, its processes
+        exist before they are known: every child then counts (the reaper waits)."""
+        return self.launching or pid in self.pids()
+
+    def _write_state(self, state: str, reason: str | None = None) -> None:
+        body = {"generation": self.generation, "state": state, "reason": reason, "pids": sorted(self.pids())}
+        tmp = f"{state_path(self.slot_dir)}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(body, f)
+        os.replace(tmp, state_path(self.slot_dir))
+
+    def _launch(self) -> None:
+        """Start a new engine (generation + 1) on the listeners and say `ready` once it is."""
+        self.generation += 1
+        for slot in range(self.engine.client_count):  # its ready message is new on every slot
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(slot_used_path(self.slot_dir, slot))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.slot_dir, READY_PAYLOAD))
+        self.launching = True
+        try:
+            self.engine.start()
+        finally:
+            self.launching = False
+        self._write_state("ready")
+
     def _watch(self) -> None:
-        procs = self.engine.processes()
-        sentinels = [p.sentinel for p in procs]
+        """Wait for the engine's death, then restart it (or give up and stop the launcher)."""
         while not self._stopping.is_set():
-            if connection.wait(sentinels, timeout=1.0):
-                break
-        if self._stopping.is_set():
-            return
-        self.died = True
-        for p in procs:
-            p.join(1.0)  # its sentinel fired: reap it, so that its exit code is known
-        codes = {p.name: p.exitcode for p in procs}
-        log.error("the shared engine died (%s); stopping the server (engine restart is not implemented yet)", codes)
-        os.kill(os.getpid(), signal.SIGTERM)
+            procs = self.engine.processes()
+            sentinels = [p.sentinel for p in procs]
+            while not self._stopping.is_set():
+                if connection.wait(sentinels, timeout=1.0):
+                    break
+            if self._stopping.is_set():
+                return
+            for p in procs:
+                p.join(1.0)  # its sentinel fired: reap it, so that its exit code is known
+            codes = ", ".join(f"{p.name} exit code {p.exitcode}" for p in procs)
+            reason = f"the shared engine died ({codes})"
+            self._write_state("dead", reason)
+            log.error("%s; the workers fail their requests in flight (engine_dead)", reason)
+            if not self._restart(reason):
+                return
+
+    def _restart(self, reason: str) -> bool:
+        """Relaunch after a death, with a backoff and a limit; False once the host gave up or stops."""
+        while True:
+            now = time.monotonic()
+            window = self.settings.engine_restart_window
+            self.restarts = [t for t in self.restarts if now - t < window]
+            if len(self.restarts) >= self.settings.engine_restarts:
+                final = (
+                    f"{reason}; the engine was restarted {len(self.restarts)} time(s) in the last {window:g} s, "
+                    f"the limit (--engine-restarts {self.settings.engine_restarts}): stopping the server"
+                )
+                log.error("%s", final)
+                self._write_state("failed", final)
+                self.died = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                return False
+            self.restarts.append(now)
+            delay = min(2.0 ** (len(self.restarts) - 1), MAX_BACKOFF)
+            self.engine.stop_engine()  # what is left of the dead one (its model workers)
+            log.warning(
+                "restarting the shared engine in %g s (restart %d of at most %d in %g s)",
+                delay,
+                len(self.restarts),
+                self.settings.engine_restarts,
+                window,
+            )
+            if self._stopping.wait(delay):
+                return False
+            self._wait_for_clients_to_close()
+            t0 = time.monotonic()
+            try:
+                self._launch()
+            except Exception as exc:  # noqa: BLE001 - a failed relaunch counts as another death
+                reason = f"the shared engine failed to restart: {type(exc).__name__}: {exc}"
+                self._write_state("dead", reason)
+                log.error("%s", reason)
+                continue
+            log.warning(
+                "shared engine restarted in %.1f s (generation %d); EngineCore PID %s",
+                time.monotonic() - t0,
+                self.generation,
+                ", ".join(str(p) for p in self.pids()),
+            )
+            return True
+
+    def _wait_for_clients_to_close(self, timeout: float = 30.0) -> None:
+        """Until every slot attached to the dead engine is released by its worker (which removes the
+        slot's `used` marker once its client is closed) or has no worker (its lock is free)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            open_slots = [s for s in range(self.engine.client_count) if self._client_open(s)]
+            if not open_slots:
+                return
+            if time.monotonic() > deadline or self._stopping.is_set():
+                log.warning(
+                    "slot(s) %s still hold a client of the dead engine; starting the new one anyway", open_slots
+                )
+                return
+            time.sleep(0.1)
+
+    def _client_open(self, slot: int) -> bool:
+        if not os.path.exists(slot_used_path(self.slot_dir, slot)):
+            return False
+        fd = os.open(slot_lock_path(self.slot_dir, slot), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # a worker holds the slot and has not closed its client yet
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock, if it was taken
+        return False
 
     def stop(self) -> None:
         """Stop the engine and remove the slot directory; the workers must be gone (or going)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import fcntl
 import gc
@@ -21,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from qwen_server import metrics, procs
@@ -131,6 +132,8 @@ class Engine:
     async def _recover(self, reason: str, exc: BaseException | None) -> bool:
         """After a death: clear what is left of the engine, wait the backoff, and let `_run` load
         again. False (the worker is ending) past the restart limit."""
+        if self.attach is not None:
+            return await self._recover_attached(reason)
         now = time.monotonic()
         window = self.settings.engine_restart_window
         self.restarts = [t for t in self.restarts if now - t < window]
@@ -172,6 +175,42 @@ class Engine:
         log.warning("restarting the engine (restart %d in the last %g s)", len(self.restarts), window)
         return True
 
+    async def _recover_attached(self, reason: str) -> bool:
+        """The shared engine died: its host restarts it (backoff and limit are the host's). Fail what is in
+        flight, let go of the dead engine's client (the host waits for that before the new engine
+        starts), and let `_run` re-attach once the host reports the new engine ready."""
+        inflight = sorted(self._hit_by_death | set(self._inflight))
+        self._hit_by_death.clear()
+        log.error(
+            "%s; engine requests in flight then: %s", reason[0].upper() + reason[1:], ", ".join(inflight) or "none"
+        )
+        self.state = EngineState.DEAD
+        self.error = f"{reason}; the launcher is restarting the shared engine"
+        client, self.client = self.client, None
+        if client is not None:
+            vllm_compat.mark_engine_dead(client, reason)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(client.shutdown), timeout=30)
+            except Exception as err:  # noqa: BLE001 - a dead engine's client may fail to shut down cleanly
+                log.warning("the dead engine's client did not shut down cleanly: %r", err)
+        assert self.attach is not None
+        self.attach.detach()
+        await asyncio.sleep(0.5)  # an attach that failed is not retried in a tight loop
+        # /health says `dead` (and why) until the host's next engine is up; then `loading` while attaching.
+        while self.state is EngineState.DEAD:
+            if (final := self.attach.host_gave_up()) is not None:
+                self._die(final, None)
+                return False
+            if self.attach.engine_ready():  # the next one (or the same, if it was our attach that failed)
+                break
+            await asyncio.sleep(0.25)
+        if self.state is not EngineState.DEAD:  # drained meanwhile
+            return False
+        self.state = EngineState.LOADING
+        self.stage = "waiting to start"
+        self._t0 = time.monotonic()
+        return True
+
     async def _load(self) -> tuple[str, BaseException | None] | None:
         """Build the engine; None once it is ready, else why it failed."""
         try:
@@ -184,8 +223,10 @@ class Engine:
             self.model_path = path
             self._set_stage("importing vLLM")
             engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(vllm_compat.engine_classes)
-            stat_loggers = [_scheduler_stats_recorder(self), metrics.engine_stat_logger()]
+            stat_loggers = [_scheduler_stats_recorder(self), metrics.engine_stat_logger(self.attach is not None)]
             if self.attach is not None:
+                self._set_stage("waiting for the shared engine")
+                await self.attach.wait_engine_ready(lambda: self.state is EngineState.LOADING)
                 self._set_stage("attaching to the shared engine")
                 client = await self.attach.connect(stat_loggers)
             else:
@@ -245,6 +286,10 @@ class Engine:
             client = self.client
             if client is None:
                 return None
+            if self.attach is not None and (gone := self.attach.engine_gone()) is not None:
+                # An attached client has no engine monitor: the host's word is how a death is known.
+                vllm_compat.mark_engine_dead(client, gone)
+                return gone, None
             if client.errored:
                 return f"the engine died: {client.dead_error!r}", None
         return None
@@ -354,13 +399,15 @@ class Engine:
 class Attachment:
     """This worker's slot on the launcher's shared engine (engine/host.py): a free slot taken with
     flock() on its lock file (the kernel frees it when the worker dies, so a respawned or reloaded
-    worker finds it free), and the client attached to it."""
+    worker finds it free, and the engine aborts what the dead one left running), the client attached
+    to it, and the host's word on the engine (its generation: a restarted engine is a new one)."""
 
     def __init__(self, slots: list[dict[str, Any]], client_count: int, slot_dir: str) -> None:
         self.slots = slots
         self.client_count = client_count
         self.slot_dir = slot_dir
         self.slot: int | None = None
+        self.generation: int | None = None  # of the engine this worker's client is attached to
         self._lock_fd: int | None = None
 
     @classmethod
@@ -379,21 +426,61 @@ class Attachment:
 
         if self.slot is not None:
             return self.slot
-        for slot in range(self.client_count):
-            fd = os.open(host.slot_lock_path(self.slot_dir, slot), os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self._lock_fd, self.slot = fd, slot  # held (open) for the life of this process
-            return slot
+        # The engine tries each lock for an instant every 0.2 s (to see a client die): a slot found
+        # busy is tried again a few times before it counts as another worker's.
+        for _ in range(10):
+            for slot in range(self.client_count):
+                fd = os.open(host.slot_lock_path(self.slot_dir, slot), os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                self._lock_fd, self.slot = fd, slot  # held (open) for the life of this process
+                return slot
+            time.sleep(0.05)
         raise RuntimeError(f"all {self.client_count} slots of the shared engine are taken by other workers")
+
+    def engine_gone(self) -> str | None:
+        """Why the engine this worker is attached to is gone (the host says so), or None."""
+        from qwen_server.engine import host
+
+        state = host.read_state(self.slot_dir)
+        if state.get("generation") == self.generation and state.get("state") == "ready":
+            return None
+        return state.get("reason") or "the shared engine is gone"
+
+    def host_gave_up(self) -> str | None:
+        """The host's reason, once it will not restart the engine any more."""
+        from qwen_server.engine import host
+
+        state = host.read_state(self.slot_dir)
+        if state.get("state") != "failed":
+            return None
+        return str(state.get("reason") or "the shared engine failed")
+
+    def engine_ready(self) -> bool:
+        from qwen_server.engine import host
+
+        return host.read_state(self.slot_dir).get("state") == "ready"
+
+    async def wait_engine_ready(self, still_wanted: Callable[[], bool]) -> None:
+        """Until the host reports its engine ready (at once, unless it is being restarted)."""
+        from qwen_server.engine import host
+
+        while still_wanted():
+            state = host.read_state(self.slot_dir)
+            if state.get("state") == "ready":
+                return
+            if state.get("state") == "failed":
+                raise RuntimeError(f"the shared engine will not be restarted: {state.get('reason')}")
+            await asyncio.sleep(0.25)
 
     async def connect(self, stat_loggers: list[Any]) -> AsyncLLM:
         from qwen_server.engine import host
 
         slot = await asyncio.to_thread(self._take_slot)
+        self.generation = host.read_state(self.slot_dir).get("generation")
         used = os.path.exists(host.slot_used_path(self.slot_dir, slot))
         t0 = time.monotonic()
         client = await asyncio.to_thread(
@@ -409,13 +496,24 @@ class Attachment:
         attempts = await vllm_compat.confirm_route(client) if used else 0
         open(host.slot_used_path(self.slot_dir, slot), "w").close()
         log.info(
-            "attached to the shared engine on slot %d of %d in %.2f s (%s)",
+            "attached to the shared engine (generation %s) on slot %d of %d in %.2f s (%s)",
+            self.generation,
             slot,
             self.client_count,
             time.monotonic() - t0,
             f"slot re-used: ready message replayed, route confirmed in {attempts} attempt(s)" if used else "new slot",
         )
         return client
+
+    def detach(self) -> None:
+        """This worker's client of a dead engine is closed: tell the host, which waits for every
+        slot's before it starts the next engine (a client still open would swallow its ready message)."""
+        from qwen_server.engine import host
+
+        if self.slot is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(host.slot_used_path(self.slot_dir, self.slot))
+        self.generation = None
 
 
 def _scheduler_stats_recorder(engine: Engine):

@@ -17,7 +17,9 @@ one an upgrade moved, and checks the installed release against `VERIFIED_VLLM`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -218,34 +220,42 @@ def shared_engine_config(engine_kwargs: dict[str, Any], client_count: int) -> An
 
 
 class SharedEngine:
-    """One EngineCore launched for `client_count` slots; each slot is one ROUTER (input) and one PULL
-    (output) listener, bound here and adopted by the client that takes the slot."""
+    """One EngineCore for `client_count` slots; each slot is one ROUTER (input) and one PULL (output)
+    listener, bound here for the life of this object and adopted by the client that takes the slot.
+    `launch()` starts an engine on them (again, after the previous one died: same addresses, so the
+    workers' inherited listeners stay valid). `slot_locks[i]` is the lock file a client of slot i holds
+    while it lives: the engine watches them and aborts the requests of a slot whose client died."""
 
-    def __init__(self, vllm_config: Any, client_count: int) -> None:
-        from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
-        from vllm.v1.executor import Executor
+    def __init__(self, vllm_config: Any, client_count: int, slot_locks: list[str]) -> None:
+        from vllm.v1.engine.utils import bind_engine_zmq_listeners
 
         self.vllm_config = vllm_config
         self.client_count = client_count
-        from vllm.v1.engine.core import EngineCoreProc
-
+        self.slot_locks = slot_locks
+        self.launch: Any = None
         self.listeners = bind_engine_zmq_listeners(vllm_config, client_count)
+
+    def start(self) -> None:
+        """Launch EngineCore and wait for its startup handshake (the model load)."""
+        from vllm.v1.engine.core import EngineCoreProc
+        from vllm.v1.engine.utils import launch_core_engines
+        from vllm.v1.executor import Executor
+
         # CoreEngineProcManager starts `EngineCoreProc.run_engine_core`, looked up at launch: during the
         # launch it is our wrapper, which the spawned process imports by name (and which calls vLLM's).
+        # The spawned process inherits the environment: that is how it learns the slots' lock files.
         original = EngineCoreProc.__dict__["run_engine_core"]
         EngineCoreProc.run_engine_core = staticmethod(_run_engine_core_dying_with_parent)
+        os.environ[_SLOT_LOCKS_ENV] = json.dumps(self.slot_locks)
         try:
-            executor = Executor.get_class(vllm_config)
-            with launch_core_engines(vllm_config, executor, False, self.listeners.addresses) as launch:
-                pass  # the context's exit is the startup handshake
-        except BaseException:
-            self.close_listeners()
-            raise
+            executor = Executor.get_class(self.vllm_config)
+            with launch_core_engines(self.vllm_config, executor, True, self.listeners.addresses) as launch:
+                self.launch = launch  # set before the handshake: its processes exist (and may die) from here
         finally:
             EngineCoreProc.run_engine_core = original
-        self.launch = launch
+            os.environ.pop(_SLOT_LOCKS_ENV, None)
         if launch.tensor_queue is not None:  # mm_tensor_ipc="torch_shm": not handed to workers yet
-            self.stop()
+            self.stop_engine()
             raise RuntimeError("--shared-engine does not support mm_tensor_ipc=torch_shm yet")
 
     def slots(self) -> list[dict[str, Any]]:
@@ -261,13 +271,17 @@ class SharedEngine:
         ]
 
     def processes(self) -> list[Any]:
-        manager: Any = self.launch.engine_manager  # CoreEngineProcManager on one node (no Ray)
+        manager: Any = self.launch.engine_manager if self.launch is not None else None  # CoreEngineProcManager
         return list(manager.processes) if manager is not None else []
 
-    def stop(self) -> None:
-        manager = self.launch.engine_manager
+    def stop_engine(self) -> None:
+        """Stop (or clean up after) the engine; the listeners stay, for the next launch."""
+        manager = self.launch.engine_manager if self.launch is not None else None
         if manager is not None:
             manager.shutdown()
+
+    def stop(self) -> None:
+        self.stop_engine()
         self.close_listeners()
 
     def close_listeners(self) -> None:
@@ -290,7 +304,69 @@ def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:  # the host died before the line above
         os._exit(1)
+    locks = json.loads(os.environ.get(_SLOT_LOCKS_ENV, "[]"))
+    if locks:
+        original_init = EngineCoreProc.__init__
+
+        def init_then_watch_slots(self: Any, *a: Any, **kw: Any) -> None:
+            original_init(self, *a, **kw)
+            threading.Thread(
+                target=_abort_requests_of_dead_clients, args=(self, locks), name="qwen-server-slot-watch", daemon=True
+            ).start()
+
+        EngineCoreProc.__init__ = init_then_watch_slots  # this process's own class
     return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+_SLOT_LOCKS_ENV = "QWEN_SERVER_ENGINE_SLOT_LOCKS"  # SharedEngine -> its EngineCore process only
+_SLOT_POLL = 0.2  # seconds between looks at the slots' locks
+_RESWEEPS = (0.5, 2.0)  # seconds after a death: requests still on their way in when it was noticed
+
+
+def _abort_requests_of_dead_clients(core: Any, locks: list[str]) -> None:
+    """In EngineCore's process: when the lock of a slot that was held is free again, its client died
+    (the kernel released its flock). Abort every request that client sent (`Request.client_index`),
+    so that nothing keeps decoding for nobody and the KV cache is freed: vLLM itself never notices a
+    client that went away. The aborts go through EngineCore's input queue like a client's own, and
+    are picked on this thread from a copy of the scheduler's requests (an atomic dict copy)."""
+    import fcntl
+    import logging
+    import time
+
+    from vllm.v1.engine import EngineCoreRequestType
+
+    log = logging.getLogger("vllm.qwen_server.slots")  # under vLLM's logger: its handler and its prefix
+    fds = [os.open(path, os.O_RDWR) for path in locks]
+    held = [False] * len(fds)
+    sweeps: list[tuple[float, int, float]] = []  # (when, slot, wall-clock time the death was noticed)
+
+    def sweep(slot: int, noticed: float) -> int:
+        requests = core.scheduler.requests.copy()
+        ids = [rid for rid, r in requests.items() if r.client_index == slot and r.arrival_time <= noticed]
+        if ids:
+            core.input_queue.put_nowait((EngineCoreRequestType.ABORT, ids))
+        return len(ids)
+
+    while True:
+        time.sleep(_SLOT_POLL)
+        now = time.monotonic()
+        for slot, fd in enumerate(fds):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held[slot] = True
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if held[slot]:
+                held[slot] = False
+                noticed = time.time()
+                n = sweep(slot, noticed)
+                log.warning("qwen_server: the client of slot %d is gone; aborted its %d request(s)", slot, n)
+                sweeps.extend((now + delay, slot, noticed) for delay in _RESWEEPS)
+        for item in [s for s in sweeps if s[0] <= now]:
+            sweeps.remove(item)
+            if n := sweep(item[1], item[2]):
+                log.warning("qwen_server: aborted %d more request(s) of slot %d's dead client", n, item[1])
 
 
 def prewarm_input_processor(vllm_config: Any) -> None:
@@ -412,6 +488,17 @@ def attach_client(
         )
     finally:
         undo()
+
+
+def mark_engine_dead(client: AsyncLLM, reason: str) -> None:
+    """The shared engine died (its host saw it; an attached client has no engine monitor of its own):
+    make the client report it (`errored`, EngineDeadError for new requests) and fail the requests in
+    flight with EngineDeadError instead of leaving them waiting on outputs that never come."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    core: Any = client.engine_core
+    core.resources.engine_dead = True
+    client.output_processor.propagate_error(EngineDeadError(reason))
 
 
 async def confirm_route(client: AsyncLLM, timeout: float = 10.0) -> int:

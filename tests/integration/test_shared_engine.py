@@ -1,12 +1,17 @@
 """--shared-engine (experimental): one launcher with two workers attached to ONE engine on the tiny model.
 
-The tests run in file order on one server: both workers answer, one EngineCore, a SIGKILLed worker is
-respawned and re-attaches to the same engine, and SIGTERM leaves nothing behind. Figures are printed
-(run with -s), never asserted.
+The tests run in file order on one server: both workers answer, one EngineCore and one set of engine
+gauges; a worker SIGKILLed mid-stream has its requests aborted by the engine, is respawned and
+re-attaches while the other worker's streams go on; a SIGKILLed EngineCore fails the streams in flight
+with engine_dead, the workers say `dead`, and the launcher restarts the engine on its own; SIGTERM
+leaves nothing behind. Figures are printed (run with -s), never asserted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -30,11 +35,13 @@ OPTIONS = (
     "2",
     "--respawn-failed-workers",
     "--max-model-len",
-    "1024",
+    "4096",
     "--enforce-eager",
     "--max-num-seqs",
-    "4",
+    "8",
 )
+# Long enough (thousands of tokens) that a stream is still decoding when its worker or engine is killed.
+LONG_STREAM = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "ignore_eos": True, "stream": True}
 MAX_TRIES = 200  # connections tried before concluding a worker never answers
 
 
@@ -122,21 +129,147 @@ def test_both_workers_answer_image_chats_from_one_engine(server: ServerProcess) 
     print(f"\nworkers {sorted(answered)} both attached: {answered}")
 
 
-def test_a_killed_worker_is_respawned_and_reattaches_to_the_same_engine(server: ServerProcess) -> None:
+def test_metrics_show_the_one_engine_once(server: ServerProcess) -> None:
+    _until_answered_by(server, set(_wait_workers(server, 2)))
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    running = [line for line in text.splitlines() if line.startswith("vllm:num_requests_running")]
+    assert len(running) == 1, running  # one engine: one series, whichever worker received the engine's stats
+    assert "pid=" not in running[0], running
+    chats = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("qwen_server_http_requests_total") and "chat/completions" in line and 'status="200"' in line
+    )
+    assert chats >= 2, "the HTTP counters of both workers add up"
+    print(f"\n/metrics: {running[0]}; {chats:.0f} chats counted over both workers")
+
+
+class _Stream:
+    """One long streaming chat on its own connection, pinned to the worker that answered its /health."""
+
+    def __init__(self) -> None:
+        self.worker = -1
+        self.chunks = 0
+        self.outcome = ""  # "length" (finished), an error code from the stream, or the exception's name
+        self.first_chunk = asyncio.Event()
+
+    async def run(self, url: str, wanted: set[int] | None = None) -> None:
+        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=300) as client:
+            self.worker = (await client.get("/health")).json()["worker_pid"]
+            if wanted is not None and self.worker not in wanted:
+                self.outcome = "not wanted"
+                self.first_chunk.set()
+                return
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=LONG_STREAM) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            self.outcome = event["error"]["code"]
+                        elif event["choices"] and event["choices"][0].get("finish_reason"):
+                            self.outcome = event["choices"][0]["finish_reason"]
+                        self.chunks += 1
+                        self.first_chunk.set()
+            except httpx.HTTPError as exc:
+                self.outcome = type(exc).__name__
+            finally:
+                self.first_chunk.set()
+
+
+async def _streams_on(url: str, per_worker: int, workers: set[int]) -> list[tuple[_Stream, asyncio.Task]]:
+    """`per_worker` long streams running on each of `workers` (connections land where Granian puts them)."""
+    running: list[tuple[_Stream, asyncio.Task]] = []
+    for _ in range(MAX_TRIES):
+        counts = {w: sum(1 for s, _ in running if s.worker == w and s.outcome != "not wanted") for w in workers}
+        short = {w for w, n in counts.items() if n < per_worker}
+        if not short:
+            return running
+        stream = _Stream()
+        task = asyncio.create_task(stream.run(url, short))
+        await stream.first_chunk.wait()
+        running.append((stream, task))
+    raise AssertionError(f"could not place {per_worker} streams on each of {workers}")
+
+
+def test_a_worker_killed_mid_stream_has_its_requests_aborted_and_is_respawned(server: ServerProcess) -> None:
     (core,) = _engine_cores(server)
     old = set(_wait_workers(server, 2))
-    victim = min(old)
-    t0 = time.monotonic()
-    procs.signal_quietly(victim, signal.SIGKILL)
+    victim, survivor = sorted(old)
+
+    async def scenario() -> tuple[list[_Stream], list[_Stream], float]:
+        placed = await _streams_on(server.url, 3, {victim, survivor})
+        streams = [s for s, _ in placed if s.outcome != "not wanted"]
+        log_before = len(server.log())
+        t0 = time.monotonic()
+        procs.signal_quietly(victim, signal.SIGKILL)
+        await asyncio.gather(*(t for _, t in placed))
+        took = time.monotonic() - t0
+        assert _wait_log(server, "aborted its", log_before), server.log()[-3000:]
+        return [s for s in streams if s.worker == victim], [s for s in streams if s.worker == survivor], took
+
+    killed, others, took = asyncio.run(scenario())
+    aborted = re.findall(r"the client of slot (\d+) is gone; aborted its (\d+) request", server.log())
+    assert aborted, server.log()[-3000:]
+    # Every stream of the dead worker was still decoding (thousands of tokens to go): the engine aborted
+    # all of them, instead of decoding them to max_tokens for nobody.
+    assert int(aborted[-1][1]) == len(killed) == 3, (aborted, [(s.chunks, s.outcome) for s in killed])
+    assert all(s.outcome == "length" for s in others), [(s.chunks, s.outcome) for s in others]
     (new,) = _wait_workers(server, 1, exclude=frozenset(old))
     answered = _until_answered_by(server, {new})
-    took = time.monotonic() - t0
     assert answered[new].startswith("attached")
     assert _engine_cores(server) == [core], "the engine must survive a worker's death"
     assert "slot re-used: ready message replayed" in server.log()
     print(
-        f"\nSIGKILL of worker {victim} -> respawned worker {new} answered an image chat in {took:.2f} s ({answered[new]})"
+        f"\nSIGKILL of worker {victim} mid-stream: its {len(killed)} requests aborted by the engine "
+        f"(slot {aborted[-1][0]}); the other worker's {len(others)} streams finished {took:.1f} s later; "
+        f"respawned worker {new} answered ({answered[new]})"
     )
+
+
+def _wait_log(server: ServerProcess, text: str, since: int, tries: int = 100) -> bool:
+    for _ in range(tries):
+        if text in server.log()[since:]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_engine_is_restarted_by_the_launcher(server: ServerProcess) -> None:
+    (core,) = _engine_cores(server)
+    old_engine_tree = {core, *procs.descendants(core)}
+    workers = set(_wait_workers(server, 2))
+
+    async def scenario() -> tuple[list[_Stream], list[int]]:
+        placed = await _streams_on(server.url, 1, workers)
+        procs.signal_quietly(core, signal.SIGKILL)
+        await asyncio.gather(*(t for _, t in placed))
+        # Every worker says dead (with the reason) until the new engine is up.
+        codes = []
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            for _ in range(20):
+                r = await client.get("/health")
+                codes.append(r.status_code)
+                if r.status_code == 503 and r.json()["status"] == "dead":
+                    assert "the shared engine died" in r.json()["reason"], r.json()
+                    break
+        return [s for s, _ in placed if s.outcome != "not wanted"], codes
+
+    t0 = time.monotonic()
+    streams, codes = asyncio.run(scenario())
+    assert len({s.worker for s in streams}) == 2
+    assert [s.outcome for s in streams] == ["engine_dead"] * len(streams), [(s.chunks, s.outcome) for s in streams]
+    assert codes[-1] == 503, codes
+    server.wait_ready(timeout=600)
+    took = time.monotonic() - t0
+    answered = _until_answered_by(server, workers)
+    assert set(answered) == workers, "the same workers re-attach: no worker was restarted"
+    (new_core,) = _engine_cores(server)
+    assert new_core != core
+    assert [p for p in old_engine_tree if procs.alive(p)] == []
+    assert "shared engine restarted" in server.log()
+    print(f"\nEngineCore SIGKILL -> streams got engine_dead; both workers ready again on a new engine in {took:.1f} s")
 
 
 def test_sigterm_stops_the_whole_tree_and_frees_the_port(server: ServerProcess) -> None:

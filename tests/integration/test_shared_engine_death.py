@@ -1,6 +1,6 @@
-"""--shared-engine: the engine's death is noticed by the launcher (its host), which stops the server
-with a failure code instead of leaving workers attached to nothing. Restarting the engine is not
-implemented yet; this pins today's behaviour."""
+"""--shared-engine: past its restart limit, the engine's death stops the launcher (its host) with a
+failure code, instead of leaving workers attached to nothing. (A death within the limit is restarted:
+test_shared_engine.py.)"""
 
 from __future__ import annotations
 
@@ -19,8 +19,19 @@ from tests.helpers.serverproc import ServerProcess, wait_port_free
 pytestmark = pytest.mark.slow
 
 
-def test_a_killed_engine_stops_the_server_with_a_failure_code(tiny_model: Path, tmp_path: Path) -> None:
-    options = ("--shared-engine", "--workers", "2", "--max-model-len", "1024", "--enforce-eager")
+def test_a_killed_engine_past_the_restart_limit_stops_the_server_with_a_failure_code(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    options = (
+        "--shared-engine",
+        "--workers",
+        "2",
+        "--max-model-len",
+        "1024",
+        "--enforce-eager",
+        "--engine-restarts",
+        "0",
+    )
     srv = ServerProcess.launcher(free_port(), tmp_path / "server.log", "--model", str(tiny_model), *options)
     try:
         srv.wait_ready()
@@ -34,6 +45,7 @@ def test_a_killed_engine_stops_the_server_with_a_failure_code(tiny_model: Path, 
         log = srv.log_path.read_text(errors="replace")
         assert code != 0, log[-3000:]
         assert "the shared engine died" in log
+        assert "the limit (--engine-restarts 0): stopping the server" in log
         assert srv.leftovers(within=10) == [], log[-3000:]
         wait_port_free(srv.port, within=10)
         print(f"\nEngineCore SIGKILL -> launcher exit {code} after {took:.1f} s, no process left")

@@ -129,6 +129,20 @@ def test_the_shared_engine_internals_are_still_there() -> None:
     manager_source = inspect.getsource(manager.__init__)
     assert "target=EngineCoreProc.run_engine_core" in manager_source, "CoreEngineProcManager's process target changed"
     assert isinstance(_resolve("vllm.v1.engine.core", "EngineCoreProc").__dict__["run_engine_core"], staticmethod)
+    # Aborting a dead client's requests, in EngineCore's process: what the slot watcher reads and feeds.
+    core_init = inspect.getsource(_resolve("vllm.v1.engine.core", "EngineCoreProc").__init__)
+    assert "self.input_queue = queue.Queue" in core_init, "EngineCoreProc.input_queue changed"
+    assert "self.scheduler" in inspect.getsource(_resolve("vllm.v1.engine.core", "EngineCore").__init__)
+    _has(_resolve("vllm.v1.engine", "EngineCoreRequestType"), "ABORT", "EngineCoreRequestType")
+    assert "self.requests: dict[str, Request]" in inspect.getsource(
+        _resolve("vllm.v1.core.sched.scheduler", "Scheduler").__init__
+    ), "Scheduler.requests changed"
+    request_init = inspect.getsource(_resolve("vllm.v1.request", "Request").__init__)
+    for attr in ("self.client_index", "self.arrival_time"):
+        assert attr in request_init, f"Request lost {attr}"
+    # Telling an attached client its engine died (it has no engine monitor of its own).
+    _has(_resolve("vllm.v1.engine.output_processor", "OutputProcessor"), "propagate_error", "OutputProcessor")
+    assert "engine_dead" in _resolve("vllm.v1.engine.core_client", "BackgroundResources").__dataclass_fields__
 
 
 def test_the_compat_functions_build_what_the_server_uses() -> None:
