@@ -245,9 +245,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         _doc(
             "EXPERIMENTAL: the launcher starts ONE engine (after the port check, before Granian forks) and "
             "every worker attaches to it, so --workers N shares one model copy and --reload or a worker's "
-            "respawn keeps the engine loaded. Launcher only (plain `granian` keeps one engine per worker). "
-            "Not yet: a dead worker's requests keep running, engine death stops the server instead of "
-            "restarting the engine.",
+            "respawn keeps the engine loaded; a dead worker's requests are aborted, a dead engine is "
+            "restarted by the launcher (--engine-restarts). Launcher only (plain `granian` keeps one "
+            "engine per worker). Not yet on by default: mm_tensor_ipc=torch_shm and Ray are not supported.",
         ),
     ] = False
     respawn_failed_workers: Annotated[

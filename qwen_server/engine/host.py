@@ -96,8 +96,9 @@ class EngineHost:
         self._stopping = threading.Event()
 
     @classmethod
-    def start(cls, settings: Settings) -> EngineHost:
-        """Launch the engine (blocks until it is ready) and export the slots to the environment."""
+    def start(cls, settings: Settings, run_dir: str | None = None) -> EngineHost:
+        """Launch the engine (blocks until it is ready) and export the slots to the environment. The
+        slots' directory goes in `run_dir` (the launcher's, removed when it exits) if given."""
         global _hosted
         vllm_compat.check_vllm_version()
         t0 = time.monotonic()
@@ -110,7 +111,7 @@ class EngineHost:
             kwargs = demo.engine_overrides(settings.engine_kwargs(path))
         count = settings.workers + SPARE_SLOTS
         log.info("shared engine: starting one engine for %d client slot(s), model %s", count, path)
-        slot_dir = tempfile.mkdtemp(prefix="qwen-server-slots-")
+        slot_dir = tempfile.mkdtemp(prefix="qwen-server-slots-", dir=run_dir)
         locks = [slot_lock_path(slot_dir, slot) for slot in range(count)]
         for lock in locks:
             open(lock, "w").close()
@@ -120,6 +121,11 @@ class EngineHost:
             engine = vllm_compat.SharedEngine(config, count, locks)
             host = cls(settings, engine, slot_dir)
             host._launch()
+            if not host.pids():
+                raise RuntimeError(
+                    "--shared-engine needs EngineCore as a local process of the launcher (not Ray's "
+                    "distributed executor): start without --shared-engine"
+                )
             t_engine = time.monotonic() - t0
             t1 = time.monotonic()
             vllm_compat.prewarm_input_processor(config)

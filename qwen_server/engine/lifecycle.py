@@ -90,6 +90,11 @@ class Engine:
     # --- lifecycle ---
 
     def start(self) -> None:
+        if self.settings.shared_engine and self.attach is None:
+            log.warning(
+                "shared_engine is set but this worker has no engine host to attach to: it is the launcher "
+                "that hosts the shared engine (plain `granian` cannot); this worker starts its own engine"
+            )
         self._t0 = time.monotonic()
         self._tasks.append(asyncio.create_task(self._run(), name="engine"))
 
@@ -256,10 +261,12 @@ class Engine:
             self.max_num_seqs = vllm_compat.max_num_seqs(client)
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
+            # The engine's processes: this worker's children, or the shared engine's (the launcher's).
+            engine_procs = procs.descendants(os.getpid()) if self.attach is None else self.attach.engine_processes()
             if self.settings.keep_off_engine_cores:
-                _keep_off_engine_cores()
+                _keep_off_engine_cores(engine_procs)
             if self.settings.engine_nice and vllm_compat.device_type(client) == "cpu":
-                _renice_engine(self.settings.engine_nice)
+                _renice_engine(self.settings.engine_nice, engine_procs)
             frozen = _freeze_heap()
             self.loaded_in = time.monotonic() - self._t0
             self.state = EngineState.READY
@@ -459,6 +466,13 @@ class Attachment:
             return None
         return str(state.get("reason") or "the shared engine failed")
 
+    def engine_processes(self) -> list[int]:
+        """The shared engine's processes (EngineCore and its model workers), as its host reported them."""
+        from qwen_server.engine import host
+
+        roots = host.read_state(self.slot_dir).get("pids", [])
+        return [pid for root in roots for pid in (root, *procs.descendants(root))]
+
     def engine_ready(self) -> bool:
         from qwen_server.engine import host
 
@@ -533,7 +547,7 @@ def _longest_token(tokenizer: Any) -> int:
     return max((len(token.encode()) for token in tokenizer.get_vocab()), default=1)
 
 
-def _keep_off_engine_cores() -> None:
+def _keep_off_engine_cores(engine_procs: list[int]) -> None:
     """On a CPU engine vLLM pins each model (OpenMP) thread to a core of its own and leaves the rest
     "reserved" for everything else (VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU). A front-end
     thread scheduled on a pinned core stalls the model's step, and with it every request. Moving this
@@ -542,7 +556,7 @@ def _keep_off_engine_cores() -> None:
     end then shares its one core with EngineCore. Nothing happens when nothing was pinned (GPU
     engines) or no other core is left."""
     mine = os.sched_getaffinity(0)
-    pinned = set().union(*(procs.pinned_cpus(pid) for pid in procs.descendants(os.getpid())))
+    pinned = set().union(*(procs.pinned_cpus(pid) for pid in engine_procs))
     rest = mine - pinned
     if not pinned or not rest:
         return
@@ -550,7 +564,7 @@ def _keep_off_engine_cores() -> None:
     log.info("front end kept off the engine's pinned cores %s: runs on %s", sorted(pinned), sorted(rest))
 
 
-def _renice_engine(nice: int) -> None:
+def _renice_engine(nice: int, engine_procs: list[int]) -> None:
     """vLLM's CPU engine busy-waits: EngineCore spins on shared memory for the model worker's output
     while the model runs (sched_yield in a loop, for 1 s after each message). On few cores that spin
     holds the cores this worker needs to parse requests, decode images and stream tokens, so the
@@ -560,7 +574,7 @@ def _renice_engine(nice: int) -> None:
     stall the step (224 px c1: 14 req/s with the workers niced too, 18.5 without)."""
     changed = 0
     try:
-        for pid in procs.descendants(os.getpid()):
+        for pid in engine_procs:
             if not procs.pinned_cpus(pid):
                 changed += procs.renice(pid, nice)
     except PermissionError:  # this worker already runs above `nice`; raising priority needs a privilege

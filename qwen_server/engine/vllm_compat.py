@@ -271,8 +271,8 @@ class SharedEngine:
         ]
 
     def processes(self) -> list[Any]:
-        manager: Any = self.launch.engine_manager if self.launch is not None else None  # CoreEngineProcManager
-        return list(manager.processes) if manager is not None else []
+        manager: Any = self.launch.engine_manager if self.launch is not None else None
+        return list(getattr(manager, "processes", []))  # CoreEngineProcManager's (Ray's actor manager has none)
 
     def stop_engine(self) -> None:
         """Stop (or clean up after) the engine; the listeners stay, for the next launch."""

@@ -196,7 +196,7 @@ def main(**opts: Any) -> None:
     os.environ.update(s.to_env())
     run_dir = supervise.make_run_dir()
     try:
-        engine_host = _start_engine_host(s, sock) if s.shared_engine else None
+        engine_host = _start_engine_host(s, sock, run_dir) if s.shared_engine else None
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
@@ -206,7 +206,7 @@ def main(**opts: Any) -> None:
     sys.exit(code)
 
 
-def _start_engine_host(s: Settings, sock: socket.socket) -> Any:
+def _start_engine_host(s: Settings, sock: socket.socket, run_dir: str) -> Any:
     """--shared-engine: the one engine, started here (after the port is ours, before Granian forks the
     workers, which inherit its imports and attach to it). Its module is the serving side's: imported
     only now, so that the port answer above never waits for torch or vLLM."""
@@ -219,7 +219,7 @@ def _start_engine_host(s: Settings, sock: socket.socket) -> Any:
     logs.configure(s.log_level, s.log_format)
     t0 = time.monotonic()
     try:
-        return host.EngineHost.start(s)
+        return host.EngineHost.start(s, run_dir)
     except BaseException:
         sock.close()
         raise

@@ -67,8 +67,11 @@ def _scenario(port: int, model: tuple[str, ...], tmp_path: Path, started: list[S
     chat_ok(a.url)
 
     # 2. A second launcher on the same port fails at once, naming A; so does a raw Granian.
+    # Refused before anything heavy is imported (tests/unit/launcher: the port check imports no torch or
+    # vLLM); the time is printed, not asserted.
     second, elapsed = run_launcher(port, *model)
-    assert second.returncode == 1 and elapsed < 2.5
+    print(f"second launcher on a busy port refused in {elapsed:.2f} s")
+    assert second.returncode == 1
     assert f"PID {a.proc.pid} (listening): qwen-server 127.0.0.1:{port}" in second.stderr
     assert "--replace" in second.stderr
     raw = subprocess.run(

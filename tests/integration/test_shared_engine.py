@@ -201,6 +201,10 @@ def test_a_worker_killed_mid_stream_has_its_requests_aborted_and_is_respawned(se
     async def scenario() -> tuple[list[_Stream], list[_Stream], float]:
         placed = await _streams_on(server.url, 3, {victim, survivor})
         streams = [s for s, _ in placed if s.outcome != "not wanted"]
+        async with httpx.AsyncClient(timeout=30) as client:
+            metrics = (await client.get(f"{server.url}/metrics")).text
+        # The engine's scheduler stats reach the workers (vLLM's gauge: one series, the engine's count).
+        assert _gauge(metrics, "vllm:num_requests_running") >= 1, metrics[-2000:]
         log_before = len(server.log())
         t0 = time.monotonic()
         procs.signal_quietly(victim, signal.SIGKILL)
@@ -226,6 +230,11 @@ def test_a_worker_killed_mid_stream_has_its_requests_aborted_and_is_respawned(se
         f"(slot {aborted[-1][0]}); the other worker's {len(others)} streams finished {took:.1f} s later; "
         f"respawned worker {new} answered ({answered[new]})"
     )
+
+
+def _gauge(metrics: str, name: str) -> float:
+    (line,) = [line for line in metrics.splitlines() if line.startswith(name + "{")]
+    return float(line.rsplit(" ", 1)[1])
 
 
 def _wait_log(server: ServerProcess, text: str, since: int, tries: int = 100) -> bool:

@@ -42,7 +42,7 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 os.nice(5)  # a server started with `nice -n 5`, say
 engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # inherits it
 try:
-    _renice_engine(os.getpriority(os.PRIO_PROCESS, 0) - 3)  # --engine-nice below the worker's own
+    _renice_engine(os.getpriority(os.PRIO_PROCESS, 0) - 3, [engine.pid])  # --engine-nice below the worker's own
     print(os.getpriority(os.PRIO_PROCESS, engine.pid) - os.getpriority(os.PRIO_PROCESS, 0))
 finally:
     engine.kill()
