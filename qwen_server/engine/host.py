@@ -5,14 +5,16 @@ packages (torch, transformers and vLLM through vllm_compat, and Litestar) but no
 so that Granian's workers, forked from the launcher, inherit them instead of importing them again: a
 worker (first start, respawn, --reload) attaches in about a second instead of paying `import vllm`.
 
-`EngineHost.start` launches EngineCore for `workers + 1` client slots (the spare one lets a new worker
-attach while an old one still holds its slot), pre-warms one InputProcessor and the image processor, and
-tells the workers where the slots are through the variables named in settings.py (ENGINE_HOST_*). Each
+`EngineHost.start` starts EngineCore for `workers + 1` client slots (the spare one lets a new worker
+attach while an old one still holds its slot), pre-warms one InputProcessor and the image processor
+while the model loads, and tells the workers where the slots are through the variables named in
+settings.py (ENGINE_HOST_*); it returns before the model is loaded, so that Granian's workers answer
+/health (503 `loading`) during the load, and attach once the host says `ready`. Each
 worker takes a free slot with flock() on the slot's lock file (engine/lifecycle.py); the kernel frees it
 when the worker dies, and EngineCore, watching the locks, then aborts that worker's requests.
 
 The host's word on the engine is `engine.json` in the slot directory: its generation (one per launch)
-and its state (`ready`, `dead`, `failed`), which the workers read once a second. When EngineCore dies,
+and its state (`loading`, `ready`, `dead`, `failed`), which the workers read once a second. When EngineCore dies,
 the host says `dead` (the workers fail their requests in flight with engine_dead and close their
 clients), waits a backoff, waits for the clients to close (one still open would swallow the new
 engine's ready message), and launches a new engine on the same listeners; past --engine-restarts in
@@ -97,8 +99,12 @@ class EngineHost:
 
     @classmethod
     def start(cls, settings: Settings, run_dir: str | None = None) -> EngineHost:
-        """Launch the engine (blocks until it is ready) and export the slots to the environment. The
-        slots' directory goes in `run_dir` (the launcher's, removed when it exits) if given."""
+        """Start the engine's processes and export the slots to the environment; the model loads in
+        the background (engine.json says `loading`, then `ready`), while Granian's workers already
+        answer /health (503 `loading`). The slots' directory goes in `run_dir` (the launcher's,
+        removed when it exits) if given. What the workers should inherit is imported and pre-warmed
+        here, before Granian forks them; the thread left running imports nothing more (a fork while
+        a thread holds a module's import lock would hand the child a lock nobody releases)."""
         global _hosted
         vllm_compat.check_vllm_version()
         t0 = time.monotonic()
@@ -120,18 +126,22 @@ class EngineHost:
             config = vllm_compat.shared_engine_config(kwargs, count)
             engine = vllm_compat.SharedEngine(config, count, locks)
             host = cls(settings, engine, slot_dir)
-            host._launch()
+            host._begin_launch()
             if not host.pids():
                 raise RuntimeError(
                     "--shared-engine needs EngineCore as a local process of the launcher (not Ray's "
                     "distributed executor): start without --shared-engine"
                 )
-            t_engine = time.monotonic() - t0
             t1 = time.monotonic()
-            vllm_compat.prewarm_input_processor(config)
+            vllm_compat.prewarm_input_processor(config)  # while EngineCore loads the model
             if config.model_config.is_multimodal_model:  # what each worker inspects to pre-size images (~1.8 s)
                 vllm_compat.cached_image_processor(config.model_config)
-            t_warm = time.monotonic() - t1
+            log.info(
+                "shared engine: EngineCore PID %s loading; front end pre-warmed in %.1f s (%.1f s since start)",
+                ", ".join(str(p) for p in host.pids()),
+                time.monotonic() - t1,
+                time.monotonic() - t0,
+            )
             os.environ[settings_mod.ENGINE_HOST_SLOTS_ENV] = json.dumps(engine.slots())
             os.environ[settings_mod.ENGINE_HOST_CLIENT_COUNT_ENV] = str(count)
             os.environ[settings_mod.ENGINE_HOST_SLOT_DIR_ENV] = slot_dir
@@ -141,15 +151,29 @@ class EngineHost:
             shutil.rmtree(slot_dir, ignore_errors=True)
             raise
         _hosted = host
-        threading.Thread(target=host._watch, name="qwen-server-engine-watch", daemon=True).start()
-        log.info(
-            "shared engine ready in %.1f s (engine %.1f s, input processor pre-warm %.1f s); EngineCore PID %s",
-            time.monotonic() - t0,
-            t_engine,
-            t_warm,
-            ", ".join(str(p) for p in host.pids()),
-        )
+        threading.Thread(target=host._load_then_watch, args=(t0,), name="qwen-server-engine-watch", daemon=True).start()
         return host
+
+    def _load_then_watch(self, t0: float) -> None:
+        """The first load's end (its handshake), then the watch. A first load that fails is not
+        retried (the model, the options or the machine would fail it again): the launcher stops."""
+        try:
+            self._finish_launch()
+        except Exception as exc:  # noqa: BLE001 - every failure of the load is reported the same way
+            if self._stopping.is_set():  # stopped while loading: the launcher is on its way out already
+                return
+            self._give_up(
+                f"the shared engine failed to load: {type(exc).__name__}: {exc}. Check the model path or id, "
+                "the engine options (vLLM's own: see `vllm serve --help`) and free memory (on vLLM's CPU "
+                "build, size the KV cache with VLLM_CPU_KVCACHE_SPACE=<GiB>)"
+            )
+            return
+        log.info(
+            "shared engine ready in %.1f s; EngineCore PID %s",
+            time.monotonic() - t0,
+            ", ".join(str(p) for p in self.pids()),
+        )
+        self._watch()
 
     def pids(self) -> set[int]:
         """The engine's processes (children of the launcher that its supervisor must leave alone)."""
@@ -169,6 +193,10 @@ class EngineHost:
 
     def _launch(self) -> None:
         """Start a new engine (generation + 1) on the listeners and say `ready` once it is."""
+        self._begin_launch()
+        self._finish_launch()
+
+    def _begin_launch(self) -> None:
         self.generation += 1
         for slot in range(self.engine.client_count):  # its ready message is new on every slot
             with contextlib.suppress(FileNotFoundError):
@@ -176,11 +204,25 @@ class EngineHost:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.slot_dir, READY_PAYLOAD))
         self.launching = True
+        self._write_state("loading")
         try:
-            self.engine.start()
+            self.engine.begin()
+        except BaseException:
+            self.launching = False
+            raise
+
+    def _finish_launch(self) -> None:
+        try:
+            self.engine.finish()
         finally:
             self.launching = False
         self._write_state("ready")
+
+    def _give_up(self, final: str) -> None:
+        log.error("%s", final)
+        self._write_state("failed", final)
+        self.died = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _watch(self) -> None:
         """Wait for the engine's death, then restart it (or give up and stop the launcher)."""
@@ -208,14 +250,10 @@ class EngineHost:
             window = self.settings.engine_restart_window
             self.restarts = [t for t in self.restarts if now - t < window]
             if len(self.restarts) >= self.settings.engine_restarts:
-                final = (
+                self._give_up(
                     f"{reason}; the engine was restarted {len(self.restarts)} time(s) in the last {window:g} s, "
                     f"the limit (--engine-restarts {self.settings.engine_restarts}): stopping the server"
                 )
-                log.error("%s", final)
-                self._write_state("failed", final)
-                self.died = True
-                os.kill(os.getpid(), signal.SIGTERM)
                 return False
             self.restarts.append(now)
             delay = min(2.0 ** (len(self.restarts) - 1), MAX_BACKOFF)

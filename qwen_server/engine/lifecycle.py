@@ -230,7 +230,7 @@ class Engine:
             engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(vllm_compat.engine_classes)
             stat_loggers = [_scheduler_stats_recorder(self), metrics.engine_stat_logger(self.attach is not None)]
             if self.attach is not None:
-                self._set_stage("waiting for the shared engine")
+                self._set_stage("waiting for the shared engine (the launcher loads it)")
                 await self.attach.wait_engine_ready(lambda: self.state is EngineState.LOADING)
                 self._set_stage("attaching to the shared engine")
                 client = await self.attach.connect(stat_loggers)

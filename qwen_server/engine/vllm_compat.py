@@ -233,10 +233,16 @@ class SharedEngine:
         self.client_count = client_count
         self.slot_locks = slot_locks
         self.launch: Any = None
+        self._launching: Any = None  # launch_core_engines' context, between begin() and finish()
         self.listeners = bind_engine_zmq_listeners(vllm_config, client_count)
 
     def start(self) -> None:
         """Launch EngineCore and wait for its startup handshake (the model load)."""
+        self.begin()
+        self.finish()
+
+    def begin(self) -> None:
+        """Start EngineCore's processes (they load the model from here on); returns at once."""
         from vllm.v1.engine.core import EngineCoreProc
         from vllm.v1.engine.utils import launch_core_engines
         from vllm.v1.executor import Executor
@@ -249,12 +255,20 @@ class SharedEngine:
         os.environ[_SLOT_LOCKS_ENV] = json.dumps(self.slot_locks)
         try:
             executor = Executor.get_class(self.vllm_config)
-            with launch_core_engines(self.vllm_config, executor, True, self.listeners.addresses) as launch:
-                self.launch = launch  # set before the handshake: its processes exist (and may die) from here
+            # A context manager: entering starts the processes, leaving waits for their handshake.
+            self._launching = launch_core_engines(self.vllm_config, executor, True, self.listeners.addresses)
+            self.launch = self._launching.__enter__()
         finally:
             EngineCoreProc.run_engine_core = original
             os.environ.pop(_SLOT_LOCKS_ENV, None)
-        if launch.tensor_queue is not None:  # mm_tensor_ipc="torch_shm": not handed to workers yet
+
+    def finish(self) -> None:
+        """Wait for the startup handshake of the engine `begin` started (raises if it failed)."""
+        launching, self._launching = self._launching, None
+        if launching is None:
+            raise RuntimeError("SharedEngine.finish() without begin()")
+        launching.__exit__(None, None, None)
+        if self.launch.tensor_queue is not None:  # mm_tensor_ipc="torch_shm": not handed to workers yet
             self.stop_engine()
             raise RuntimeError("--shared-engine does not support mm_tensor_ipc=torch_shm yet")
 
@@ -476,6 +490,9 @@ def attach_client(
         "output_listener": socket.socket(fileno=os.dup(slot["output_fd"])),
     }
     _tolerate_stale_utility_replies()
+    # The client adds the engine's KV blocks to the config's count: this worker's copy of the config
+    # must start from none each time it attaches (an engine restarted, a second attach).
+    vllm_config.cache_config.num_gpu_blocks = None
     undo = _ready_wait_patch(payload_path, replay)
     try:
         return AsyncLLM.from_vllm_config(

@@ -224,7 +224,8 @@ def _start_engine_host(s: Settings, sock: socket.socket, run_dir: str) -> Any:
         sock.close()
         raise
     finally:
-        click.echo(f"qwen-server: shared engine start took {time.monotonic() - t0:.1f} s", err=True)
+        # The model goes on loading in the background; the workers answer /health meanwhile.
+        click.echo(f"qwen-server: shared engine started in {time.monotonic() - t0:.1f} s (loading)", err=True)
 
 
 def _take_port(s: Settings, opts: dict[str, Any]) -> socket.socket:

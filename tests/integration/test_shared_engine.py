@@ -51,6 +51,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     t0 = time.monotonic()
     srv = ServerProcess.launcher(free_port(), log, "--model", str(tiny_model), *OPTIONS)
     try:
+        srv.first_health = _first_health_answer(srv)  # type: ignore[attr-defined]
         srv.wait_ready()
         _wait_workers(srv, 2)
         print(f"\nshared engine: launch -> first /health 200 in {time.monotonic() - t0:.1f} s")
@@ -59,6 +60,27 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         if srv.proc.poll() is None:
             srv.stop(signal.SIGKILL)
             procs.terminate(srv.leftovers(), grace=1.0)
+
+
+def _first_health_answer(srv: ServerProcess) -> tuple[int, dict]:
+    """/health's first answer after the launch (the launcher holds the port from the start; Granian's
+    workers answer once the launcher has started the engine, before the model is loaded)."""
+    for _ in range(600):
+        if srv.proc.poll() is not None:
+            raise AssertionError(srv.log()[-3000:])
+        try:
+            r = httpx.get(srv.url + "/health", timeout=2)
+            return r.status_code, r.json()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("/health never answered:\n" + srv.log()[-3000:])
+
+
+def test_health_says_loading_while_the_launcher_loads_the_engine(server: ServerProcess) -> None:
+    code, body = server.first_health  # type: ignore[attr-defined]
+    assert code == 503, body
+    assert body["status"] == "loading" and body["stage"], body  # the worker's stage: importing, waiting...
+    print(f"\nfirst /health during the load: {code} {body}")
 
 
 def _workers(srv: ServerProcess) -> list[int]:
