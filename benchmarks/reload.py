@@ -139,12 +139,12 @@ def main() -> None:
                 else:
                     results[way].append(qwen_reloads(model, opts.edits, way == "qwen-shared", work))
     medians = {w: statistics.median(t for r in runs for t in r["serving_again_s"]) for w, runs in results.items()}
-    print("\n| way | first ready s | serving again after a change, s (median; all) | vs vLLM restart |")
+    print("\n| way | first ready s | serving again after a change, s (median; all) | vLLM restart / this |")
     print("|---|--:|---|--:|")
     for way, runs in results.items():
         every = ", ".join(f"{t:.2f}" for r in runs for t in r["serving_again_s"])
         ready = ", ".join(f"{r['ready_s']:.1f}" for r in runs)
-        ratio = f"{medians['vllm'] / medians[way]:.1f}x faster" if "vllm" in medians and way != "vllm" else ""
+        ratio = f"{medians['vllm'] / medians[way]:.2f}x" if "vllm" in medians and way != "vllm" else ""
         print(f"| {way} | {ready} | {medians[way]:.2f} ({every}) | {ratio} |")
     if opts.json:
         stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
