@@ -85,6 +85,22 @@ def read_state(slot_dir: str) -> dict[str, Any]:
         return {}
 
 
+class EngineStartError(RuntimeError):
+    """The shared engine could not start; the message says why and what to check."""
+
+
+def explain_failure(stage: str, exc: BaseException, settings: Settings, path: str) -> str:
+    """The launcher's account of a failed engine load, worded as a worker's (engine/lifecycle.py)."""
+    return (
+        f"The engine failed to load during '{stage}': {type(exc).__name__}: {exc}\n"
+        f"  model: {path}\n"
+        f"  engine options: {settings.engine_kwargs(path) | ({} if settings.model else {'model': '(built-in demo)'})}\n"
+        "  The launcher exits now. Check the model path or id, the engine options (they are vLLM's own: see\n"
+        "  `vllm serve --help`), and free memory (on vLLM's CPU build, size the KV cache with\n"
+        "  VLLM_CPU_KVCACHE_SPACE=<GiB>)."
+    )
+
+
 class EngineHost:
     def __init__(self, settings: Settings, engine: vllm_compat.SharedEngine, slot_dir: str) -> None:
         self.settings = settings
@@ -95,6 +111,7 @@ class EngineHost:
         self.generation = 0
         self.restarts: list[float] = []  # monotonic times of the restarts within the window
         self.launching = False
+        self._path = settings.model or ""  # the model's path (the demo's once resolved)
         self._stopping = threading.Event()
 
     @classmethod
@@ -122,11 +139,15 @@ class EngineHost:
         for lock in locks:
             open(lock, "w").close()
         host: EngineHost | None = None
+        stage = "starting the shared engine (its config)"
         try:
             config = vllm_compat.shared_engine_config(kwargs, count)
+            stage = "starting the shared engine (its processes)"
             engine = vllm_compat.SharedEngine(config, count, locks)
             host = cls(settings, engine, slot_dir)
+            host._path = path
             host._begin_launch()
+            stage = "starting the shared engine (pre-warming the front end)"
             if not host.pids():
                 raise RuntimeError(
                     "--shared-engine needs EngineCore as a local process of the launcher (not Ray's "
@@ -145,10 +166,12 @@ class EngineHost:
             os.environ[settings_mod.ENGINE_HOST_SLOTS_ENV] = json.dumps(engine.slots())
             os.environ[settings_mod.ENGINE_HOST_CLIENT_COUNT_ENV] = str(count)
             os.environ[settings_mod.ENGINE_HOST_SLOT_DIR_ENV] = slot_dir
-        except BaseException:
+        except BaseException as exc:
             if host is not None:
                 host.stop()
             shutil.rmtree(slot_dir, ignore_errors=True)
+            if isinstance(exc, Exception):
+                raise EngineStartError(explain_failure(stage, exc, settings, path)) from exc
             raise
         _hosted = host
         threading.Thread(target=host._load_then_watch, args=(t0,), name="qwen-server-engine-watch", daemon=True).start()
@@ -162,11 +185,7 @@ class EngineHost:
         except Exception as exc:  # noqa: BLE001 - every failure of the load is reported the same way
             if self._stopping.is_set():  # stopped while loading: the launcher is on its way out already
                 return
-            self._give_up(
-                f"the shared engine failed to load: {type(exc).__name__}: {exc}. Check the model path or id, "
-                "the engine options (vLLM's own: see `vllm serve --help`) and free memory (on vLLM's CPU "
-                "build, size the KV cache with VLLM_CPU_KVCACHE_SPACE=<GiB>)"
-            )
+            self._give_up(explain_failure("loading the model in the shared engine", exc, self.settings, self._path))
             return
         log.info(
             "shared engine ready in %.1f s; EngineCore PID %s",

@@ -375,7 +375,9 @@ def _abort_requests_of_dead_clients(core: Any, locks: list[str]) -> None:
                 held[slot] = False
                 noticed = time.time()
                 n = sweep(slot, noticed)
-                log.warning("qwen_server: the client of slot %d is gone; aborted its %d request(s)", slot, n)
+                (log.warning if n else log.info)(
+                    "qwen_server: the client of slot %d is gone; aborted its %d request(s)", slot, n
+                )
                 sweeps.extend((now + delay, slot, noticed) for delay in _RESWEEPS)
         for item in [s for s in sweeps if s[0] <= now]:
             sweeps.remove(item)

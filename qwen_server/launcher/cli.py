@@ -219,13 +219,17 @@ def _start_engine_host(s: Settings, sock: socket.socket, run_dir: str) -> Any:
     logs.configure(s.log_level, s.log_format)
     t0 = time.monotonic()
     try:
-        return host.EngineHost.start(s, run_dir)
+        engine_host = host.EngineHost.start(s, run_dir)
+    except host.EngineStartError as exc:
+        sock.close()
+        click.echo(f"qwen-server: {exc}", err=True)
+        sys.exit(1)
     except BaseException:
         sock.close()
         raise
-    finally:
-        # The model goes on loading in the background; the workers answer /health meanwhile.
-        click.echo(f"qwen-server: shared engine started in {time.monotonic() - t0:.1f} s (loading)", err=True)
+    # The model goes on loading in the background; the workers answer /health meanwhile.
+    click.echo(f"qwen-server: shared engine started in {time.monotonic() - t0:.1f} s (loading)", err=True)
+    return engine_host
 
 
 def _take_port(s: Settings, opts: dict[str, Any]) -> socket.socket:
