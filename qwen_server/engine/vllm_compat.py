@@ -315,9 +315,11 @@ def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
     from vllm.v1.engine.core import EngineCoreProc
 
     pr_set_pdeathsig = 1
+    host = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the host died before the line above
+    if os.getppid() != host or host == 1:  # the host died before the line above
         os._exit(1)
+    threading.Thread(target=_end_when_orphaned, args=(host,), name="qwen-server-orphan-watch", daemon=True).start()
     locks = json.loads(os.environ.get(_SLOT_LOCKS_ENV, "[]"))
     if locks:
         original_init = EngineCoreProc.__init__
@@ -330,6 +332,24 @@ def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
 
         EngineCoreProc.__init__ = init_then_watch_slots  # this process's own class
     return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+def _end_when_orphaned(host: int, grace: float = 1.5) -> None:
+    """The SIGTERM of PR_SET_PDEATHSIG starts EngineCore's graceful shutdown, which on a busy machine
+    took more than 5 s (seen: EngineCore and its model worker still alive 5 s after the launcher's
+    SIGKILL). Once orphaned, give that `grace` seconds, then kill this process's children (the model
+    workers) and exit, so that nothing outlives the launcher by more than about 2 s."""
+    import signal
+    import time
+
+    from qwen_server import procs
+
+    while os.getppid() == host:
+        time.sleep(0.25)
+    time.sleep(grace)
+    for pid in procs.descendants(os.getpid()):
+        procs.signal_quietly(pid, signal.SIGKILL)
+    os._exit(1)
 
 
 _SLOT_LOCKS_ENV = "QWEN_SERVER_ENGINE_SLOT_LOCKS"  # SharedEngine -> its EngineCore process only
