@@ -243,13 +243,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     shared_engine: Annotated[
         bool,
         _doc(
-            "EXPERIMENTAL: the launcher starts ONE engine (after the port check, before Granian forks) and "
-            "every worker attaches to it, so --workers N shares one model copy and --reload or a worker's "
-            "respawn keeps the engine loaded; a dead worker's requests are aborted, a dead engine is "
-            "restarted by the launcher (--engine-restarts). Launcher only (plain `granian` keeps one "
-            "engine per worker). Not yet on by default: mm_tensor_ipc=torch_shm and Ray are not supported.",
+            "The launcher starts ONE engine (after the port check, before Granian forks) and every worker "
+            "attaches to it: --workers N shares one model copy, --reload and a worker's respawn keep the "
+            "engine loaded, a dead worker's requests are aborted, a dead engine is restarted by the "
+            "launcher (--engine-restarts). --no-shared-engine: one engine per worker, as under plain "
+            "`granian` (which cannot host one). Not with --data-parallel-size > 1 or the Ray backend: "
+            "there the launcher falls back to one engine per worker, and says so.",
         ),
-    ] = False
+    ] = True
     respawn_failed_workers: Annotated[
         bool,
         _doc(

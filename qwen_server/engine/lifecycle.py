@@ -90,11 +90,6 @@ class Engine:
     # --- lifecycle ---
 
     def start(self) -> None:
-        if self.settings.shared_engine and self.attach is None:
-            log.warning(
-                "shared_engine is set but this worker has no engine host to attach to: it is the launcher "
-                "that hosts the shared engine (plain `granian` cannot); this worker starts its own engine"
-            )
         self._t0 = time.monotonic()
         self._tasks.append(asyncio.create_task(self._run(), name="engine"))
 

@@ -121,6 +121,21 @@ def _equivalent_command(s: Settings) -> str:
     return " ".join([*env, "granian", *map(shlex.quote, words), APP_TARGET])
 
 
+def _shared_engine_fallback(s: Settings) -> Settings:
+    """Layouts the shared engine does not cover yet get one engine per worker, with the reason said."""
+    why = None
+    if s.data_parallel_size > 1:
+        why = "--data-parallel-size > 1 (several EngineCores and vLLM's coordinator)"
+    elif s.distributed_executor_backend == "ray":
+        why = "the Ray backend (its engine is no local process the launcher can watch)"
+    if not s.shared_engine or why is None:
+        return s
+    click.echo(
+        f"qwen-server: one engine per worker (not shared): the shared engine does not support {why} yet", err=True
+    )
+    return msgspec.structs.replace(s, shared_engine=False)
+
+
 def _check_combination(s: Settings) -> None:
     """Refuse process layouts that cannot work, before anything is started."""
     workers = s.workers
@@ -185,6 +200,7 @@ def main(**opts: Any) -> None:
         )
         click.echo("equivalent: " + _equivalent_command(s))
         return
+    s = _shared_engine_fallback(s)
     _check_combination(s)
 
     sock = _take_port(s, opts)

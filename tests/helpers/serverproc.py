@@ -16,9 +16,6 @@ from qwen_server import procs
 from qwen_server.launcher import ports
 
 ROOT = Path(__file__).resolve().parents[2]  # the project root (tests/helpers/serverproc.py)
-# QWEN_TEST_SHARED_ENGINE=1: every launcher the tests start runs with --shared-engine (an experiment:
-# which of the suite's expectations hold with one engine hosted by the launcher; not CI's setting).
-SHARED_ENGINE_EXPERIMENT = "QWEN_TEST_SHARED_ENGINE"
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -44,8 +41,6 @@ class ServerProcess:
 
     @classmethod
     def launcher(cls, port: int, log_path: Path, *options: str, env: dict[str, str] | None = None) -> ServerProcess:
-        if os.environ.get(SHARED_ENGINE_EXPERIMENT) == "1" and "--shared-engine" not in options:
-            options = ("--shared-engine", *options)
         args = [sys.executable, str(ROOT / "launcher.py"), "--port", str(port), *options]
         return cls(args, log_path, port, env)
 

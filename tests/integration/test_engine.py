@@ -20,20 +20,28 @@ def test_real_worker_froze_its_startup_heap(server: ServerProcess) -> None:
     assert int(found.group(1)) > 100_000
 
 
+def _engine_processes(server: ServerProcess) -> list[int]:
+    """vLLM's processes under the launcher (EngineCore, its model workers), whoever started them."""
+    return [
+        pid for pid in procs.descendants(server.proc.pid) if (i := procs.info(pid)) and i.cmdline.startswith("VLLM::")
+    ]
+
+
 def test_real_engine_core_runs_below_the_front_end(server: ServerProcess) -> None:
     # The session server runs with the default --engine-nice 10 on vLLM's CPU engine: EngineCore (it
     # floats) at 10; the model worker, whose model thread vLLM pinned, and this worker at the run's nice.
     tree = procs.descendants(server.proc.pid)
     worker = next(pid for pid in tree if (i := procs.info(pid)) and i.cmdline.endswith("worker-1"))
+    engine = _engine_processes(server)  # the launcher's (shared engine, the default) or the worker's
 
     def nice_of(title: str) -> set[int]:
-        pids = [pid for pid in procs.descendants(worker) if (i := procs.info(pid)) and i.cmdline.startswith(title)]
+        pids = [pid for pid in engine if (i := procs.info(pid)) and i.cmdline.startswith(title)]
         assert pids, title
         return {os.getpriority(os.PRIO_PROCESS, t) for pid in pids for t in procs.threads(pid)}
 
     mine = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits the test run's
     assert nice_of("VLLM::EngineCore") == {10}
-    pinned = any(len(c) == 1 for pid in procs.descendants(worker) for c in procs.thread_cpus(pid))
+    pinned = any(len(c) == 1 for pid in engine for c in procs.thread_cpus(pid))
     assert nice_of("VLLM::Worker") == ({mine} if pinned else {10})
     assert {os.getpriority(os.PRIO_PROCESS, t) for t in procs.threads(worker)} == {mine}
     assert re.search(r"engine processes not pinned to cores run at nice 10 \(\d+ threads\)", server.log())
@@ -43,7 +51,7 @@ def test_real_worker_stays_off_the_cores_vllm_pinned(server: ServerProcess) -> N
     tree = procs.descendants(server.proc.pid)
     worker = next(pid for pid in tree if (i := procs.info(pid)) and i.cmdline.endswith("worker-1"))
     pinned = set()
-    for pid in procs.descendants(worker):
+    for pid in _engine_processes(server):
         pinned |= set().union(*(c for c in procs.thread_cpus(pid) if len(c) == 1))
     if not pinned or pinned >= os.sched_getaffinity(0):
         pytest.skip(f"vLLM pinned {sorted(pinned)} of {sorted(os.sched_getaffinity(0))}: no other core to move to")

@@ -54,6 +54,9 @@ def ops(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         "4",
         "--workers",
         "2",
+        # One engine per worker (what plain `granian --workers 2` runs): per-worker engine gauges and CPU
+        # shares are this module's subject. The shared engine's are test_shared_engine.py's.
+        "--no-shared-engine",
         "--api-key-file",
         str(key_file),
         "--max-pending-requests",

@@ -74,6 +74,9 @@ def rel(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         str(DRAIN_TIMEOUT),
         "--workers-kill-timeout",
         "30",
+        # One engine per worker, restarted in place by its worker (what plain `granian` runs): the
+        # shared engine's deaths and restarts are test_shared_engine.py's.
+        "--no-shared-engine",
     )
     try:
         srv.wait_ready(timeout=400)

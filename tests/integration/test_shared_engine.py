@@ -1,4 +1,4 @@
-"""--shared-engine (experimental): one launcher with two workers attached to ONE engine on the tiny model.
+"""The shared engine (the launcher's default): one launcher with two workers attached to ONE engine on the tiny model.
 
 The tests run in file order on one server: both workers answer, one EngineCore and one set of engine
 gauges; a worker SIGKILLed mid-stream has its requests aborted by the engine, is respawned and
@@ -24,10 +24,6 @@ from qwen_server import procs
 from qwen_server.testing.servers import free_port
 from tests.helpers.media import image_data_url
 from tests.helpers.serverproc import ServerProcess, wait_port_free
-
-# The experimental --shared-engine mode boots its own engine per module: on demand (-m slow), not in
-# the default run, until the mode is on by default.
-pytestmark = pytest.mark.slow
 
 OPTIONS = (
     "--shared-engine",

@@ -14,8 +14,8 @@ from qwen_server import procs
 from qwen_server.testing.servers import free_port
 from tests.helpers.serverproc import ServerProcess, wait_port_free
 
-# The experimental --shared-engine mode boots its own engine per module: on demand (-m slow), not in
-# the default run, until the mode is on by default.
+# On demand (-m slow): each module boots its own engine, and the default run covers the give-up path
+# with the shared engine too (test_launcher.py's demo test: an EngineCore killed with --engine-restarts 0).
 pytestmark = pytest.mark.slow
 
 

@@ -14,8 +14,8 @@ from qwen_server import procs
 from qwen_server.testing.servers import free_port
 from tests.helpers.serverproc import ServerProcess, wait_port_free
 
-# The experimental --shared-engine mode boots its own engine per module: on demand (-m slow), not in
-# the default run, until the mode is on by default.
+# On demand (-m slow): each module boots its own engine, and the default run covers a SIGKILLed
+# launcher with the shared engine too (test_launcher.py's busy-port scenario, step 5).
 pytestmark = pytest.mark.slow
 
 

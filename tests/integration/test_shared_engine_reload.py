@@ -18,8 +18,10 @@ import pytest
 
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
-from tests.helpers.serverproc import ROOT, ServerProcess, base_env, wait_port_free
+from tests.helpers.serverproc import ROOT, ServerProcess, base_env, port_is_free, wait_port_free
 
+# On demand (-m slow): each module boots its own engine, and the default run covers --reload with the
+# shared engine too (test_launcher.py: the port held, the same EngineCore, serving again).
 pytestmark = pytest.mark.slow
 
 
@@ -73,6 +75,7 @@ def test_reload_reattaches_to_the_same_engine(tiny_model: Path, tmp_path: Path) 
         probes.write_text(source.replace('{"status": "alive"}', '{"status": "alive-reloaded"}'))
         seen = None
         for _ in range(1200):  # 0.05 s apart: a minute at most
+            assert not port_is_free(port), "the port must stay held across the reload"
             live, code, pid = _live_and_health(srv.url)
             if live == "alive-reloaded" and code == 200:
                 seen = time.monotonic() - t_write, pid

@@ -143,15 +143,34 @@ def test_backpressure_reaches_granian(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--backpressure" not in capsys.readouterr().out
 
 
-def test_several_workers_on_one_gpu_need_a_memory_split(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_several_workers_on_one_gpu_need_a_memory_split_only_with_one_engine_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import click
 
     monkeypatch.setattr(cli, "_has_nvidia_gpu", lambda: True)
+    cli._check_combination(Settings(workers=2))  # the default: one shared engine, one copy of the model
+    cli._check_combination(Settings(workers=2, tensor_parallel_size=2))
     with pytest.raises(click.UsageError, match="gpu-memory-utilization"):
-        cli._check_combination(Settings(workers=2))
-    cli._check_combination(Settings(workers=2, gpu_memory_utilization=0.45))
+        cli._check_combination(Settings(workers=2, shared_engine=False))
+    cli._check_combination(Settings(workers=2, gpu_memory_utilization=0.45, shared_engine=False))
     with pytest.raises(click.UsageError, match="one worker"):
-        cli._check_combination(Settings(workers=2, tensor_parallel_size=2, gpu_memory_utilization=0.4))
+        cli._check_combination(
+            Settings(workers=2, tensor_parallel_size=2, gpu_memory_utilization=0.4, shared_engine=False)
+        )
+
+
+def test_layouts_the_shared_engine_does_not_cover_fall_back_to_one_engine_per_worker_and_say_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli._shared_engine_fallback(Settings()).shared_engine
+    assert cli._shared_engine_fallback(Settings(tensor_parallel_size=2)).shared_engine
+    assert not cli._shared_engine_fallback(Settings(data_parallel_size=2)).shared_engine
+    assert "--data-parallel-size > 1" in capsys.readouterr().err
+    assert not cli._shared_engine_fallback(Settings(distributed_executor_backend="ray")).shared_engine
+    assert "Ray backend" in capsys.readouterr().err
+    assert not cli._shared_engine_fallback(Settings(shared_engine=False)).shared_engine
+    assert capsys.readouterr().err == ""
 
 
 # --- --print-config's equivalent command, read back by Granian's own CLI ---
@@ -313,7 +332,7 @@ NON_DEFAULT: dict[str, Any] = {
     "allowed_local_media_path": "<dir>",
     "reload": True,
     "workers_kill_timeout": 30,
-    "shared_engine": True,
+    "shared_engine": False,
     "respawn_failed_workers": True,
     "access_log": True,
     "backlog": 2048,
