@@ -10,6 +10,7 @@ leaves nothing behind. Figures are printed (run with -s), never asserted.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import re
 import signal
@@ -196,29 +197,35 @@ class _Stream:
                 self.first_chunk.set()
 
 
-async def _streams_on(url: str, per_worker: int, workers: set[int]) -> list[tuple[_Stream, asyncio.Task]]:
-    """`per_worker` long streams running on each of `workers` (connections land where Granian puts them)."""
+async def _streams_on(url: str, total: int, workers: set[int]) -> list[tuple[_Stream, asyncio.Task]]:
+    """`total` long streams wherever Granian puts their connections, then more until each of `workers`
+    runs at least one (a connection that lands on a worker already covered is closed at once)."""
     running: list[tuple[_Stream, asyncio.Task]] = []
+    for _ in range(total):
+        stream = _Stream()
+        running.append((stream, asyncio.create_task(stream.run(url))))
+        await stream.first_chunk.wait()
     for _ in range(MAX_TRIES):
-        counts = {w: sum(1 for s, _ in running if s.worker == w and s.outcome != "not wanted") for w in workers}
-        short = {w for w, n in counts.items() if n < per_worker}
-        if not short:
+        uncovered = workers - {s.worker for s, _ in running if s.outcome != "not wanted"}
+        if not uncovered:
             return running
         stream = _Stream()
-        task = asyncio.create_task(stream.run(url, short))
+        task = asyncio.create_task(stream.run(url, uncovered))
         await stream.first_chunk.wait()
         running.append((stream, task))
-    raise AssertionError(f"could not place {per_worker} streams on each of {workers}")
+    raise AssertionError(f"no stream landed on {uncovered} in {MAX_TRIES} connections")
 
 
 def test_a_worker_killed_mid_stream_has_its_requests_aborted_and_is_respawned(server: ServerProcess) -> None:
     (core,) = _engine_cores(server)
     old = set(_wait_workers(server, 2))
-    victim, survivor = sorted(old)
 
     async def scenario() -> tuple[list[_Stream], list[_Stream], float]:
-        placed = await _streams_on(server.url, 3, {victim, survivor})
+        nonlocal victim
+        placed = await _streams_on(server.url, 6, old)
         streams = [s for s, _ in placed if s.outcome != "not wanted"]
+        by_worker = collections.Counter(s.worker for s in streams)
+        victim = max(by_worker, key=lambda w: by_worker[w])  # the worker with the most streams
         async with httpx.AsyncClient(timeout=30) as client:
             metrics = (await client.get(f"{server.url}/metrics")).text
         # The engine's scheduler stats reach the workers (vLLM's gauge: one series, the engine's count).
@@ -229,15 +236,16 @@ def test_a_worker_killed_mid_stream_has_its_requests_aborted_and_is_respawned(se
         await asyncio.gather(*(t for _, t in placed))
         took = time.monotonic() - t0
         assert _wait_log(server, "aborted its", log_before), server.log()[-3000:]
-        return [s for s in streams if s.worker == victim], [s for s in streams if s.worker == survivor], took
+        return [s for s in streams if s.worker == victim], [s for s in streams if s.worker != victim], took
 
+    victim = -1
     killed, others, took = asyncio.run(scenario())
     aborted = re.findall(r"the client of slot (\d+) is gone; aborted its (\d+) request", server.log())
     assert aborted, server.log()[-3000:]
     # Every stream of the dead worker was still decoding (thousands of tokens to go): the engine aborted
     # all of them, instead of decoding them to max_tokens for nobody.
-    assert int(aborted[-1][1]) == len(killed) == 3, (aborted, [(s.chunks, s.outcome) for s in killed])
-    assert all(s.outcome == "length" for s in others), [(s.chunks, s.outcome) for s in others]
+    assert int(aborted[-1][1]) == len(killed) >= 1, (aborted, [(s.chunks, s.outcome) for s in killed])
+    assert others and all(s.outcome == "length" for s in others), [(s.chunks, s.outcome) for s in others]
     (new,) = _wait_workers(server, 1, exclude=frozenset(old))
     answered = _until_answered_by(server, {new})
     assert answered[new].startswith("attached")
@@ -269,7 +277,7 @@ def test_a_killed_engine_is_restarted_by_the_launcher(server: ServerProcess) -> 
     workers = set(_wait_workers(server, 2))
 
     async def scenario() -> tuple[list[_Stream], list[int]]:
-        placed = await _streams_on(server.url, 1, workers)
+        placed = await _streams_on(server.url, 2, workers)
         procs.signal_quietly(core, signal.SIGKILL)
         await asyncio.gather(*(t for _, t in placed))
         # Every worker says dead (with the reason) until the new engine is up.
