@@ -112,9 +112,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     workers: Annotated[
         int,
         _doc(
-            "Worker processes (Granian's), each with its own engine. CPU engines split the CPUs into this many "
-            "shares, one per worker, when each gets 2 cores or more; under plain `granian --workers N`, set "
-            "this to N as well.",
+            "Worker processes (Granian's). With the shared engine (the default) they all attach to the "
+            "launcher's one engine; with --no-shared-engine, and under plain `granian`, each has its own, and "
+            "CPU engines split the CPUs into this many shares, one per worker, when each gets 2 cores or more "
+            "(under plain `granian --workers N`, set this to N as well).",
             granian=GranianArg("workers", "--workers"),
         ),
     ] = 1
@@ -193,7 +194,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         _doc(
             "Times the engine is restarted within --engine-restart-window seconds after it died (a vLLM "
             "bug, an OOM, a kill), with a backoff of 1, 2, 4... s (at most 30); past that, or if the first "
-            "load fails, the worker exits with the reason. 0: never restart."
+            "load fails, the launcher (shared engine) or the worker exits with the reason. 0: never restart."
         ),
     ] = 5
     engine_restart_window: Annotated[float, _doc("Seconds over which --engine-restarts are counted.")] = 600.0
