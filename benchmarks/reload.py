@@ -31,28 +31,11 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import loadgen
-from benchmarks.side_by_side import MODEL_NAME, ROOT, Server, engine_flags
+from benchmarks.side_by_side import ROOT, Server, engine_flags, image_chat
 from qwen_server.demo.model import demo_model_path
 from qwen_server.testing.servers import free_port
 
 WAYS = ("vllm", "qwen-shared", "qwen-embedded")
-
-
-def _chat_body() -> dict:
-    return {
-        "model": MODEL_NAME,
-        "max_tokens": 1,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": loadgen.make_images(1, 224, seed=7)[0]}},
-                    {"type": "text", "text": "hi"},
-                ],
-            }
-        ],
-    }
 
 
 def _serves_change(url: str, marker: str, body: dict) -> bool:
@@ -77,7 +60,7 @@ def qwen_reloads(model: Path, edits: int, shared: bool, work: Path) -> dict:
     args = [sys.executable, str(copy / "launcher.py"), "--port", str(port), "--model", str(model), "--reload"]
     args += ["--shared-engine"] if shared else []
     srv = Server("qwen-shared" if shared else "qwen-embedded", [*args, *engine_flags()], port, work / f"{port}.log")
-    body = _chat_body()
+    body = image_chat(seed=7)
     times: list[float] = []
     try:
         ready = srv.wait_ready()

@@ -129,6 +129,23 @@ def plot(report: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def image_chat(seed: int) -> dict:
+    """A one-token chat with one seeded 224 px JPEG: what "serving" means when a server is probed."""
+    return {
+        "model": MODEL_NAME,
+        "max_tokens": 1,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": loadgen.make_images(1, 224, seed=seed)[0]}},
+                    {"type": "text", "text": "hi"},
+                ],
+            }
+        ],
+    }
+
+
 class Server:
     def __init__(self, name: str, args: list[str], port: int, log: Path) -> None:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
@@ -142,19 +159,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 600) -> float:
         """Seconds from launch to the first answered chat with an image."""
-        body = {
-            "model": MODEL_NAME,
-            "max_tokens": 1,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": loadgen.make_images(1, 224, seed=99)[0]}},
-                        {"type": "text", "text": "hi"},
-                    ],
-                }
-            ],
-        }
+        body = image_chat(seed=99)
         while time.monotonic() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see its log")
