@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 from qwen_server import metrics, procs
 from qwen_server import settings as settings_mod
 from qwen_server.demo import model as demo
-from qwen_server.engine import cpushare, vllm_compat
+from qwen_server.engine import cpushare, host, vllm_compat
 from qwen_server.errors import Kind, ServiceError
 from qwen_server.media.image import Geometry, geometry_of
 from qwen_server.settings import Settings
@@ -424,8 +424,6 @@ class Attachment:
         )
 
     def _take_slot(self) -> int:
-        from qwen_server.engine import host
-
         if self.slot is not None:
             return self.slot
         # The engine tries each lock for an instant every 0.2 s (to see a client die): a slot found
@@ -445,8 +443,6 @@ class Attachment:
 
     def engine_gone(self) -> str | None:
         """Why the engine this worker is attached to is gone (the host says so), or None."""
-        from qwen_server.engine import host
-
         state = host.read_state(self.slot_dir)
         if state.get("generation") == self.generation and state.get("state") == "ready":
             return None
@@ -454,8 +450,6 @@ class Attachment:
 
     def host_gave_up(self) -> str | None:
         """The host's reason, once it will not restart the engine any more."""
-        from qwen_server.engine import host
-
         state = host.read_state(self.slot_dir)
         if state.get("state") != "failed":
             return None
@@ -463,31 +457,22 @@ class Attachment:
 
     def engine_processes(self) -> list[int]:
         """The shared engine's processes (EngineCore and its model workers), as its host reported them."""
-        from qwen_server.engine import host
-
         roots = host.read_state(self.slot_dir).get("pids", [])
         return [pid for root in roots for pid in (root, *procs.descendants(root))]
 
     def engine_ready(self) -> bool:
-        from qwen_server.engine import host
-
         return host.read_state(self.slot_dir).get("state") == "ready"
 
     async def wait_engine_ready(self, still_wanted: Callable[[], bool]) -> None:
         """Until the host reports its engine ready (at once, unless it is being restarted)."""
-        from qwen_server.engine import host
-
         while still_wanted():
-            state = host.read_state(self.slot_dir)
-            if state.get("state") == "ready":
+            if self.engine_ready():
                 return
-            if state.get("state") == "failed":
-                raise RuntimeError(f"the shared engine will not be restarted: {state.get('reason')}")
+            if (final := self.host_gave_up()) is not None:
+                raise RuntimeError(f"the shared engine will not be restarted: {final}")
             await asyncio.sleep(0.25)
 
     async def connect(self, stat_loggers: list[Any]) -> AsyncLLM:
-        from qwen_server.engine import host
-
         slot = await asyncio.to_thread(self._take_slot)
         self.generation = host.read_state(self.slot_dir).get("generation")
         used = os.path.exists(host.slot_used_path(self.slot_dir, slot))
@@ -517,8 +502,6 @@ class Attachment:
     def detach(self) -> None:
         """This worker's client of a dead engine is closed: tell the host, which waits for every
         slot's before it starts the next engine (a client still open would swallow its ready message)."""
-        from qwen_server.engine import host
-
         if self.slot is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(host.slot_used_path(self.slot_dir, self.slot))
