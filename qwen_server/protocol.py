@@ -31,10 +31,54 @@ class ImageURLPart(Struct, tag="image_url", tag_field="type", frozen=True):
 ContentPart = TextPart | ImageURLPart
 
 
-class ChatMessage(Struct, frozen=True):
-    role: Literal["system", "developer", "user", "assistant"]
+class FunctionCallIn(Struct, frozen=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it; the template gets the object (service/chat.py)
+
+
+class ToolCallIn(Struct, frozen=True):
+    """A call in an assistant message of the history."""
+
+    id: str
+    function: FunctionCallIn
+    type: Literal["function"] = "function"
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class ChatMessage(Struct, frozen=True, kw_only=True):
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this result answers
+    reasoning: str | None = None  # assistant messages (vLLM's name; reasoning_content is the other)
+    reasoning_content: str | None = None
+
+
+class FunctionDefinition(Struct, frozen=True):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # true: the arguments are constrained to `parameters` (OpenAI's meaning)
+
+
+class Tool(Struct, frozen=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class FunctionName(Struct, frozen=True):
+    name: str
+
+
+class NamedToolChoice(Struct, frozen=True):
+    function: FunctionName
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class StreamOptions(Struct, frozen=True):
@@ -101,12 +145,8 @@ REFUSED_FIELDS: dict[str, tuple[Any, ...]] = {
     "audio": (),
     "modalities": (["text"],),
     "web_search_options": (),
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "reasoning_effort": (),
-    "include_reasoning": (True,),
     "documents": ([],),
 }
 # Accepted and ignored: they ask the service for nothing that changes the answer.
@@ -117,7 +157,6 @@ IGNORED_FIELDS = (
     "service_tier",
     "safety_identifier",
     "prompt_cache_key",
-    "parallel_tool_calls",
 )
 
 if TYPE_CHECKING:
@@ -164,6 +203,11 @@ class SamplingFields(_Refusable, kw_only=True, frozen=True):
 
 class ChatCompletionRequest(SamplingFields, kw_only=True, frozen=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    tools: Annotated[list[Tool], Meta(max_length=1024)] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without (OpenAI's default)
+    parallel_tool_calls: bool | None = None  # false: at most one call
+    include_reasoning: bool = True  # vLLM's: false drops the reasoning from the answer
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     echo: bool = False  # vLLM's chat echo; refused (service.py)
     chat_template: str | None = None  # vLLM's request-level template: needs --trust-request-chat-template
     max_completion_tokens: PositiveInt | None = None
@@ -197,7 +241,7 @@ class TokenizeRequest(Struct, kw_only=True, frozen=True):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None  # refused unless empty: this server renders no tools yet
+    tools: Annotated[list[Tool], Meta(max_length=1024)] | None = None  # rendered by the template, as for chat
     media_io_kwargs: dict[str, Any] | None = None  # refused unless empty, as for chat
 
 
@@ -220,10 +264,15 @@ class DetokenizeResponse(Struct):
     prompt: str
 
 
-class Usage(Struct):
+class CompletionTokensDetails(Struct):
+    reasoning_tokens: int
+
+
+class Usage(Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser
 
 
 class TopLogprob(Struct):
@@ -243,9 +292,25 @@ class ChoiceLogprobs(Struct):
     content: list[TokenLogprob]
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ResponseMessage(Struct):
     role: str
     content: str | None
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    # The reasoning under both names: vLLM 0.32's `reasoning`, and `reasoning_content`, which
+    # DeepSeek's API, LiteLLM and many clients read. Null without a reasoning parser.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChoice(Struct):
@@ -265,9 +330,26 @@ class ChatCompletion(Struct):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(Struct, omit_defaults=True):
+    """A fragment of call `index`: the first carries its id, type and name; the arguments follow."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunction | None = None
+
+
 class Delta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(Struct):
@@ -350,10 +432,8 @@ class TokenizeRequestOuter(TokenizeRequest, kw_only=True, frozen=True):
     messages: list[msgspec.Raw] | None = None  # type: ignore[assignment]  # decoded one by one, as a chat's
 
 
-class ChatMessageOuter(Struct, frozen=True):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[msgspec.Raw] | None = None
-    name: str | None = None
+class ChatMessageOuter(ChatMessage, frozen=True, kw_only=True):
+    content: str | list[msgspec.Raw] | None = None  # type: ignore[assignment]
 
 
 # --- codecs (built once; msgspec caches the type plans) ---

@@ -90,6 +90,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     enable_prefix_caching: Annotated[bool | None, _doc("Reuse KV cache across shared prefixes.", _ENGINE)] = None
     quantization: Annotated[str | None, _doc("Quantization method (awq, gptq, fp8, ...).", _ENGINE)] = None
     kv_cache_dtype: Annotated[str | None, _doc("KV cache dtype (auto, fp8, ...).", _ENGINE)] = None
+    reasoning_parser: Annotated[
+        str | None,
+        _doc(
+            "Split the model's reasoning from its answer with this vLLM reasoning parser (qwen3 for "
+            "Qwen3-VL-Thinking): `reasoning` in messages and deltas, and structured output applied after it.",
+            _ENGINE,
+        ),
+    ] = None
     engine_args: Annotated[
         dict[str, Any] | None,
         _doc('Any other AsyncEngineArgs field, JSON, e.g. {"swap_space": 4}; applied last.', _ENGINE),
@@ -178,7 +186,38 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         ),
     ] = False
     trust_request_chat_template: Annotated[
-        bool, _doc("Accept a client's own Jinja template in chat_template_kwargs.chat_template (vLLM's name).")
+        bool, _doc("Accept a client's own Jinja template (`chat_template`, in the request or its kwargs; vLLM's name).")
+    ] = False
+    chat_template: Annotated[
+        str | None,
+        _doc(
+            "The chat template: a file, the name of one of vLLM's built-in templates, or the Jinja text "
+            "itself. Unset: the processor's template, or the tokenizer's when the request has tools (vLLM's order)."
+        ),
+    ] = None
+    default_chat_template_kwargs: Annotated[
+        dict[str, Any] | None,
+        _doc('Template variables for every request, JSON, e.g. {"enable_thinking": false}; a request\'s own win.'),
+    ] = None
+    enable_auto_tool_choice: Annotated[
+        bool, _doc('Let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser.')
+    ] = False
+    tool_call_parser: Annotated[
+        str | None,
+        _doc(
+            "The vLLM tool parser that finds calls in the model's output (hermes for Qwen2.5-VL and Qwen3-VL); "
+            'needed for tool_choice "auto", "required" and named.'
+        ),
+    ] = None
+    tool_strict_level: Annotated[
+        Literal["auto", "function", "parameter"],
+        _doc(
+            "How far tool calls are constrained by grammar (vLLM's): auto (forced calls, and the arguments of "
+            "tools marked strict), function (every call's envelope), parameter (every tool as if strict)."
+        ),
+    ] = "auto"
+    exclude_tools_when_tool_choice_none: Annotated[
+        bool, _doc('Do not show the tools to the model when tool_choice is "none" (vLLM\'s).')
     ] = False
     max_messages: Annotated[int, _doc("Messages one chat request may hold.")] = 2048
     max_batch_prompts: Annotated[int, _doc("Prompts one /v1/completions request may hold (a list of prompts).")] = 64
@@ -357,6 +396,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 f"{env_name('engine_nice')}: must be in 0..19 (a priority above normal needs privileges), "
                 f"got {self.engine_nice}"
             )
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            problems.append(f"{env_name('enable_auto_tool_choice')}: needs {env_name('tool_call_parser')}")
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 

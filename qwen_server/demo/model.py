@@ -14,7 +14,7 @@ log = logging.getLogger("qwen_server")
 
 DEMO_ARCH = "qwen2_5_vl"
 # Bump when the builder's output changes, so that old caches are not served.
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 
 NOISE_WARNING = (
     "Serving the built-in DEMO model: a tiny Qwen2.5-VL with RANDOM weights. Its answers are noise; "

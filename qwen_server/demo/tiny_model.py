@@ -37,30 +37,123 @@ BPE_VOCAB_SIZE = 600  # trained tokens; the model's vocabulary is padded to a mu
 IMAGE_MIN_PIXELS = 28 * 28 * 4
 IMAGE_MAX_PIXELS = 28 * 28 * 64  # a 224x224 image becomes 64 image tokens (patch 14, merge 2)
 
-# The Qwen2-VL / Qwen2.5-VL chat template (image and video parts become vision placeholders that
-# vLLM expands to the image's token count), shortened only by dropping tool calling.
+# Qwen's tool and reasoning markers: added tokens that are not special (the detokenizer keeps them
+# in the text, where vLLM's hermes and qwen3 parsers look for them), as in Qwen's own tokenizers.
+MARKER_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+
+# Shared by both templates: a message's content (text, or parts with images and videos, which
+# become the vision placeholders vLLM expands to the image's token count), the tools' system block,
+# and the history's calls and tool results, as Qwen2.5's and Qwen3-VL's templates write them.
+# Jinja source in Qwen's own style: every piece of text is an expression, so the layout is not output.
+_TEMPLATE_PARTS = r"""
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is not none -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+            {%- elif part['type'] == 'video' or 'video' in part -%}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+            {%- elif 'text' in part -%}
+                {{- part['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- if messages[0]['role'] == 'system' -%}
+        {{- render_content(messages[0]['content']) -}}
+    {%- else -%}
+        {{- 'You are a helpful assistant.' -}}
+    {%- endif -%}
+    {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}
+        {{- '\n' -}}
+        {{- tool | tojson -}}
+    {%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' -}}
+    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}
+{%- elif messages[0]['role'] != 'system' -%}
+    {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first or not tools -%}
+            {{- '<|im_start|>system\n' + render_content(message['content']) + '<|im_end|>\n' -}}
+        {%- endif -%}
+    {%- elif message['role'] == 'user' -%}
+        {{- '<|im_start|>user\n' + render_content(message['content']) + '<|im_end|>\n' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {{- '<|im_start|>assistant\n' -}}
+        {%- if reasoning_in_history and message.get('reasoning_content') -%}
+            {{- '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' -}}
+        {%- endif -%}
+        {{- render_content(message['content']) -}}
+        {%- for call in message.get('tool_calls') or [] -%}
+            {%- if call['function'] is defined -%}
+                {%- set call = call['function'] -%}
+            {%- endif -%}
+            {%- if not loop.first or message['content'] -%}
+                {{- '\n' -}}
+            {%- endif -%}
+            {{- '<tool_call>\n{"name": "' + call['name'] + '", "arguments": ' -}}
+            {%- if call['arguments'] is string -%}
+                {{- call['arguments'] -}}
+            {%- else -%}
+                {{- call['arguments'] | tojson -}}
+            {%- endif -%}
+            {{- '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- elif message['role'] == 'tool' -%}
+        {%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}
+            {{- '<|im_start|>user' -}}
+        {%- endif -%}
+        {{- '\n<tool_response>\n' + render_content(message['content']) + '\n</tool_response>' -}}
+        {%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}
+            {{- '<|im_end|>\n' -}}
+        {%- endif -%}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+# Qwen2-VL / Qwen2.5-VL: the VL template with Qwen2.5's tool calling merged in (Qwen2.5-VL's own
+# template has images but no tools, its text model's tools but no images: QwenLM/Qwen3-VL#1093).
 CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{%- set reasoning_in_history = false -%}"
+    + _TEMPLATE_PARTS
+    + r"""
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
 )
+
+# Qwen3-VL, shaped like Qwen3-VL-Thinking's: the answer opens a <think> block for the reasoning
+# parser; `enable_thinking: false` closes it empty at once (as Qwen3's hybrid templates do).
+THINKING_CHAT_TEMPLATE = (
+    "{%- set reasoning_in_history = true -%}"
+    + _TEMPLATE_PARTS
+    + r"""
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}
+        {{- '<think>\n\n</think>\n\n' -}}
+    {%- else -%}
+        {{- '<think>\n' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+)
+
+
+def chat_template(arch: str) -> str:
+    return THINKING_CHAT_TEMPLATE if arch == "qwen3_vl" else CHAT_TEMPLATE
+
 
 # Training text for the toy BPE: enough English to give realistic-looking merges.
 _CORPUS = [
@@ -146,8 +239,8 @@ def _vision_dims(arch: str) -> dict[str, Any]:
     }
 
 
-def _build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _build_tokenizer(out: Path, arch: str):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -160,6 +253,7 @@ def _build_tokenizer(out: Path):
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_tokens([AddedToken(marker, special=False, normalized=False) for marker in MARKER_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -169,7 +263,7 @@ def _build_tokenizer(out: Path):
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template(arch)
     fast.save_pretrained(out)
     return fast
 
@@ -229,7 +323,7 @@ def _save_processor(out: Path, arch: str, tokenizer) -> None:
     image_processor.save_pretrained(out)
     # Let transformers write the processor files its own loader expects (video processor included).
     processor = AutoProcessor.from_pretrained(out)
-    processor.chat_template = CHAT_TEMPLATE
+    processor.chat_template = chat_template(arch)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -244,7 +338,7 @@ def build(out_dir: str | os.PathLike[str], arch: str = "qwen2_5_vl") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
-    tokenizer = _build_tokenizer(out)
+    tokenizer = _build_tokenizer(out, arch)
     vocab_size = -(-len(tokenizer) // 64) * 64
     config = _config(arch, vocab_size, _special_ids(tokenizer))
     model_cls = {

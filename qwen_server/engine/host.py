@@ -139,8 +139,10 @@ class EngineHost:
         for lock in locks:
             open(lock, "w").close()
         host: EngineHost | None = None
-        stage = "starting the shared engine (its config)"
+        stage = "checking the chat options (parsers, template)"
         try:
+            vllm_compat.check_chat_options(settings)
+            stage = "starting the shared engine (its config)"
             config = vllm_compat.shared_engine_config(kwargs, count)
             stage = "starting the shared engine (its processes)"
             engine = vllm_compat.SharedEngine(config, count, locks)

@@ -69,6 +69,10 @@ class Engine:
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
         self.image_geometry: Geometry | None = None
+        self.model_config: Any = None  # vLLM's, for its chat template handling
+        self.chat_template: str | None = None  # --chat-template's text
+        # vLLM's parser of reasoning and tool calls (a class: one instance per choice), or None.
+        self.output_parser: type | None = None
         self.loaded_in: float | None = None
         # The scheduler's latest counts, reported by EngineCore after each step it runs.
         self.scheduler_stats: Any = None
@@ -223,6 +227,8 @@ class Engine:
             self.model_path = path
             self._set_stage("importing vLLM")
             engine_args_cls, async_llm_cls, usage_context_cls = await asyncio.to_thread(vllm_compat.engine_classes)
+            self._set_stage("checking the chat options (parsers, template)")
+            self.chat_template = await asyncio.to_thread(vllm_compat.check_chat_options, self.settings)
             stat_loggers = [_scheduler_stats_recorder(self), metrics.engine_stat_logger(self.attach is not None)]
             if self.attach is not None:
                 self._set_stage("waiting for the shared engine (the launcher loads it)")
@@ -254,6 +260,8 @@ class Engine:
             self.vocab_size = vllm_compat.vocab_size(client)
             self.sampling_defaults = vllm_compat.generation_defaults(client)
             self.max_num_seqs = vllm_compat.max_num_seqs(client)
+            self.model_config = client.model_config
+            self.output_parser = vllm_compat.output_parser_class(self.settings, self.tokenizer, path)
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
             # The engine's processes: this worker's children, or the shared engine's (the launcher's).
@@ -296,10 +304,11 @@ class Engine:
                 return f"the engine died: {client.dead_error!r}", None
         return None
 
-    async def generate(self, prompt: Any, sampling: Any, request_id: str) -> AsyncIterator[Any]:
-        """The engine's outputs for one request (a 503 when it is not ready)."""
+    async def generate(self, prompt: Any, sampling: Any, request_id: str, **options: Any) -> AsyncIterator[Any]:
+        """The engine's outputs for one request (a 503 when it is not ready); `options` are
+        AsyncLLM.generate's keywords (the reasoning state structured output starts from)."""
         client = self.require_client()
-        outputs = client.generate(prompt, sampling, request_id)
+        outputs = client.generate(prompt, sampling, request_id, **options)
         self._inflight[request_id] += 1
         try:
             async for out in outputs:

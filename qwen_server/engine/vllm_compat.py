@@ -192,6 +192,107 @@ def engine_dead_error() -> type[Exception]:
     return EngineDeadError
 
 
+# --- chat: templates and output parsers (vLLM's own) ---
+#
+# Internal, verified on 0.32.0: `vllm.renderers.hf.safe_apply_chat_template` (template resolution:
+# the given one > the processor's unless there are tools > the tokenizer's; the developer role;
+# kwargs filtered to what the template reads), `vllm.renderers.chat_utils.load_chat_template` and
+# `make_tool_call_id`, `vllm.parser.ParserManager.get_parser` and the `Parser` it composes
+# (`parse`, `parse_delta`, `adjust_request`, `is_reasoning_end`, `count_reasoning_tokens`), which read
+# vLLM's own pydantic `ChatCompletionRequest` (`extract_structured_outputs`, `resolve_reasoning_ended`),
+# and the registries `ToolParserManager` and `ReasoningParserManager` (`tool_parsers`,
+# `reasoning_parsers`, `lazy_parsers`).
+
+
+class ChatOptionsError(ValueError):
+    """A chat option (parser name, template) vLLM cannot use; the message names the option."""
+
+
+def tool_parser_names() -> list[str]:
+    from vllm.tool_parsers import ToolParserManager
+
+    return sorted({*ToolParserManager.tool_parsers, *ToolParserManager.lazy_parsers})
+
+
+def reasoning_parser_names() -> list[str]:
+    from vllm.reasoning import ReasoningParserManager
+
+    return sorted({*ReasoningParserManager.reasoning_parsers, *ReasoningParserManager.lazy_parsers})
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template's text: a file, one of vLLM's built-in templates by name, or the text itself."""
+    if value is None:
+        return None
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers.chat_utils import load_chat_template as load
+
+    try:
+        return load(value)
+    except (OSError, VLLMValidationError) as exc:
+        raise ChatOptionsError(f"--chat-template: {exc}") from None
+
+
+def check_chat_options(settings: Any) -> str | None:
+    """Before the engine starts: the parsers are ones vLLM registers, the template loads (its text)."""
+    for flag, name, names in (
+        ("--tool-call-parser", settings.tool_call_parser, tool_parser_names),
+        ("--reasoning-parser", settings.reasoning_parser, reasoning_parser_names),
+    ):
+        if name and name not in (known := names()):
+            raise ChatOptionsError(f"{flag} {name!r} is not one of vLLM's: {', '.join(known)}")
+    return load_chat_template(settings.chat_template)
+
+
+def output_parser_class(settings: Any, tokenizer: Any, model_name: str) -> type | None:
+    """vLLM's parser of model output (reasoning and tool calls) for these settings, checked against
+    the tokenizer (a parser whose markers the tokenizer lacks fails here); None without parsers."""
+    from vllm.parser import ParserManager
+
+    try:
+        return ParserManager.get_parser(
+            tool_parser_name=settings.tool_call_parser,
+            reasoning_parser_name=settings.reasoning_parser,
+            # The tool parser also serves "required" and named choices; "auto" is gated by the service.
+            enable_auto_tools=bool(settings.tool_call_parser),
+            model_name=model_name,
+            tool_strict_level=settings.tool_strict_level,
+            tokenizer=tokenizer,
+        )
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ChatOptionsError(str(exc)) from None
+
+
+def parser_request(fields: dict[str, Any]) -> Any:
+    """vLLM's ChatCompletionRequest made of `fields`: what its parsers read (tools, tool_choice,
+    response_format, ...), validated as vLLM's server validates them."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(fields)
+
+
+def request_validation_errors() -> tuple[type[Exception], ...]:
+    """What vLLM's request model and parsers raise for a request's bad input."""
+    from pydantic import ValidationError
+    from vllm.exceptions import VLLMValidationError
+
+    return (ValidationError, VLLMValidationError, ValueError)
+
+
+def make_tool_call_id() -> str:
+    from vllm.renderers.chat_utils import make_tool_call_id as make
+
+    return make()
+
+
+def apply_chat_template(model_config: Any, tokenizer: Any, conversation: list[dict[str, Any]], **kwargs: Any) -> str:
+    """The conversation rendered to text by vLLM's template handling (see above)."""
+    from vllm.renderers.hf import safe_apply_chat_template
+
+    text: str = safe_apply_chat_template(model_config, tokenizer, conversation, tokenize=False, **kwargs)  # type: ignore[call-overload]
+    return text
+
+
 # --- one engine shared by several workers (--shared-engine, experimental) ---
 #
 # Internal, verified on 0.32.0 only (vLLM's multi-API-server machinery, `vllm serve --api-server-count`):

@@ -4,19 +4,27 @@ answers as chat messages or deltas."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import msgspec
+
 from qwen_server import protocol as p
+from qwen_server.engine import vllm_compat
 from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import ServiceError, bad_request, clip
 from qwen_server.logs import RequestRecord
 from qwen_server.media.errors import MediaError
 from qwen_server.media.image import MMKwargsError, check_request_mm_kwargs
 from qwen_server.media.loader import LoadedImage, MediaLoader
+from qwen_server.service import parsing
 from qwen_server.service.decode import decode_chat
 from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt
+from qwen_server.service.parsing import check_tool_request
 from qwen_server.service.sampling import check_common
 from qwen_server.settings import Settings
+
+log = logging.getLogger("qwen_server")
 
 # apply_chat_template arguments that change how the prompt is built, not what the template renders.
 _RENDER_KEYS = frozenset(
@@ -29,6 +37,8 @@ _RENDER_KEYS = frozenset(
         "truncation",
         "max_length",
         "conversation",
+        "tools",
+        "documents",
         "add_generation_prompt",
         "continue_final_message",
         "tokenizer_kwargs",
@@ -36,10 +46,19 @@ _RENDER_KEYS = frozenset(
 )
 
 
-def template_kwargs(kwargs: dict[str, Any] | None, template: str | None, *, trusted: bool) -> dict[str, Any]:
-    """The client's chat_template_kwargs, without what would change how the prompt is built rather
-    than what the template renders; a client's own template (the request's `chat_template`, or the
-    same key in the kwargs) needs the operator's trust (`trusted`)."""
+def template_kwargs(
+    kwargs: dict[str, Any] | None,
+    template: str | None,
+    *,
+    trusted: bool,
+    defaults: dict[str, Any] | None = None,
+    reasoning_effort: str | None = None,
+) -> dict[str, Any]:
+    """The template's variables: the server's defaults under the client's chat_template_kwargs,
+    without what would change how the prompt is built rather than what the template renders. A
+    client's own template (the request's `chat_template`, or the same key in the kwargs) needs the
+    operator's trust (`trusted`); it comes back under "chat_template". `reasoning_effort` reaches the
+    template as vLLM passes it (and turns thinking off at "none" unless the kwargs say otherwise)."""
     given = kwargs or {}
     own = ["chat_template"] if template is not None else []
     own += ["chat_template_kwargs.chat_template"] if "chat_template" in given else []
@@ -48,7 +67,14 @@ def template_kwargs(kwargs: dict[str, Any] | None, template: str | None, *, trus
     for key in given:
         if key in _RENDER_KEYS:
             raise bad_request(f"chat_template_kwargs.{key} is not accepted.", f"chat_template_kwargs.{key}")
-    return {**given, **({"chat_template": template} if template is not None else {})}
+    merged = {**(defaults or {}), **given}
+    if reasoning_effort is not None:
+        merged["reasoning_effort"] = reasoning_effort
+        if "enable_thinking" not in given:
+            merged["enable_thinking"] = reasoning_effort != "none"
+    if template is not None:
+        merged["chat_template"] = template
+    return merged
 
 
 class ChatService(Endpoint):
@@ -70,32 +96,61 @@ class ChatService(Endpoint):
             )
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        engine_input = await self.engine_input(client, req, record)
+        check_tool_request(req, self.settings)
+        engine_input, kwargs = await self.engine_input(client, req, record)
+        return self.prepared(req, record, model, engine_input, kwargs)
+
+    def prepared(
+        self,
+        req: p.ChatCompletionRequest,
+        record: RequestRecord,
+        model: str,
+        engine_input: Any,
+        kwargs: dict[str, Any],
+    ) -> PreparedRequest:
+        """The rendered request (`engine_input`, made with the template variables `kwargs`) with its
+        sampling parameters and its output parse plan."""
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         prompt_len = len(engine_input["prompt_token_ids"])
         top = (req.top_logprobs or 0) if req.logprobs else None
         record.prompt_tokens = prompt_len
+        kwargs.pop("chat_template", None)
+        plan = parsing.plan(req, self.engine, kwargs)
+        structured: Any = msgspec.UNSET
+        options: dict[str, Any] = {}
+        if plan is not None:
+            structured = plan.structured_outputs()
+            options = plan.engine_options(list(engine_input["prompt_token_ids"]))
+        max_tokens = self.max_tokens(prompt_len, requested, "messages")
         return PreparedRequest(
             request_id=f"chatcmpl-{record.request_id}",
             engine_request_id=record.request_id,
             record=record,
             model=model,
             prompts=[Prompt(engine_input, prompt_len)],
-            sampling=self.sampling.params(req, self.max_tokens(prompt_len, requested, "messages"), top),
+            sampling=self.sampling.params(req, max_tokens, top, structured=structured),
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             logprobs=top,
+            parsing=_ChoiceParsing(plan, req.n) if plan is not None else None,
+            engine_options=options,
         )
 
     async def engine_input(
         self, client: Any, req: p.ChatCompletionRequest | p.TokenizeRequest, record: RequestRecord
-    ) -> Any:
-        """The chat as the engine will see it: template, tokens, images loaded and expanded by the
-        model's processor. Shared with /tokenize, so that its count is the prompt's."""
+    ) -> tuple[Any, dict[str, Any]]:
+        """The chat as the engine will see it (template, tokens, images loaded and expanded by the
+        model's processor), and the template variables it was rendered with. Shared with /tokenize,
+        so that its count is the prompt's."""
         kwargs = template_kwargs(
-            req.chat_template_kwargs, req.chat_template, trusted=self.settings.trust_request_chat_template
+            req.chat_template_kwargs,
+            req.chat_template,
+            trusted=self.settings.trust_request_chat_template,
+            defaults=self.settings.default_chat_template_kwargs,
+            reasoning_effort=getattr(req, "reasoning_effort", None),
         )
+        tools = self._template_tools(req)
         conversation, image_urls = self._conversation(req.messages or [])
         record.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
@@ -106,6 +161,7 @@ class ChatService(Endpoint):
             self._render_chat,
             conversation,
             add_special,
+            tools,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,
             **kwargs,
@@ -118,30 +174,62 @@ class ChatService(Endpoint):
         mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}
         if mm_kwargs:
             prompt["mm_processor_kwargs"] = mm_kwargs
-        return await self.render(client, prompt)
+        return await self.render(client, prompt), kwargs
+
+    def _template_tools(self, req: p.ChatCompletionRequest | p.TokenizeRequest) -> list[dict[str, Any]] | None:
+        """The tools as the template renders them (OpenAI's shape), unless tool_choice "none" hides them."""
+        if not req.tools:
+            return None
+        if (
+            isinstance(req, p.ChatCompletionRequest)
+            and req.tool_choice == "none"
+            and self.settings.exclude_tools_when_tool_choice_none
+        ):
+            return None
+        return [
+            {
+                "type": "function",
+                "function": {k: v for k, v in msgspec.structs.asdict(tool.function).items() if v is not None},
+            }
+            for tool in req.tools
+        ]
 
     def _conversation(self, messages: list[p.ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        """OpenAI messages to the chat template's form; image URLs with their request paths."""
+        """OpenAI messages to the chat template's form; image URLs with their request paths. Images
+        may be in any message (a tool's screenshot too): the template places them, and a template
+        that drops one is refused by the processor."""
         conversation: list[dict[str, Any]] = []
         image_urls: list[tuple[str, str]] = []
         for i, message in enumerate(messages):
-            role = "system" if message.role == "developer" else message.role
             content = message.content
             if content is None:
                 content = ""
+            entry: dict[str, Any] = {"role": message.role}
             if isinstance(content, str):
-                conversation.append({"role": role, "content": content})
-                continue
-            parts: list[dict[str, Any]] = []
-            for j, part in enumerate(content):
-                if isinstance(part, p.TextPart):
-                    parts.append({"type": "text", "text": part.text})
-                else:
-                    if role != "user":
-                        raise bad_request("Images are only accepted in user messages.", f"messages[{i}].content[{j}]")
-                    image_urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url"))
-                    parts.append({"type": "image"})
-            conversation.append({"role": role, "content": parts})
+                entry["content"] = content
+            else:
+                parts: list[dict[str, Any]] = []
+                for j, part in enumerate(content):
+                    if isinstance(part, p.TextPart):
+                        parts.append({"type": "text", "text": part.text})
+                    else:
+                        image_urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url"))
+                        parts.append({"type": "image"})
+                entry["content"] = parts
+            if message.name is not None:
+                entry["name"] = message.name
+            if message.tool_calls:
+                if message.role != "assistant":
+                    raise bad_request("Only assistant messages carry tool_calls.", f"messages[{i}].tool_calls")
+                entry["tool_calls"] = [
+                    _template_call(call, f"messages[{i}].tool_calls[{k}]") for k, call in enumerate(message.tool_calls)
+                ]
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+            if reasoning is not None:  # both names, as vLLM gives them to templates
+                entry["reasoning"] = entry["reasoning_content"] = reasoning
+            conversation.append(entry)
         if self.max_images is not None and len(image_urls) > self.max_images:
             raise bad_request(
                 f"The request has {len(image_urls)} images; at most {self.max_images} are accepted per request.",
@@ -150,11 +238,20 @@ class ChatService(Endpoint):
             )
         return conversation, image_urls
 
-    def _render_chat(self, conversation: list[dict[str, Any]], add_special_tokens: bool, **kwargs: Any) -> list[int]:
+    def _render_chat(
+        self,
+        conversation: list[dict[str, Any]],
+        add_special_tokens: bool,
+        tools: list[dict[str, Any]] | None,
+        **kwargs: Any,
+    ) -> list[int]:
         """The chat template and the tokenizer (run in a thread): the prompt's token ids."""
         tokenizer = self.engine.tokenizer
+        template = kwargs.pop("chat_template", None) or self.engine.chat_template
         try:
-            text = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+            text = vllm_compat.apply_chat_template(
+                self.engine.model_config, tokenizer, conversation, tools=tools, chat_template=template, **kwargs
+            )
         except Exception as exc:  # noqa: BLE001 - the template is the model's (or a trusted client's): the input failed it
             raise bad_request(
                 f"The chat template could not render these messages: {clip(str(exc))}", "messages"
@@ -190,17 +287,44 @@ class ChatService(Endpoint):
     def opening(self, prep: PreparedRequest, index: int) -> Any | None:
         return p.ChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))
 
-    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any:
+    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any | None:
         lp, text, finish = piece.logprobs, piece.text, piece.finish
         logprobs = p.ChoiceLogprobs(content=lp) if lp is not None else None
+        parsing: _ChoiceParsing | None = prep.parsing
         if delta:
-            return p.ChunkChoice(index=index, delta=p.Delta(content=text), logprobs=logprobs, finish_reason=finish)
-        return p.ChatChoice(
-            index=index,
-            message=p.ResponseMessage(role="assistant", content=text),
-            logprobs=logprobs,
-            finish_reason=finish,
-        )
+            if parsing is None:
+                return p.ChunkChoice(index=index, delta=p.Delta(content=text), logprobs=logprobs, finish_reason=finish)
+            parsed, finish = parsing.splitter(index).feed(text, piece.token_ids, finish)
+            if parsed is None and finish is None and logprobs is None:
+                return None
+            return p.ChunkChoice(index=index, delta=parsed or p.Delta(), logprobs=logprobs, finish_reason=finish)
+        if parsing is None:
+            message = p.ResponseMessage(role="assistant", content=text)
+        else:
+            whole = parsing.plan.whole(text, piece.token_ids, finish)
+            if whole.parse_error is not None:
+                log.warning(
+                    "request %s: the output parser failed (%s); the text is returned as content",
+                    prep.engine_request_id,
+                    whole.parse_error,
+                )
+            parsing.reasoning_tokens[index] = whole.reasoning_tokens
+            finish = whole.finish
+            message = p.ResponseMessage(
+                role="assistant",
+                content=whole.content,
+                tool_calls=whole.tool_calls,
+                reasoning=whole.reasoning,
+                reasoning_content=whole.reasoning,
+            )
+        return p.ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish)
+
+    def usage(self, prep: PreparedRequest, completion_tokens: int) -> p.Usage:
+        usage = super().usage(prep, completion_tokens)
+        parsing: _ChoiceParsing | None = prep.parsing
+        if parsing is not None and parsing.plan.reasoning:
+            usage.completion_tokens_details = p.CompletionTokensDetails(parsing.total_reasoning_tokens())
+        return usage
 
     def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
         common: dict[str, Any] = {
@@ -211,3 +335,40 @@ class ChatService(Endpoint):
             "usage": usage,
         }
         return p.ChatCompletionChunk(**common) if chunk else p.ChatCompletion(**common)
+
+
+class _ChoiceParsing:
+    """A request's parse plan and its choices' state: a stream's splitters, the reasoning counts."""
+
+    def __init__(self, plan: parsing.ParsePlan, n: int) -> None:
+        self.plan = plan
+        self._splitters: dict[int, parsing.StreamSplitter] = {}
+        self.reasoning_tokens = [0] * n
+
+    def splitter(self, index: int) -> parsing.StreamSplitter:
+        if (splitter := self._splitters.get(index)) is None:
+            splitter = self._splitters[index] = self.plan.stream()
+        return splitter
+
+    def total_reasoning_tokens(self) -> int:
+        if self._splitters:
+            return sum(splitter.reasoning_tokens() for splitter in self._splitters.values())
+        return sum(self.reasoning_tokens)
+
+
+def _template_call(call: p.ToolCallIn, param: str) -> dict[str, Any]:
+    """An assistant's call as templates read it: the arguments as an object, not JSON text."""
+    text = call.function.arguments
+    try:
+        arguments = msgspec.json.decode(text) if text.strip() else {}
+    except msgspec.DecodeError:
+        raise bad_request(
+            "The arguments of this tool call are not JSON.", f"{param}.function.arguments", code="invalid_tool_call"
+        ) from None
+    if not isinstance(arguments, dict):
+        raise bad_request(
+            "The arguments of this tool call must be a JSON object.",
+            f"{param}.function.arguments",
+            code="invalid_tool_call",
+        )
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}

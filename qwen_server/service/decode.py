@@ -54,7 +54,9 @@ def decode_messages(raw_messages: list[msgspec.Raw], settings: Settings) -> list
                 decode_part(p.content_part_decoder, part, f"messages[{i}].content[{j}]")
                 for j, part in enumerate(content)
             ]
-        messages.append(p.ChatMessage(role=message.role, content=content, name=message.name))
+        fields = msgspec.structs.asdict(message)
+        fields["content"] = content
+        messages.append(p.ChatMessage(**fields))
     return messages
 
 

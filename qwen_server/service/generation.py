@@ -12,7 +12,7 @@ import abc
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,10 @@ class PreparedRequest:
     include_usage: bool
     logprobs: int | None  # top-k to report; None: no logprobs
     echo: bool = False
+    # The endpoint's own per-request state for shaping output (chat: the tool and reasoning parse plan).
+    parsing: Any = None
+    # AsyncLLM.generate's extra keywords for every prompt (chat: where structured output starts).
+    engine_options: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -68,6 +72,7 @@ class Piece:
     finish: str | None = None
     offset: int = 0  # characters of the choice's text before this piece (completions' text_offset)
     echoed: int = 0  # how many of `logprobs` are the prompt's (completions' echo)
+    token_ids: Sequence[int] = ()  # the tokens of `text` (what output parsers read besides the text)
 
 
 def check_token_ids(ids: list[Any], vocab: int, param: str) -> list[int]:
@@ -107,8 +112,9 @@ class Endpoint(abc.ABC):
         """The decoded request checked, rendered and ready for the engine; `record` gets its counts."""
 
     @abc.abstractmethod
-    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any:
-        """Choice `index` made of `piece`: whole (`delta` false) or a stream chunk's."""
+    def choice(self, prep: PreparedRequest, index: int, piece: Piece, *, delta: bool) -> Any | None:
+        """Choice `index` made of `piece`: whole (`delta` false) or a stream chunk's (None: this step
+        has nothing to send, e.g. an output parser holds its text back)."""
 
     @abc.abstractmethod
     def body(self, prep: PreparedRequest, choices: list[Any], usage: p.Usage | None, *, chunk: bool) -> Any:
@@ -117,6 +123,9 @@ class Endpoint(abc.ABC):
     @abc.abstractmethod
     def opening(self, prep: PreparedRequest, index: int) -> Any | None:
         """The choice a stream opens with for choice `index`, if any."""
+
+    def usage(self, prep: PreparedRequest, completion_tokens: int) -> p.Usage:
+        return p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
 
     # --- preparing: checks both endpoints make ---
 
@@ -190,6 +199,7 @@ class Endpoint(abc.ABC):
     async def complete(self, prep: PreparedRequest) -> Any:
         count = prep.n * len(prep.prompts)
         texts: list[list[str]] = [[] for _ in range(count)]
+        token_ids: list[list[int]] = [[] for _ in range(count)]
         logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(count)]
         echoed: list[list[p.TokenLogprob]] = [[] for _ in prep.prompts]
         finish: list[str | None] = [None] * count
@@ -200,6 +210,7 @@ class Endpoint(abc.ABC):
             for o in out.outputs:
                 k = i * prep.n + o.index
                 texts[k].append(o.text)
+                token_ids[k].extend(o.token_ids)
                 completion_tokens += len(o.token_ids)
                 if prep.logprobs is not None and o.logprobs:
                     logprobs[k].extend(self._token_logprobs(o, prep.logprobs))
@@ -210,9 +221,16 @@ class Endpoint(abc.ABC):
         for k in range(count):
             echo = prep.prompts[k // prep.n].text
             lp = echoed[k // prep.n] + logprobs[k] if prep.logprobs is not None else None
-            piece = Piece(echo + "".join(texts[k]), lp, finish[k], offset=len(echo), echoed=len(echoed[k // prep.n]))
+            piece = Piece(
+                echo + "".join(texts[k]),
+                lp,
+                finish[k],
+                offset=len(echo),
+                echoed=len(echoed[k // prep.n]),
+                token_ids=token_ids[k],
+            )
             choices.append(self.choice(prep, k, piece, delta=False))
-        return self.body(prep, choices, _usage(prep, completion_tokens), chunk=False)
+        return self.body(prep, choices, self.usage(prep, completion_tokens), chunk=False)
 
     async def stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
         """SSE frames: each choice's opening, then deltas, an optional usage chunk, then [DONE].
@@ -240,13 +258,14 @@ class Endpoint(abc.ABC):
                     completion_tokens += len(o.token_ids)
                     prep.record.completion_tokens = completion_tokens
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
-                    if not o.text and o.finish_reason is None and not lp:
+                    if not o.text and o.finish_reason is None and not lp and prep.parsing is None:
                         continue  # the detokenizer holds back a partial character; its logprobs are still sent
-                    choice = self.choice(prep, k, Piece(o.text, lp, o.finish_reason, offset=sent[k]), delta=True)
+                    piece = Piece(o.text, lp, o.finish_reason, offset=sent[k], token_ids=o.token_ids)
                     sent[k] += len(o.text)
-                    yield frame(encode(self.body(prep, [choice], None, chunk=True)))
+                    if (choice := self.choice(prep, k, piece, delta=True)) is not None:  # None: nothing to send yet
+                        yield frame(encode(self.body(prep, [choice], None, chunk=True)))
             if prep.include_usage:
-                yield frame(encode(self.body(prep, [], _usage(prep, completion_tokens), chunk=True)))
+                yield frame(encode(self.body(prep, [], self.usage(prep, completion_tokens), chunk=True)))
         except ServiceError as exc:
             yield frame(envelope(exc.kind, exc.message, exc.param, exc.code))
         except Exception:  # a defect of ours or vLLM's: the 200 is sent, so it can only be an event now
@@ -295,7 +314,9 @@ class Endpoint(abc.ABC):
     async def _outputs(self, prep: PreparedRequest, i: int) -> AsyncIterator[Any]:
         request_id = prep.engine_request_id if len(prep.prompts) == 1 else f"{prep.engine_request_id}-{i}"
         try:
-            async for out in self.engine.generate(prep.prompts[i].engine_input, prep.sampling, request_id):
+            async for out in self.engine.generate(
+                prep.prompts[i].engine_input, prep.sampling, request_id, **prep.engine_options
+            ):
                 yield out
         except vllm_compat.engine_dead_error():
             raise ServiceError(
@@ -347,7 +368,3 @@ def _logprob_entry(token_id: int, entry: Any, top: int) -> p.TokenLogprob | None
             for _, lp in tops
         ],
     )
-
-
-def _usage(prep: PreparedRequest, completion_tokens: int) -> p.Usage:
-    return p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)

@@ -33,8 +33,15 @@ class Sampling:
         return self.engine.sampling_defaults
 
     def params(
-        self, req: p.SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        req: p.SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        structured: Any = msgspec.UNSET,
     ) -> Any:
+        """`structured`, when given, is the grammar decided elsewhere (a chat's tool call), in place
+        of the request's response_format."""
         kwargs: dict[str, Any] = {k: v for k, v in self.defaults().items() if k != "max_tokens"}
         for name in _PLAIN:
             value = getattr(req, name)
@@ -45,7 +52,10 @@ class Sampling:
                 kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias keys must be token ids.", "logit_bias") from None
-        if req.response_format is not None and req.response_format.type != "text":
+        if structured is not msgspec.UNSET:
+            if structured is not None:
+                kwargs["structured_outputs"] = structured
+        elif req.response_format is not None and req.response_format.type != "text":
             fmt = req.response_format
             if fmt.type == "json_object":
                 kwargs["structured_outputs"] = vllm_compat.structured_outputs(json_object=True)

@@ -33,9 +33,10 @@ class TokenService:
         self.chat.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("Send either prompt or messages.", "prompt" if req.prompt is None else "messages")
-        for name in ("tools", "media_io_kwargs"):
-            if getattr(req, name):
-                raise bad_request(f"{name} is not supported by this server.", name, code="unsupported_field")
+        if req.media_io_kwargs:
+            raise bad_request(
+                "media_io_kwargs is not supported by this server.", "media_io_kwargs", code="unsupported_field"
+            )
         if req.messages is not None:
             if not req.messages:
                 raise bad_request("messages must not be empty.", "messages")
@@ -43,7 +44,8 @@ class TokenService:
                 raise bad_request(
                     "continue_final_message and add_generation_prompt cannot both be true.", "continue_final_message"
                 )
-            tokens = list((await self.chat.engine_input(client, req, record))["prompt_token_ids"])
+            engine_input, _ = await self.chat.engine_input(client, req, record)
+            tokens = list(engine_input["prompt_token_ids"])
         else:
             text = req.prompt or ""
             add_special = True if req.add_special_tokens is None else req.add_special_tokens

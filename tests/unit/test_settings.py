@@ -290,6 +290,7 @@ NON_DEFAULT: dict[str, Any] = {
     "seed": 7,
     "enable_prefix_caching": False,
     "quantization": "awq",
+    "reasoning_parser": "qwen3",
     "kv_cache_dtype": "fp8",
     "engine_args": {"swap_space": 4, "disable_log_stats": True},
     "served_model_name": ["qwen", "qwen vl"],
@@ -313,6 +314,12 @@ NON_DEFAULT: dict[str, Any] = {
     "cors_allow_origins": ["https://app.example.com"],
     "trust_request_mm_kwargs": True,
     "trust_request_chat_template": True,
+    "chat_template": "{{ messages[0]['content'] }}",
+    "default_chat_template_kwargs": {"enable_thinking": False},
+    "enable_auto_tool_choice": True,
+    "tool_call_parser": "hermes",
+    "tool_strict_level": "parameter",
+    "exclude_tools_when_tool_choice_none": True,
     "max_messages": 64,
     "max_content_parts": 16,
     "max_batch_prompts": 8,
@@ -340,7 +347,11 @@ NON_DEFAULT: dict[str, Any] = {
     "ssl_certfile": "<file>",
     "ssl_keyfile": "<file>",
 }
-TOGETHER = {"ssl_certfile": ("ssl_keyfile",), "ssl_keyfile": ("ssl_certfile",)}
+TOGETHER = {
+    "ssl_certfile": ("ssl_keyfile",),
+    "ssl_keyfile": ("ssl_certfile",),
+    "enable_auto_tool_choice": ("tool_call_parser",),
+}
 
 
 def test_every_field_has_a_non_default_test_value() -> None:
