@@ -203,7 +203,7 @@ class SamplingFields(_Refusable, kw_only=True, frozen=True):
 
 class ChatCompletionRequest(SamplingFields, kw_only=True, frozen=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    tools: Annotated[list[Tool], Meta(max_length=1024)] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=1024)] | None = None  # [] is accepted as none
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without (OpenAI's default)
     parallel_tool_calls: bool | None = None  # false: at most one call
     include_reasoning: bool = True  # vLLM's: false drops the reasoning from the answer

@@ -27,6 +27,10 @@ SERVER_OPTIONS = (
     "tiny",
     "--served-model-name",
     "tiny-alias",
+    # Qwen-VL's tool calling, as an agent deployment runs it (requests without tools are unaffected).
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "hermes",
 )
 
 

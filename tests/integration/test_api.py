@@ -554,7 +554,7 @@ def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None
             "stream_options.continuous_usage_stats",
         ),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
         ("/v1/chat/completions", {"cache_salt": "tenant-1"}, "cache_salt"),
         ("/v1/chat/completions", {"chat_template": "{{ 'x' }}"}, "chat_template"),
@@ -730,7 +730,7 @@ def test_tokenize_a_prompt_and_detokenize_it_back(server: ServerProcess, client:
         ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "messages"),
         ("/tokenize", {}, 400, "prompt"),
         ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
-        ("/tokenize", {"prompt": "a", "tools": [{"type": "function"}]}, 400, "tools"),
+        ("/tokenize", {"prompt": "a", "tools": [{"type": "function"}]}, 400, "tools[0]"),
         (
             "/tokenize",
             {"messages": [{"role": "user", "content": [{"type": "video"}]}]},

@@ -44,7 +44,8 @@ async def _generate(path: Path) -> tuple[list[int], int, str, int]:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("arch", builder.ARCHES)
+# Qwen3-VL's checkpoint is served by test_agents.py (its reasoning server), which checks the same.
+@pytest.mark.parametrize("arch", [arch for arch in builder.ARCHES if arch != "qwen3_vl"])
 def test_checkpoint_generates_in_vllm(arch: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     path = tiny_model if arch == "qwen2_5_vl" else tiny_model_build(tmp_path_factory, arch)
     prompt_ids, image_pad, finish, generated = asyncio.run(_generate(path))

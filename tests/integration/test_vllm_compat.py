@@ -39,6 +39,15 @@ RESOLVED = [
     ("vllm.v1.engine.core_client", "zmq"),
     ("vllm.v1.engine.core_client", "_process_utility_output"),
     ("vllm.v1.engine.core_client", "MPClient"),
+    # chat templates and output parsers (service/chat.py, service/parsing.py)
+    ("vllm.renderers.hf", "safe_apply_chat_template"),
+    ("vllm.renderers.chat_utils", "load_chat_template"),
+    ("vllm.renderers.chat_utils", "make_tool_call_id"),
+    ("vllm.parser", "ParserManager"),
+    ("vllm.tool_parsers", "ToolParserManager"),
+    ("vllm.reasoning", "ReasoningParserManager"),
+    ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+    ("vllm.exceptions", "VLLMValidationError"),
 ]
 
 
@@ -165,3 +174,33 @@ def test_the_compat_functions_build_what_the_server_uses() -> None:
     assert vllm_compat.prometheus_stat_logger(lambda *a, **k: None)._gauge_cls is not None
     if vllm_compat.platform_is_cpu():
         assert vllm_compat.allowed_cpu_list()
+
+
+def test_the_chat_parsing_internals_are_still_there() -> None:
+    """What service/parsing.py calls on vLLM's parsers and on its request model."""
+    for registry, attrs in (
+        (_resolve("vllm.tool_parsers", "ToolParserManager"), ("tool_parsers", "lazy_parsers")),
+        (_resolve("vllm.reasoning", "ReasoningParserManager"), ("reasoning_parsers", "lazy_parsers")),
+    ):
+        for attr in attrs:
+            _has(registry, attr, registry.__name__)
+    assert "hermes" in vllm_compat.tool_parser_names() and "qwen3" in vllm_compat.reasoning_parser_names()
+    parser = _resolve("vllm.parser.abstract_parser", "Parser")
+    for attr in ("parse", "parse_delta", "adjust_request", "set_prompt_token_ids", "count_reasoning_tokens"):
+        _has(parser, attr, "Parser")
+    delta = inspect.signature(parser.parse_delta)
+    assert list(delta.parameters) == [
+        "self",
+        "delta_text",
+        "delta_token_ids",
+        "request",
+        "prompt_token_ids",
+        "finished",
+    ], f"Parser.parse_delta changed: {delta}"
+    request = _resolve("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest")
+    for attr in ("extract_structured_outputs", "resolve_reasoning_ended"):
+        _has(request, attr, "ChatCompletionRequest")
+    generate = inspect.signature(_resolve("vllm.v1.engine.async_llm", "AsyncLLM").generate)
+    assert {"reasoning_ended", "reasoning_parser_kwargs"} <= set(generate.parameters), generate
+    apply = inspect.signature(_resolve("vllm.renderers.hf", "safe_apply_chat_template"))
+    assert list(apply.parameters)[:3] == ["model_config", "tokenizer", "conversation"], apply

@@ -1,6 +1,7 @@
 """Tool calls and reasoning out of canned model outputs (a CannedEngine, named as such: no model),
 through the chat service's real loops and vLLM's real parsers on the tiny checkpoint's tokenizer:
-every chunking of an output gives what the whole output gives."""
+every chunking of an output gives what the whole output gives. Here, not in tests/unit, because it
+imports vLLM; no engine is started. And the chat options checked at start."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import msgspec
 import pytest
 
 from qwen_server import protocol as p
+from qwen_server.engine import vllm_compat
 from qwen_server.errors import ServiceError
 from qwen_server.logs import RequestRecord
 from qwen_server.service.chat import ChatService
@@ -311,3 +313,19 @@ def test_tool_requests_the_server_cannot_serve_are_refused_with_what_to_enable(
     assert err.value.param == param and says in err.value.message
     # tool_choice "none" with tools is served anywhere: the tools are shown, no call is parsed
     check_tool_request(request(tools=TOOLS, tool_choice="none"), Settings())
+
+
+def test_chat_options_vllm_cannot_use_stop_the_start_naming_the_option(tokenizer: Any, tmp_path: Path) -> None:
+    with pytest.raises(vllm_compat.ChatOptionsError, match=r"--reasoning-parser 'nope' is not one of vLLM's: .*qwen3"):
+        vllm_compat.check_chat_options(Settings(reasoning_parser="nope"))
+    with pytest.raises(vllm_compat.ChatOptionsError, match="--chat-template"):
+        vllm_compat.check_chat_options(Settings(chat_template=str(tmp_path / "missing.jinja")))
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
+    assert (
+        vllm_compat.check_chat_options(Settings(chat_template=str(tmp_path / "t.jinja")))
+        == "{{ messages[0]['content'] }}"
+    )
+    assert vllm_compat.check_chat_options(Settings(chat_template="{{ 'literal' }}")) == "{{ 'literal' }}"
+    # A parser whose markers the tokenizer lacks (Llama's <|python_tag|>) fails once the tokenizer is known.
+    with pytest.raises(vllm_compat.ChatOptionsError, match="llama3_json cannot be used with the tokenizer"):
+        vllm_compat.output_parser_class(Settings(tool_call_parser="llama3_json"), tokenizer, "tiny")
