@@ -195,6 +195,7 @@ class SamplingFields(_Refusable, kw_only=True, frozen=True):
     allowed_token_ids: Annotated[list[Int64], Meta(max_length=1 << 20)] | None = None
     bad_words: Annotated[list[str], Meta(max_length=1024)] | None = None
     include_stop_str_in_output: bool = False
+    add_special_tokens: bool | None = None  # vLLM's: None is its default (false for chat, true for completions)
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

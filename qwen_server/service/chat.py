@@ -154,8 +154,8 @@ class ChatService(Endpoint):
         conversation, image_urls = self._conversation(req.messages or [])
         record.images = len(image_urls)
         images = await self._load_images(image_urls, req.mm_processor_kwargs)
-        # vLLM's defaults: a chat's template carries its special tokens; /tokenize may ask for more.
-        add_special = isinstance(req, p.TokenizeRequest) and bool(req.add_special_tokens)
+        # vLLM's default: a chat's template carries its special tokens; the client may ask for more.
+        add_special = bool(req.add_special_tokens)
         # The template and the tokenizer take time that grows with the request: off the event loop.
         token_ids = await asyncio.to_thread(
             self._render_chat,

@@ -28,7 +28,7 @@ class CompletionService(Endpoint):
         prompts = []
         for text, token_ids, param in self._prompts(req.prompt):
             if token_ids is None:
-                token_ids = await asyncio.to_thread(self._encode, text)
+                token_ids = await asyncio.to_thread(self._encode, text, req.add_special_tokens is not False)
             else:
                 self.check_prompt_fits(len(token_ids), param)
                 if req.echo:
@@ -85,9 +85,9 @@ class CompletionService(Endpoint):
             for i, ids in enumerate(prompt)
         ]
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         self.check_text_fits(text, "prompt")
-        token_ids: list[int] = self.engine.tokenizer.encode(text)
+        token_ids: list[int] = self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         self.check_prompt_fits(len(token_ids), "prompt")
         return token_ids
 

@@ -204,3 +204,26 @@ def test_the_chat_parsing_internals_are_still_there() -> None:
     assert {"reasoning_ended", "reasoning_parser_kwargs"} <= set(generate.parameters), generate
     apply = inspect.signature(_resolve("vllm.renderers.hf", "safe_apply_chat_template"))
     assert list(apply.parameters)[:3] == ["model_config", "tokenizer", "conversation"], apply
+
+
+@pytest.mark.parametrize(
+    ("module", "vllm_name", "ours"),
+    [
+        ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest", "ChatCompletionRequest"),
+        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", "CompletionRequest"),
+    ],
+)
+def test_every_request_field_of_vllms_server_has_a_decision(module: str, vllm_name: str, ours: str) -> None:
+    """Each field vLLM's server reads is honoured (a field of ours), refused unless harmless, or
+    ignored; none is silently dropped, and the README's table names each."""
+    import msgspec
+
+    from qwen_server import protocol
+    from tests.helpers.serverproc import ROOT
+
+    theirs = set(_resolve(module, vllm_name).model_fields)
+    honoured = {field.name for field in msgspec.structs.fields(getattr(protocol, ours))}
+    decided = honoured | set(protocol.REFUSED_FIELDS) | set(protocol.IGNORED_FIELDS)
+    assert sorted(theirs - decided) == [], f"vLLM's {vllm_name} fields with no decision here"
+    readme = (ROOT / "README.md").read_text()
+    assert sorted(name for name in theirs if f"`{name}`" not in readme) == [], "fields missing from the README's table"
