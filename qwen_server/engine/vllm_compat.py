@@ -171,6 +171,13 @@ def structured_outputs(**kwargs: Any) -> Any:
     return StructuredOutputsParams(**kwargs)
 
 
+def verify_sampling(client: AsyncLLM, params: Any, tokenizer: Any) -> None:
+    """vLLM's own checks of `params` (a grammar among them), as the engine's input processor makes
+    them: raises VLLMValidationError (a client error)."""
+    config = client.vllm_config
+    params.verify(config.model_config, config.speculative_config, config.structured_outputs_config, tokenizer)
+
+
 def output_kind(stream: bool) -> Any:
     """Each step's new tokens for a stream, else only the final output."""
     from vllm.sampling_params import RequestOutputKind

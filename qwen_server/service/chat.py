@@ -226,6 +226,8 @@ class ChatService(Endpoint):
                 ]
             if message.tool_call_id is not None:
                 entry["tool_call_id"] = message.tool_call_id
+            elif message.role == "tool":
+                raise bad_request("A tool message needs the tool_call_id it answers.", f"messages[{i}].tool_call_id")
             reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
             if reasoning is not None:  # both names, as vLLM gives them to templates
                 entry["reasoning"] = entry["reasoning_content"] = reasoning

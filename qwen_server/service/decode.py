@@ -78,6 +78,10 @@ def decode(decoder: msgspec.json.Decoder[Any], body: bytes, max_depth: int) -> A
         value = getattr(request, name, None)
         if value is not None and depth_over(value, max_depth):
             raise bad_request(f"{name} is nested more than {max_depth} levels deep.", name, code="too_deep")
+    for i, tool in enumerate(getattr(request, "tools", None) or ()):
+        if tool.function.parameters is not None and depth_over(tool.function.parameters, max_depth):
+            param = f"tools[{i}].function.parameters"
+            raise bad_request(f"{param} is nested more than {max_depth} levels deep.", param, code="too_deep")
     format_ = getattr(request, "response_format", None)
     schema = format_.json_schema.schema if format_ is not None and format_.json_schema is not None else None
     if schema is not None and depth_over(schema, max_depth):

@@ -66,7 +66,7 @@ class Sampling:
                     )
                 kwargs["structured_outputs"] = vllm_compat.structured_outputs(json=fmt.json_schema.schema)
         try:
-            return vllm_compat.sampling_params(
+            params = vllm_compat.sampling_params(
                 n=req.n,
                 max_tokens=max_tokens,
                 min_tokens=min(req.min_tokens, max_tokens),
@@ -87,6 +87,16 @@ class Sampling:
             )
         except (ValueError, vllm_compat.client_error()) as exc:  # vLLM's checks raise VLLMValidationError
             raise bad_request(f"Invalid sampling parameters: {exc}", getattr(exc, "parameter", None)) from None
+        client = self.engine.client
+        if params.structured_outputs is not None and client is not None:
+            # The engine checks a grammar when the request reaches it, after a stream's 200 went out:
+            # checked here, a bad one is a 400 naming the field, streamed or not.
+            try:
+                vllm_compat.verify_sampling(client, params, self.engine.tokenizer)
+            except (ValueError, vllm_compat.client_error()) as exc:
+                param = "tools" if params.structured_outputs.structural_tag else "response_format"
+                raise bad_request(f"Invalid {param}: {exc}", getattr(exc, "parameter", None) or param) from None
+        return params
 
 
 def check_common(req: p.SamplingFields) -> None:

@@ -286,3 +286,28 @@ def test_an_unknown_parser_stops_the_launcher_before_the_engine_loads() -> None:
     assert took < 60  # the model (about 45 s to load here) was never loaded
     assert "--tool-call-parser 'no-such-parser' is not one of vLLM's" in done.stdout + done.stderr
     assert "hermes" in done.stdout + done.stderr  # the known names are listed
+
+
+BAD_SCHEMA = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": BAD_SCHEMA}}],
+          "tool_choice": "required"}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": BAD_SCHEMA}}],
+          "tool_choice": "required", "stream": True}, "tools"),  # a 400, not an error event in a 200 stream
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"a":' * 80 + "1" + "}" * 80)}}]},
+         "tools[0].function.parameters"),
+        ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{}"}}]}]},
+         "messages[0].tool_calls"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"chat_template_kwargs": {"tools": [1]}}, "chat_template_kwargs.tools"),
+    ],
+)  # fmt: skip
+def test_bad_tool_requests_are_400s_naming_the_field(server: ServerProcess, extra: dict, param: str) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **extra}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == param
