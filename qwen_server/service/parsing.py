@@ -9,6 +9,7 @@ no parser (no tools, no reasoning parser) does not pay for one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from qwen_server.engine import vllm_compat
 from qwen_server.engine.lifecycle import Engine
 from qwen_server.errors import bad_request, clip
 from qwen_server.settings import Settings
+
+log = logging.getLogger("qwen_server")
 
 
 def effective_tool_choice(req: p.ChatCompletionRequest) -> str | p.NamedToolChoice:
@@ -168,14 +171,29 @@ class StreamSplitter:
         # sent the newlines between the reasoning and the calls meanwhile.
         self._held = "" if plan.request.tools else None
         self._sent_text = False
+        self.failed = False  # the parser raised: what follows passes through as content
 
     def feed(self, text: str, token_ids: Sequence[int], finish: str | None) -> tuple[p.Delta | None, str | None]:
         """The delta for this step and the choice's finish_reason (None until it finishes)."""
         self.token_ids.extend(token_ids)
-        message = self.parser.parse_delta(
-            text, list(token_ids), self.plan.request, self.plan.prompt_token_ids, finished=finish is not None
-        )
-        delta = self._delta(message) if message is not None else None
+        if self.failed:
+            delta: p.Delta | None = p.Delta(content=text) if text else None
+        else:
+            try:
+                message = self.parser.parse_delta(
+                    text, list(token_ids), self.plan.request, self.plan.prompt_token_ids, finished=finish is not None
+                )
+            except Exception as exc:  # noqa: BLE001 - vLLM's parser failed on this output: the rest is text
+                log.warning(
+                    "the output parser failed mid-stream (%s: %s); the rest is sent as content",
+                    type(exc).__name__,
+                    clip(str(exc)),
+                )
+                self.failed = True
+                message = None
+                delta = p.Delta(content=text) if text else None
+            else:
+                delta = self._delta(message) if message is not None else None
         if self._held is not None:
             delta = self._hold_whitespace(delta, finished=finish is not None)
         return delta, (self.plan.finish_reason(self.called, finish) if finish is not None else None)

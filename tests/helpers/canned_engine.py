@@ -21,6 +21,7 @@ class CannedEngine:
         self.settings = settings
         self.tokenizer = tokenizer
         self.model_config: Any = None
+        self.client: Any = None  # no vLLM client: grammars are not verified here
         self.chat_template: str | None = None
         self.output_parser = vllm_compat.output_parser_class(settings, tokenizer, "tiny")
         self.max_model_len = 4096

@@ -329,3 +329,24 @@ def test_chat_options_vllm_cannot_use_stop_the_start_naming_the_option(tokenizer
     # A parser whose markers the tokenizer lacks (Llama's <|python_tag|>) fails once the tokenizer is known.
     with pytest.raises(vllm_compat.ChatOptionsError, match="llama3_json cannot be used with the tokenizer"):
         vllm_compat.output_parser_class(Settings(tool_call_parser="llama3_json"), tokenizer, "tiny")
+
+
+def test_a_parser_that_fails_mid_stream_leaves_the_rest_as_content(tokenizer: Any) -> None:
+    svc, engine = service(tokenizer, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    real = engine.output_parser
+    assert real is not None
+
+    class Failing(real):  # type: ignore[misc, valid-type]
+        calls = 0
+
+        def parse_delta(self, *args: Any, **kwargs: Any) -> Any:
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise RuntimeError("parser bug")
+            return super().parse_delta(*args, **kwargs)
+
+    engine.output_parser = Failing
+    ids = tokenizer.encode("Hello there, no call.")
+    got = gathered(run(svc, engine, request(tools=TOOLS, stream=True), [[t] for t in ids]))
+    assert got["finish"] == "stop" and got["calls"] == []
+    assert got["content"].endswith(tokenizer.decode(ids[3:]))  # from the failure on, the text as it came
