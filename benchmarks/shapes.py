@@ -24,6 +24,14 @@ HERE = Path(__file__).resolve().parent
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"
 IGNORE = {"ignore_eos": True}
+TOOL_ASK = {
+    "messages": [{"role": "user", "content": "Click."}],
+    "tools": [{"type": "function", "function": {"name": "click", "parameters": {"type": "object"}}}],
+    "max_tokens": 40,
+    "temperature": 1.0,
+    "seed": 1,
+}
+TOOL_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # the same names on both servers
 REQUESTS: list[tuple[str, str, str, dict | None]] = [
     (
         "n=3 streaming chat",
@@ -63,6 +71,27 @@ REQUESTS: list[tuple[str, str, str, dict | None]] = [
         {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "use_beam_search": True, "n": 2},
     ),
     ("form body", "FORM", CHAT, {"messages": "x"}),
+    ("named tool call", "POST", CHAT, {**TOOL_ASK, "tool_choice": {"type": "function", "function": {"name": "click"}}}),
+    ("required tool call, streamed", "POST", CHAT, {**TOOL_ASK, "tool_choice": "required", "stream": True}),
+    ("tools, auto", "POST", CHAT, {**TOOL_ASK, "max_tokens": 4}),
+    (
+        "tool result in the history",
+        "POST",
+        CHAT,
+        {
+            **TOOL_ASK,
+            "tool_choice": "none",
+            "max_tokens": 2,
+            "messages": [
+                {"role": "user", "content": "Click."},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "click", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+            ],
+        },
+    ),
 ]
 
 
@@ -127,7 +156,7 @@ def main() -> None:
     from qwen_server.demo.model import demo_model_path
 
     model = str(demo_model_path())
-    flags = engine_flags()
+    flags = [*engine_flags(), *TOOL_FLAGS]
     log_dir = Path(tempfile.mkdtemp(prefix="shapes-"))
     vllm = collect(
         "vllm",

@@ -304,12 +304,13 @@ class ToolCall(Struct):
     type: str = "function"
 
 
-class ResponseMessage(Struct):
+class ResponseMessage(Struct, omit_defaults=True):
     role: str
-    content: str | None
+    content: str | None  # always sent, null included (OpenAI's)
+    # Absent when there are none, as OpenAI and vLLM send it (the SDK reads None, not []).
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
     # The reasoning under both names: vLLM 0.32's `reasoning`, and `reasoning_content`, which
-    # DeepSeek's API, LiteLLM and many clients read. Null without a reasoning parser.
+    # DeepSeek's API, LiteLLM and many clients read. Absent without reasoning.
     reasoning: str | None = None
     reasoning_content: str | None = None
 

@@ -143,7 +143,7 @@ def test_parallel_tool_calls_false_gives_one_call(client: openai.OpenAI) -> None
 def test_auto_without_a_call_answers_text_and_no_tool_markup(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
     message = r.choices[0].message
-    assert message.tool_calls == [] and isinstance(message.content, str)
+    assert message.tool_calls is None and isinstance(message.content, str)  # absent, as OpenAI's
     assert "<tool_call>" not in message.content
 
 
@@ -231,6 +231,7 @@ def test_thinking_output_without_its_end_is_all_reasoning_and_counted(thinker: S
     (choice,) = body["choices"]
     message = choice["message"]
     assert message["content"] is None and message["reasoning"] and message["reasoning_content"] == message["reasoning"]
+    assert "tool_calls" not in message
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == body["usage"]["completion_tokens"] == 12
     # The same through the SDK's stream types: every delta is reasoning.
     stream = openai.OpenAI(base_url=thinker.url + "/v1", api_key="unused").chat.completions.create(
@@ -246,10 +247,10 @@ def test_the_servers_default_kwargs_turn_thinking_off_and_include_reasoning_fals
 ) -> None:
     body = chat(thinker, temperature=0, ignore_eos=True)  # --default-chat-template-kwargs: thinking off
     message = body["choices"][0]["message"]
-    assert message["reasoning"] is None and message["content"]
+    assert "reasoning" not in message and message["content"]
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
     hidden = chat(thinker, chat_template_kwargs={"enable_thinking": True}, include_reasoning=False, ignore_eos=True)
-    assert hidden["choices"][0]["message"]["reasoning"] is None
+    assert "reasoning" not in hidden["choices"][0]["message"]
 
 
 def test_the_chat_template_option_wins_and_checkpoint_images_count(thinker: ServerProcess) -> None:

@@ -119,13 +119,14 @@ def gathered(chunks: list[dict[str, Any]]) -> dict[str, Any]:
 def whole(response: dict[str, Any]) -> dict[str, Any]:
     (choice,) = response["choices"]
     message = choice["message"]
-    assert message["reasoning"] == message["reasoning_content"]
+    assert message.get("reasoning") == message.get("reasoning_content")
+    assert "tool_calls" not in message or message["tool_calls"], "absent when there are none, as OpenAI sends it"
     return {
         "content": message["content"] or None,
-        "reasoning": message["reasoning"],
+        "reasoning": message.get("reasoning"),
         "calls": [
             {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-            for c in message["tool_calls"]
+            for c in message.get("tool_calls", ())
         ],
         "finish": choice["finish_reason"],
     }
@@ -350,3 +351,15 @@ def test_a_parser_that_fails_mid_stream_leaves_the_rest_as_content(tokenizer: An
     got = gathered(run(svc, engine, request(tools=TOOLS, stream=True), [[t] for t in ids]))
     assert got["finish"] == "stop" and got["calls"] == []
     assert got["content"].endswith(tokenizer.decode(ids[3:]))  # from the failure on, the text as it came
+
+
+def test_tools_reach_the_template_unless_excluded_for_tool_choice_none(tokenizer: Any) -> None:
+    shown, _ = service(tokenizer)
+    hidden, _ = service(tokenizer, exclude_tools_when_tool_choice_none=True)
+    none = request(tools=TOOLS, tool_choice="none")
+    rendered = shown._template_tools(none)
+    assert rendered is not None and [t["function"]["name"] for t in rendered] == ["click", "type_text"]
+    assert "strict" not in rendered[1]["function"]  # unset fields are not rendered as nulls
+    assert hidden._template_tools(none) is None
+    assert hidden._template_tools(request(tools=TOOLS, tool_choice="required")) is not None
+    assert shown._template_tools(request(tools=[])) is None  # [] is no tools
