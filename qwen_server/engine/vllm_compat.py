@@ -286,6 +286,25 @@ def request_validation_errors() -> tuple[type[Exception], ...]:
     return (ValidationError, VLLMValidationError, ValueError)
 
 
+def token_texts(tokenizer: Any, token_ids: list[int]) -> list[str]:
+    """Each token's text as vLLM's detokenizer streams it (`detokenize_incrementally`, special
+    tokens skipped): a character split across tokens comes with its last one."""
+    from vllm.tokenizers.detokenizer_utils import detokenize_incrementally
+
+    texts: list[str] = []
+    seen: list[int] = []
+    tokens: list[str] | None = None
+    prefix_offset = read_offset = 0
+    for token_id in token_ids:
+        seen.append(token_id)
+        new, text, prefix_offset, read_offset = detokenize_incrementally(
+            tokenizer, seen, tokens, prefix_offset, read_offset, skip_special_tokens=True
+        )
+        tokens = new if tokens is None else tokens + new
+        texts.append(text)
+    return texts
+
+
 def make_tool_call_id() -> str:
     from vllm.renderers.chat_utils import make_tool_call_id as make
 

@@ -115,9 +115,15 @@ class ParsePlan:
 
     def whole(self, text: str, token_ids: Sequence[int], finish: str | None) -> ParsedChoice:
         if self.request.tools:
-            # With tools, the stream's parser fed the output in one piece: vLLM's whole-output parsers
-            # re-encode a call's arguments (the stream sent the model's own text) and turn a call cut by
-            # max_tokens into content (the stream already sent its name); this way both paths agree.
+            # With tools, the stream's parser: vLLM's whole-output parsers re-encode a call's arguments
+            # (the stream sent the model's own text) and turn a call cut by max_tokens into content (the
+            # stream already sent its name). A complete output is fed in one piece; a cut one token by
+            # token, as a stream gets it, because vLLM's hermes parser finishes a call cut in its
+            # arguments' whitespace differently by where the chunks end ("{}" or "").
+            if finish == "length" and token_ids:
+                pieces = vllm_compat.token_texts(self.tokenizer, list(token_ids))
+                if "".join(pieces) == text:
+                    return self.stream().whole_in_steps(pieces, token_ids, finish)
             return self.stream().whole(text, token_ids, finish)
         parser = self.new_parser()
         try:
@@ -216,17 +222,35 @@ class StreamSplitter:
 
     def whole(self, text: str, token_ids: Sequence[int], finish: str | None) -> ParsedChoice:
         """The output fed in one piece, shaped as a whole message."""
-        delta, finish = self.feed(text, token_ids, finish)
-        calls: list[p.ToolCall] = []
-        for call in (delta.tool_calls if delta is not None else None) or ():
-            function = call.function or p.DeltaFunction()
-            if call.id is not None:
-                calls.append(p.ToolCall(id=call.id, function=p.FunctionCall(function.name or "", "")))
-            if calls:
-                calls[-1].function.arguments += function.arguments or ""
-        content = delta.content if delta is not None else None
-        reasoning = delta.reasoning if delta is not None else None
-        return ParsedChoice(content, reasoning, calls, finish, self.reasoning_tokens())
+        return self.whole_in_steps([text], [token_ids], finish)
+
+    def whole_in_steps(self, texts: list[str], token_ids: Sequence[Any], finish: str | None) -> ParsedChoice:
+        """The output fed step by step (`texts[i]` is step i's text; `token_ids[i]` its token, or
+        its tokens), the deltas put together as a whole message."""
+        content, reasoning = "", ""
+        calls: dict[int, p.ToolCall] = {}
+        for i, text in enumerate(texts):
+            ids = token_ids[i]
+            step = [ids] if isinstance(ids, int) else list(ids)
+            delta, _ = self.feed(text, step, finish if i == len(texts) - 1 else None)
+            if delta is None:
+                continue
+            content += delta.content or ""
+            reasoning += delta.reasoning or ""
+            for call in delta.tool_calls or ():
+                function = call.function or p.DeltaFunction()
+                if call.id is not None:
+                    calls[call.index] = p.ToolCall(id=call.id, function=p.FunctionCall(function.name or "", ""))
+                if call.index in calls:
+                    calls[call.index].function.arguments += function.arguments or ""
+        finish_reason = self.plan.finish_reason(self.called, finish)
+        return ParsedChoice(
+            content or None,
+            reasoning or None,
+            [calls[i] for i in sorted(calls)],
+            finish_reason,
+            self.reasoning_tokens(),
+        )
 
     def _delta(self, message: Any) -> p.Delta | None:
         calls = []
