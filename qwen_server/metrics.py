@@ -61,6 +61,18 @@ IMAGES = Counter(
     "qwen_server_images_total", "Images served, by result (decoded, or found in the decoded-image cache).", ["result"]
 )
 IMAGE_REJECTIONS = Counter("qwen_server_image_rejections_total", "Images refused, by reason.", ["reason"])
+VIDEO_SECONDS = Histogram(
+    "qwen_server_video_seconds",
+    "Seconds per video, by source and stage (read, decode).",
+    ["source", "stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+VIDEO_BYTES = Counter("qwen_server_video_bytes_total", "Encoded video bytes received, by source.", ["source"])
+VIDEOS = Counter(
+    "qwen_server_videos_total", "Videos served, by result (decoded, or found in the decoded-media cache).", ["result"]
+)
+VIDEO_FRAMES = Counter("qwen_server_video_frames_total", "Video frames decoded and kept for the model.")
+VIDEO_REJECTIONS = Counter("qwen_server_video_rejections_total", "Videos refused, by reason.", ["reason"])
 
 
 def render() -> tuple[bytes, str]:

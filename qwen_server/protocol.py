@@ -28,7 +28,15 @@ class ImageURLPart(Struct, tag="image_url", tag_field="type", frozen=True):
     image_url: ImageURL
 
 
-ContentPart = TextPart | ImageURLPart
+class VideoURL(Struct, frozen=True):
+    url: str
+
+
+class VideoURLPart(Struct, tag="video_url", tag_field="type", frozen=True):
+    video_url: VideoURL
+
+
+ContentPart = TextPart | ImageURLPart | VideoURLPart
 
 
 class FunctionCallIn(Struct, frozen=True):

@@ -252,6 +252,25 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = 256 * 1024 * 1024
     media_fetch_timeout: Annotated[float, _doc("Seconds a remote image fetch may take in all.", _MEDIA)] = 10.0
     media_max_redirects: Annotated[int, _doc("Redirects followed when fetching a remote image.", _MEDIA)] = 5
+    max_video_bytes: Annotated[int, _doc("Largest encoded video accepted.", _MEDIA)] = 64 * 1024 * 1024
+    max_video_seconds: Annotated[float, _doc("Longest video accepted (seconds, from its header).", _MEDIA)] = 300.0
+    max_video_frame_pixels: Annotated[
+        int, _doc("Largest video frame (width x height) decoded; bigger ones are refused before decoding.", _MEDIA)
+    ] = 3840 * 2160
+    max_video_source_frames: Annotated[
+        int, _doc("Frames of a video read to reach the last one kept (longer videos are refused).", _MEDIA)
+    ] = 18000
+    max_video_frames: Annotated[
+        int,
+        _doc(
+            "Frames kept from one video for the model, whatever the sampling rate asks "
+            "(mm_processor_kwargs fps and max_frames may ask for fewer).",
+            _MEDIA,
+        ),
+    ] = 256
+    max_video_pixels: Annotated[
+        int, _doc("Pixels of one video's kept frames at the model's size, all frames together.", _MEDIA)
+    ] = 128 * 602112
     allowed_media_domains: Annotated[
         list[str] | None, _doc("Only these hosts may serve remote images (unset: any public host).", _MEDIA)
     ] = None
@@ -343,7 +362,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {value}")
-        for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_request_image_bytes"):
+        for name in (
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_image_side",
+            "max_request_image_bytes",
+            "max_video_bytes",
+            "max_video_frame_pixels",
+            "max_video_source_frames",
+            "max_video_frames",
+            "max_video_pixels",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{env_name(name)}: must be at least 1, got {getattr(self, name)}")
         for name in (
@@ -362,6 +391,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         for name in ("image_cache_bytes", "media_max_redirects"):
             if getattr(self, name) < 0:
                 problems.append(f"{env_name(name)}: must not be negative, got {getattr(self, name)}")
+        if self.max_video_seconds <= 0:
+            problems.append(f"{env_name('max_video_seconds')}: must be positive, got {self.max_video_seconds}")
         if self.media_fetch_timeout <= 0:
             problems.append(f"{env_name('media_fetch_timeout')}: must be positive, got {self.media_fetch_timeout}")
         for network in self.allowed_media_networks or ():

@@ -31,6 +31,7 @@ from qwen_server.demo import model as demo
 from qwen_server.engine import cpushare, host, vllm_compat
 from qwen_server.errors import Kind, ServiceError
 from qwen_server.media.image import Geometry, geometry_of
+from qwen_server.media.video import VideoGeometry
 from qwen_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Engine:
         self.model_path: str | None = None
         # The model's image pixel budget, so media can size images before the processor sees them.
         self.image_geometry: Geometry | None = None
+        self.video_geometry: VideoGeometry | None = None  # None: the model takes no video we can size
         self.model_config: Any = None  # vLLM's, for its chat template handling
         self.chat_template: str | None = None  # --chat-template's text
         # vLLM's parser of reasoning and tool calls (a class: one instance per choice), or None.
@@ -264,6 +266,7 @@ class Engine:
             self.output_parser = vllm_compat.output_parser_class(self.settings, self.tokenizer, path)
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
+            self.video_geometry = await asyncio.to_thread(_video_geometry, client.model_config)
             # The engine's processes: this worker's children, or the shared engine's (the launcher's).
             engine_procs = procs.descendants(os.getpid()) if self.attach is None else self.attach.engine_processes()
             if self.settings.keep_off_engine_cores:
@@ -598,4 +601,37 @@ def _image_geometry(model_config: Any) -> Geometry | None:
         return None
     geometry = geometry_of(processor)
     log.info("image budget: %s", geometry or f"none for {type(processor).__name__}, images passed at full size")
+    return geometry
+
+
+def _video_geometry(model_config: Any) -> VideoGeometry | None:
+    """The budget and frame sampler of the video processor vLLM uses for this model, or None when it
+    has none this server decodes for (video parts are then refused)."""
+    if not model_config.is_multimodal_model:
+        return None
+    try:
+        processor = vllm_compat.cached_video_processor(model_config)
+        sample = vllm_compat.video_sampler(processor)
+    except Exception as exc:  # noqa: BLE001 - no video processor: the model takes no video
+        log.info("no video processor (%s): video parts are refused", exc)
+        return None
+    size = getattr(processor, "size", None)
+    low = getattr(size, "shortest_edge", None) or getattr(processor, "min_pixels", None)
+    high = getattr(size, "longest_edge", None) or getattr(processor, "max_pixels", None)
+    if sample is None or not (low and high):
+        log.info(
+            "video parts are refused: %s is not a video processor this server samples for", type(processor).__name__
+        )
+        return None
+    geometry = VideoGeometry(
+        factor=processor.patch_size * processor.merge_size,
+        min_pixels=int(low),
+        max_pixels=int(high),
+        temporal_patch=processor.temporal_patch_size,
+        per_clip=type(processor).__name__.startswith("Qwen3VL"),
+        fps=float(getattr(processor, "fps", None) or 2.0),
+        max_frames=int(processor.max_frames),
+        sample=sample,
+    )
+    log.info("video budget: %s", geometry)
     return geometry

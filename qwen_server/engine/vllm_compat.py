@@ -132,6 +132,33 @@ def cached_image_processor(model_config: Any) -> Any:
     return cached_image_processor_from_config(model_config)
 
 
+def cached_video_processor(model_config: Any) -> Any:
+    """The video processor vLLM builds for `model_config` (server-wide mm_processor_kwargs applied)."""
+    from vllm.transformers_utils.processor import cached_video_processor_from_config
+
+    return cached_video_processor_from_config(model_config)
+
+
+def video_sampler(video_processor: Any) -> Callable[[int, float, float, int], list[int]] | None:
+    """vLLM's frame sampler for this video processor (its port of the model's own), as
+    `sample(total_frames, source_fps, fps, max_frames) -> indices`; None when vLLM has none."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoSourceMetadata, VideoTargetMetadata
+
+    name = VIDEO_LOADER_REGISTRY.get_backend_for_video_processor(type(video_processor).__name__)
+    if name is None:
+        return None
+    loader: Any = VIDEO_LOADER_REGISTRY.name2class[name]
+    grid = {"temporal_patch_size": video_processor.temporal_patch_size, "min_frames": video_processor.min_frames}
+
+    def sample(total: int, source_fps: float, fps: float, max_frames: int) -> list[int]:
+        source = VideoSourceMetadata(total, source_fps, total / source_fps)
+        target = VideoTargetMetadata(num_frames=-1, fps=fps, max_duration=total / source_fps)
+        indices: list[int] = loader.compute_frames_index_to_sample(source, target, max_frames=max_frames, **grid)
+        return indices
+
+    return sample
+
+
 # --- CPUs ---
 
 

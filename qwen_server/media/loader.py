@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from qwen_server.media.errors import MediaError
 from qwen_server.media.fetch import Fetcher, FetchError
 from qwen_server.media.image import Geometry, decode_image
 from qwen_server.media.sources import data_url_bytes, digest, file_bytes, hashed, source_of
+from qwen_server.media.video import DecodedVideo, VideoGeometry, VideoLimits, decode_video
 from qwen_server.settings import Settings
 
 
@@ -32,6 +34,16 @@ class LoadedImage:
 
     pixels: np.ndarray
     uuid: str  # content hash + geometry: the same image at the same budget has the same id
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVideo:
+    """The kept frames at the model's size, (frames, height, width, 3) uint8, and the metadata the
+    model's processor reads (source fps, frame count, the kept indices)."""
+
+    frames: np.ndarray
+    metadata: dict[str, Any]
+    uuid: str  # content hash + budget + sampling: the same clip sampled the same way has the same id
 
 
 class _Budget:
@@ -55,27 +67,33 @@ class _Cache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.used = 0
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str) -> Any:
         with self._lock:
             image = self._items.get(key)
             if image is not None:
                 self._items.move_to_end(key)
             return image
 
-    def put(self, key: str, pixels: np.ndarray) -> None:
-        if pixels.nbytes > self.max_bytes:
+    def put(self, key: str, item: Any) -> None:
+        """`item`: an image's pixels, or a decoded video (its frames count)."""
+        size = _nbytes(item)
+        if size > self.max_bytes:
             return
         with self._lock:
             if key in self._items:
                 return
-            self._items[key] = pixels
-            self.used += pixels.nbytes
+            self._items[key] = item
+            self.used += size
             while self.used > self.max_bytes:
                 _, old = self._items.popitem(last=False)
-                self.used -= old.nbytes
+                self.used -= _nbytes(old)
+
+
+def _nbytes(item: Any) -> int:
+    return int(item.nbytes) if isinstance(item, np.ndarray) else int(item.frames.nbytes)
 
 
 class MediaLoader:
@@ -92,7 +110,7 @@ class MediaLoader:
             allowed_networks=settings.allowed_media_networks or (),
         )
         self._cache = _Cache(settings.image_cache_bytes)
-        self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
@@ -143,21 +161,80 @@ class MediaLoader:
         # does not write to it); writable, because torch warns on read-only arrays.
         return np.array(image)
 
-    async def _bytes(self, url: str, source: str, param: str) -> tuple[bytes, str]:
-        max_bytes = self.settings.max_image_bytes
+    async def load_videos(
+        self, urls: list[tuple[str, str]], geometry: VideoGeometry, *, fps: float, max_frames: int
+    ) -> list[LoadedVideo]:
+        """`urls` as (url, request path) pairs, sampled at `fps` (at most `max_frames` each); all are
+        loaded at once, the first error wins."""
+        tasks = [asyncio.ensure_future(self.load_video(url, param, geometry, fps, max_frames)) for url, param in urls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except MediaError as exc:
+            metrics.VIDEO_REJECTIONS.labels(exc.reason).inc()
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def load_video(
+        self, url: str, param: str, geometry: VideoGeometry, fps: float, max_frames: int
+    ) -> LoadedVideo:
+        source = source_of(url)
+        t0 = time.perf_counter()
+        data, content_hash = await self._bytes(url, source, param, "video")
+        metrics.VIDEO_SECONDS.labels(source, "read").observe(time.perf_counter() - t0)
+        metrics.VIDEO_BYTES.labels(source).inc(len(data))
+        key = f"video:{content_hash}:{geometry.factor}:{geometry.min_pixels}:{geometry.max_pixels}:{fps:g}:{max_frames}"
+        video: DecodedVideo | None = self._cache.get(key)
+        metrics.VIDEOS.labels("cached" if video is not None else "decoded").inc()
+        if video is None:
+            t0 = time.perf_counter()
+            pending = self._inflight.get(key)
+            if pending is None:
+                pending = asyncio.ensure_future(
+                    asyncio.to_thread(self._decode_video, data, param, geometry, fps, max_frames)
+                )
+                self._inflight[key] = pending
+                pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+            try:
+                decoded: DecodedVideo = await asyncio.shield(pending)
+            except MediaError as exc:
+                raise MediaError(exc.message, param, exc.reason, exc.kind) from None
+            metrics.VIDEO_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
+            metrics.VIDEO_FRAMES.inc(len(decoded.frames))
+            self._cache.put(key, decoded)
+            video = decoded
+        return LoadedVideo(video.frames, dict(video.metadata), key)
+
+    def _decode_video(
+        self, data: bytes, param: str, geometry: VideoGeometry, fps: float, max_frames: int
+    ) -> DecodedVideo:
+        s = self.settings
+        limits = VideoLimits(
+            max_seconds=s.max_video_seconds,
+            max_frame_pixels=s.max_video_frame_pixels,
+            max_source_frames=s.max_video_source_frames,
+            max_frames=s.max_video_frames,
+            max_pixels=s.max_video_pixels,
+        )
+        return decode_video(data, param, limits, geometry, fps=fps, max_frames=max_frames)
+
+    async def _bytes(self, url: str, source: str, param: str, noun: str = "image") -> tuple[bytes, str]:
+        max_bytes = self.settings.max_image_bytes if noun == "image" else self.settings.max_video_bytes
         if source == "data":
-            return await asyncio.to_thread(hashed, data_url_bytes, url, param, max_bytes)
+            return await asyncio.to_thread(hashed, data_url_bytes, url, param, max_bytes, noun)
         if source == "http":
             try:
                 data = await self._fetcher.fetch(url, max_bytes)
             except FetchError as exc:
-                raise MediaError(exc.message, param, exc.reason, exc.kind) from None
+                message = exc.message if noun == "image" else exc.message.replace("image", noun)
+                raise MediaError(message, param, exc.reason, exc.kind) from None
             return data, await asyncio.to_thread(digest, data)
         if source == "file":
-            return await asyncio.to_thread(hashed, file_bytes, url, param, self._root, max_bytes)
+            return await asyncio.to_thread(hashed, file_bytes, url, param, self._root, max_bytes, noun)
         scheme = url.split(":", 1)[0] if ":" in url else ""
         raise MediaError(
-            f"Unsupported image URL scheme {scheme!r}: send a data:, http(s):// or (if enabled) file: URL.",
+            f"Unsupported {noun} URL scheme {scheme!r}: send a data:, http(s):// or (if enabled) file: URL.",
             param,
             "unsupported_url",
         )

@@ -16,31 +16,35 @@ from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 
 
-def data_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
+def data_url_bytes(url: str, param: str, max_bytes: int, noun: str = "image") -> bytes:
     header, sep, payload = url.partition(",")
     if not sep:
         raise MediaError("Malformed data URL: no ',' separates the header from the data.", param, "bad_data_url")
     meta = header[5:].split(";")
     if "base64" not in meta[1:]:
-        raise MediaError("Only base64 data URLs are supported (data:image/png;base64,...).", param, "bad_data_url")
+        example = "data:image/png;base64,..." if noun == "image" else f"data:{noun}/mp4;base64,..."
+        raise MediaError(f"Only base64 data URLs are supported ({example}).", param, "bad_data_url")
     media_type = meta[0].strip().lower()
-    if media_type and not media_type.startswith("image/"):
-        raise MediaError(f"Data URL media type {media_type!r} is not an image type.", param, "bad_data_url")
+    if media_type and not media_type.startswith(f"{noun}/"):
+        article = "an" if noun[0] in "aeiou" else "a"
+        raise MediaError(f"Data URL media type {media_type!r} is not {article} {noun} type.", param, "bad_data_url")
     # base64 needs 4 characters per 3 bytes: refuse oversize payloads before decoding them.
     if len(payload) > (max_bytes + 2) // 3 * 4 + 4:
-        raise MediaError(f"Image is larger than the limit of {max_bytes} bytes.", param, "too_large", Kind.TOO_LARGE)
+        raise MediaError(
+            f"{noun.capitalize()} is larger than the limit of {max_bytes} bytes.", param, "too_large", Kind.TOO_LARGE
+        )
     try:
         # pybase64: SIMD, several times the stdlib's speed (benchmarks/README.md), and as strict about
         # padding as vLLM's own server.
         return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise MediaError(f"Image data is not valid base64: {exc}.", param, "bad_data_url") from None
+        raise MediaError(f"{noun.capitalize()} data is not valid base64: {exc}.", param, "bad_data_url") from None
 
 
-def file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
+def file_bytes(url: str, param: str, root: str | None, max_bytes: int, noun: str = "image") -> bytes:
     if root is None:
         raise MediaError(
-            "Local image files are not enabled on this server (see --allowed-local-media-path).",
+            f"Local {noun} files are not enabled on this server (see --allowed-local-media-path).",
             param,
             "unsupported_url",
         )
@@ -56,18 +60,21 @@ def file_bytes(url: str, param: str, root: str | None, max_bytes: int) -> bytes:
     # realpath resolves '..' and every symlink, so whatever the name says, the file must be in root.
     real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root in join
     if os.path.commonpath([real, root]) != root:
-        raise MediaError("The image path is outside the allowed local media directory.", param, "forbidden_path")
+        raise MediaError(f"The {noun} path is outside the allowed local media directory.", param, "forbidden_path")
     try:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise MediaError(f"The image file could not be opened: {exc.strerror}.", param, "not_found") from None
+        raise MediaError(f"The {noun} file could not be opened: {exc.strerror}.", param, "not_found") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise MediaError("The image path is not a regular file.", param, "not_found")
+            raise MediaError(f"The {noun} path is not a regular file.", param, "not_found")
         if info.st_size > max_bytes:
             raise MediaError(
-                f"Image is {info.st_size} bytes, over the limit of {max_bytes}.", param, "too_large", Kind.TOO_LARGE
+                f"{noun.capitalize()} is {info.st_size} bytes, over the limit of {max_bytes}.",
+                param,
+                "too_large",
+                Kind.TOO_LARGE,
             )
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(max_bytes + 1)

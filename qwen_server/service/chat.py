@@ -16,7 +16,7 @@ from qwen_server.errors import ServiceError, bad_request, clip
 from qwen_server.logs import RequestRecord
 from qwen_server.media.errors import MediaError
 from qwen_server.media.image import MMKwargsError, check_request_mm_kwargs
-from qwen_server.media.loader import LoadedImage, MediaLoader
+from qwen_server.media.loader import LoadedImage, LoadedVideo, MediaLoader
 from qwen_server.service import parsing
 from qwen_server.service.decode import decode_chat
 from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt
@@ -25,6 +25,10 @@ from qwen_server.service.sampling import check_common
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
+
+# mm_processor_kwargs a client may set for its videos (within the server's caps): how they are sampled.
+_VIDEO_KEYS = ("fps", "max_frames")
+_MAX_FPS = 30  # vLLM's Qwen-VL samplers cap the rate there
 
 # apply_chat_template arguments that change how the prompt is built, not what the template renders.
 _RENDER_KEYS = frozenset(
@@ -82,6 +86,7 @@ class ChatService(Endpoint):
         super().__init__(engine, settings)
         self.media = media
         self.max_images = (settings.limit_mm_per_prompt or {}).get("image")
+        self.max_videos = (settings.limit_mm_per_prompt or {}).get("video")
 
     def decode(self, body: bytes) -> p.ChatCompletionRequest:
         return decode_chat(body, self.settings)
@@ -151,9 +156,12 @@ class ChatService(Endpoint):
             reasoning_effort=getattr(req, "reasoning_effort", None),
         )
         tools = self._template_tools(req)
-        conversation, image_urls = self._conversation(req.messages or [])
+        conversation, image_urls, video_urls = self._conversation(req.messages or [])
         record.images = len(image_urls)
-        images = await self._load_images(image_urls, req.mm_processor_kwargs)
+        request_mm = dict(req.mm_processor_kwargs or {})
+        sampling = {key: request_mm.pop(key) for key in _VIDEO_KEYS if key in request_mm}
+        images = await self._load_images(image_urls, request_mm)
+        videos = await self._load_videos(video_urls, sampling)
         # vLLM's default: a chat's template carries its special tokens; the client may ask for more.
         add_special = bool(req.add_special_tokens)
         # The template and the tokenizer take time that grows with the request: off the event loop.
@@ -167,11 +175,18 @@ class ChatService(Endpoint):
             **kwargs,
         )
         prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+        if images or videos:
+            prompt["multi_modal_data"], prompt["multi_modal_uuids"] = {}, {}
         if images:
-            prompt["multi_modal_data"] = {"image": [loaded.pixels for loaded in images]}
+            prompt["multi_modal_data"]["image"] = [loaded.pixels for loaded in images]
             # Content hashes as item ids: vLLM's multimodal cache hits without hashing pixels.
-            prompt["multi_modal_uuids"] = {"image": [loaded.uuid for loaded in images]}
-        mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **(req.mm_processor_kwargs or {})}
+            prompt["multi_modal_uuids"]["image"] = [loaded.uuid for loaded in images]
+        if videos:
+            prompt["multi_modal_data"]["video"] = [(video.frames, video.metadata) for video in videos]
+            prompt["multi_modal_uuids"]["video"] = [video.uuid for video in videos]
+        mm_kwargs = {**(self.settings.mm_processor_kwargs or {}), **request_mm}
+        if videos and "fps" in sampling:  # the rate the frames were sampled at: Qwen2.5-VL's time ids
+            mm_kwargs["fps"] = sampling["fps"]
         if mm_kwargs:
             prompt["mm_processor_kwargs"] = mm_kwargs
         return await self.render(client, prompt), kwargs
@@ -194,12 +209,15 @@ class ChatService(Endpoint):
             for tool in req.tools
         ]
 
-    def _conversation(self, messages: list[p.ChatMessage]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-        """OpenAI messages to the chat template's form; image URLs with their request paths. Images
-        may be in any message (a tool's screenshot too): the template places them, and a template
-        that drops one is refused by the processor."""
+    def _conversation(
+        self, messages: list[p.ChatMessage]
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]], list[tuple[str, str]]]:
+        """OpenAI messages to the chat template's form; image and video URLs with their request
+        paths. Media may be in any message (a tool's screenshot too): the template places them, and a
+        template that drops one is refused by the processor."""
         conversation: list[dict[str, Any]] = []
         image_urls: list[tuple[str, str]] = []
+        video_urls: list[tuple[str, str]] = []
         for i, message in enumerate(messages):
             content = message.content
             if content is None:
@@ -212,6 +230,9 @@ class ChatService(Endpoint):
                 for j, part in enumerate(content):
                     if isinstance(part, p.TextPart):
                         parts.append({"type": "text", "text": part.text})
+                    elif isinstance(part, p.VideoURLPart):
+                        video_urls.append((part.video_url.url, f"messages[{i}].content[{j}].video_url"))
+                        parts.append({"type": "video"})
                     else:
                         image_urls.append((part.image_url.url, f"messages[{i}].content[{j}].image_url"))
                         parts.append({"type": "image"})
@@ -232,13 +253,14 @@ class ChatService(Endpoint):
             if reasoning is not None:  # both names, as vLLM gives them to templates
                 entry["reasoning"] = entry["reasoning_content"] = reasoning
             conversation.append(entry)
-        if self.max_images is not None and len(image_urls) > self.max_images:
-            raise bad_request(
-                f"The request has {len(image_urls)} images; at most {self.max_images} are accepted per request.",
-                image_urls[self.max_images][1],
-                code="too_many_images",
-            )
-        return conversation, image_urls
+        for noun, urls, limit in (("images", image_urls, self.max_images), ("videos", video_urls, self.max_videos)):
+            if limit is not None and len(urls) > limit:
+                raise bad_request(
+                    f"The request has {len(urls)} {noun}; at most {limit} are accepted per request.",
+                    urls[limit][1],
+                    code=f"too_many_{noun}",
+                )
+        return conversation, image_urls, video_urls
 
     def _render_chat(
         self,
@@ -283,6 +305,29 @@ class ChatService(Endpoint):
             return await self.media.load_all(urls, geometry)
         except MediaError as exc:
             raise ServiceError(exc.kind, exc.message, param=exc.param, code=f"image_{exc.reason}") from None
+
+    async def _load_videos(self, urls: list[tuple[str, str]], sampling: dict[str, Any]) -> list[LoadedVideo]:
+        """The videos sampled at the model's rate (or the request's `fps`, at most `max_frames`)."""
+        geometry = self.engine.video_geometry
+        fps = sampling.get("fps", geometry.fps if geometry else 2.0)
+        if type(fps) not in (int, float) or not 0 < fps <= _MAX_FPS:
+            raise bad_request(
+                f"mm_processor_kwargs.fps must be a number in (0, {_MAX_FPS}].", "mm_processor_kwargs.fps"
+            )
+        cap = self.settings.max_video_frames
+        max_frames = sampling.get("max_frames", cap)
+        if type(max_frames) is not int or not 1 <= max_frames <= cap:
+            raise bad_request(
+                f"mm_processor_kwargs.max_frames must be an integer in [1, {cap}].", "mm_processor_kwargs.max_frames"
+            )
+        if not urls:
+            return []
+        if geometry is None:
+            raise bad_request("This model does not take video.", urls[0][1], code="video_unsupported")
+        try:
+            return await self.media.load_videos(urls, geometry, fps=float(fps), max_frames=max_frames)
+        except MediaError as exc:
+            raise ServiceError(exc.kind, exc.message, param=exc.param, code=f"video_{exc.reason}") from None
 
     # --- shapes ---
 

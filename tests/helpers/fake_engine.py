@@ -30,6 +30,7 @@ class FakeEngine:
         self.max_num_seqs: int | None = 4
         self.model_path: str | None = "fake-model"
         self.image_geometry: Any = None
+        self.video_geometry: Any = None
         self.model_config: Any = None
         self.chat_template: str | None = None
         self.output_parser: type | None = None

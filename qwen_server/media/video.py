@@ -1,0 +1,185 @@
+"""Videos: the containers and codecs a client may send, the model's video budget, and decoding the
+frames the model will see, at their final size.
+
+The header (container, codec, frame size, frame count, fps, duration) is checked before any frame is
+decoded. The frames to keep are chosen by the model's own sampler (vLLM's, handed over by the engine
+in `VideoGeometry.sample`), and each kept frame is resized to the model's budget as soon as it is
+decoded: the clip never exists at its source size, so memory is bounded by the kept frames at their
+final size plus one source frame. OpenCV decodes, as in vLLM's own video loader.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qwen_server.errors import Kind
+from qwen_server.media.errors import MediaError
+
+# Containers by their magic bytes; anything else is refused before it reaches the decoder.
+_CONTAINERS = ((b"RIFF", 0, "avi"), (b"ftyp", 4, "mp4"), (b"\x1a\x45\xdf\xa3", 0, "webm"))
+# Codecs (OpenCV's FOURCC names) a client may send: common camera and web codecs.
+ALLOWED_CODECS = frozenset(
+    {"MJPG", "FMP4", "MP4V", "XVID", "DIVX", "H264", "AVC1", "X264", "HEVC", "HVC1", "HEV1", "VP80", "VP90", "AV01"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VideoLimits:
+    """The server's caps, checked from the header before decoding."""
+
+    max_seconds: float
+    max_frame_pixels: int  # width x height of the source
+    max_source_frames: int  # frames read (decoded or skipped) to reach the last kept one
+    max_frames: int  # frames kept for the model
+    max_pixels: int  # the kept frames' pixels at the model's size, all together
+
+
+@dataclass(frozen=True, slots=True)
+class VideoGeometry:
+    """The model's video processor: frame sides are multiples of `factor`, their area lies within
+    [min_pixels, max_pixels] (per frame, or over the whole clip when `per_clip`, as Qwen3-VL counts
+    it); `sample(total, source_fps, fps, max_frames)` is its frame sampler; `fps` its default rate."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+    temporal_patch: int
+    per_clip: bool
+    fps: float
+    max_frames: int
+    sample: Callable[[int, float, float, int], list[int]]
+
+    def target(self, frames: int, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of every kept frame, as the model's `smart_resize` computes it."""
+        f = self.factor
+        if height < f or width < f:
+            scale = max(f / height, f / width)
+            height, width = int(height * scale), int(width * scale)
+        t = max(1, round(frames / self.temporal_patch) * self.temporal_patch) if self.per_clip else 1
+        n = frames if self.per_clip else 1
+        h_bar, w_bar = round(height / f) * f, round(width / f) * f
+        if t * h_bar * w_bar > self.max_pixels:
+            beta = math.sqrt(n * height * width / self.max_pixels)
+            h_bar = max(f, math.floor(height / beta / f) * f)
+            w_bar = max(f, math.floor(width / beta / f) * f)
+        elif t * h_bar * w_bar < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (n * height * width))
+            h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
+        return w_bar, h_bar
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedVideo:
+    frames: np.ndarray  # (frames, height, width, 3) uint8, at the model's size
+    metadata: dict[str, Any]  # what the model's processor reads: source fps, frame count, kept indices
+
+
+def container_of(data: bytes) -> str | None:
+    for magic, offset, name in _CONTAINERS:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def decode_video(
+    data: bytes, param: str, limits: VideoLimits, geometry: VideoGeometry, *, fps: float, max_frames: int
+) -> DecodedVideo:
+    """The clip's kept frames at the model's size; MediaError for a video the server refuses."""
+    import cv2
+
+    if container_of(data) is None:
+        raise MediaError("The video is not an AVI, MP4/MOV or WebM/MKV file.", param, "unsupported_format")
+    # The stream must outlive the capture: OpenCV reads it until release() (a temporary crashes it).
+    stream = io.BytesIO(data)
+    cap = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])  # type: ignore[call-overload]
+    try:
+        if not cap.isOpened():
+            raise MediaError("The video could not be opened: its data is corrupt or truncated.", param, "corrupt")
+        fourcc = int(cap.get(cv2.CAP_PROP_FOURCC))
+        codec = "".join(chr((fourcc >> 8 * i) & 0xFF) for i in range(4)).upper()
+        if codec not in ALLOWED_CODECS:
+            raise MediaError(f"The video codec {codec!r} is not accepted.", param, "unsupported_codec")
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        source_fps = float(cap.get(cv2.CAP_PROP_FPS))
+        if width < 1 or height < 1 or total < 1:
+            raise MediaError("The video has no frames, or its header is corrupt.", param, "corrupt")
+        if not math.isfinite(source_fps) or source_fps <= 0:
+            raise MediaError("The video does not say its frame rate.", param, "unknown_fps")
+        if width * height > limits.max_frame_pixels:
+            raise MediaError(
+                f"The video's frames are {width}x{height}, over this server's limit of {limits.max_frame_pixels} "
+                "pixels per frame.",
+                param,
+                "too_large",
+                Kind.TOO_LARGE,
+            )
+        seconds = total / source_fps
+        if seconds > limits.max_seconds:
+            raise MediaError(
+                f"The video is {seconds:.1f} s long, over this server's limit of {limits.max_seconds:g} s.",
+                param,
+                "too_long",
+                Kind.TOO_LARGE,
+            )
+        try:
+            indices = sorted(
+                {int(i) for i in geometry.sample(total, source_fps, fps, min(max_frames, limits.max_frames))}
+            )
+        except ValueError as exc:
+            raise MediaError(f"The video cannot be sampled: {exc}", param, "corrupt") from None
+        if not indices or indices[-1] >= limits.max_source_frames:
+            raise MediaError(
+                f"The video has {total} frames, over this server's limit of {limits.max_source_frames}.",
+                param,
+                "too_long",
+                Kind.TOO_LARGE,
+            )
+        size = geometry.target(len(indices), width, height)
+        if len(indices) * size[0] * size[1] > limits.max_pixels:
+            raise MediaError(
+                f"The video's {len(indices)} sampled frames of {size[0]}x{size[1]} are over this server's limit of "
+                f"{limits.max_pixels} pixels per video; ask for fewer (mm_processor_kwargs fps or max_frames).",
+                param,
+                "too_large",
+                Kind.TOO_LARGE,
+            )
+        frames = np.empty((len(indices), size[1], size[0], 3), dtype=np.uint8)
+        kept, wanted = 0, set(indices)
+        for index in range(indices[-1] + 1):
+            if not cap.grab():
+                break
+            if index not in wanted:
+                continue
+            ok, frame = cap.retrieve()
+            if not ok or frame is None or frame.shape[:2] != (height, width):
+                break
+            # One source frame at a time: converted, resized, and kept only at the model's size.
+            resized = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != (width, height) else frame
+            cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=frames[kept])
+            kept += 1
+        if kept < len(indices):
+            raise MediaError(
+                f"The video ended after {kept} of the {len(indices)} frames sampled from it: it is truncated or "
+                "corrupt.",
+                param,
+                "corrupt",
+            )
+    finally:
+        cap.release()
+        stream.close()
+    metadata = {
+        "total_num_frames": total,
+        "fps": source_fps,
+        "duration": seconds,
+        "video_backend": "opencv",
+        "frames_indices": indices,
+        "do_sample_frames": False,
+    }
+    return DecodedVideo(frames, metadata)

@@ -1,0 +1,156 @@
+"""Video decoding (qwen_server/media/video.py) on clips written here with OpenCV: the header caps, the
+formats, parity with the model's own video processor, and memory bounded by the kept frames."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from qwen_server.errors import Kind
+from qwen_server.media.errors import MediaError
+from qwen_server.media.video import VideoGeometry, VideoLimits, decode_video
+
+
+def uniform(total: int, source_fps: float, fps: float, max_frames: int) -> list[int]:
+    """A stand-in for vLLM's Qwen sampler (the real one is the engine's): `fps` frames a second, even count."""
+    n = max(2, min(max_frames, int(total / source_fps * fps)) // 2 * 2)
+    return np.linspace(0, total - 1, n).round().astype(int).tolist()
+
+
+GEOMETRY = VideoGeometry(
+    factor=28, min_pixels=56 * 56, max_pixels=224 * 224, temporal_patch=2, per_clip=False, fps=2.0,
+    max_frames=768, sample=uniform,
+)  # fmt: skip
+LIMITS = VideoLimits(
+    max_seconds=60, max_frame_pixels=1920 * 1080, max_source_frames=2000, max_frames=64, max_pixels=10**8
+)
+
+
+def write_clip(
+    path: Path, frames: int = 40, fps: float = 10.0, size=(320, 240), fourcc: str = "MJPG", noise=True
+) -> bytes:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    if noise:
+        base = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    else:  # smooth: a small file even at 1080p
+        x = np.linspace(0, 255, size[0], dtype=np.uint8)
+        base = np.broadcast_to(x[None, :, None], (size[1], size[0], 3)).copy()
+    for i in range(frames):
+        writer.write(np.roll(base, 4 * i, axis=1))
+    writer.release()
+    return path.read_bytes()
+
+
+def decode(data: bytes, limits: VideoLimits = LIMITS, geometry: VideoGeometry = GEOMETRY, **kw: Any):
+    return decode_video(data, "v", limits, geometry, fps=kw.get("fps", 2.0), max_frames=kw.get("max_frames", 64))
+
+
+def test_kept_frames_are_sampled_and_sized_as_the_models_video_processor_sizes_them(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from transformers import AutoVideoProcessor
+
+    data = write_clip(tmp_path / "a.avi")
+    video = decode(data)
+    assert video.frames.shape == (8, 168, 252, 3)  # 4 s at 2 fps; 320x240 within 224*224 pixels, sides of 28
+    assert video.metadata["frames_indices"] == uniform(40, 10.0, 2.0, 64)
+    assert video.metadata["fps"] == 10.0 and video.metadata["total_num_frames"] == 40
+    assert video.metadata["do_sample_frames"] is False
+    processor = AutoVideoProcessor.from_pretrained(tiny_model)
+    ours = processor(videos=[video.frames], return_tensors="np", do_sample_frames=False)
+    capture, full = cv2.VideoCapture(str(tmp_path / "a.avi")), []
+    for i in range(40):
+        ok, frame = capture.read()
+        if ok and i in video.metadata["frames_indices"]:
+            full.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    theirs = processor(videos=[np.stack(full)], return_tensors="np", do_sample_frames=False)
+    assert (ours["video_grid_thw"] == theirs["video_grid_thw"]).all()  # the same grid, so the same tokens
+    assert np.abs(ours["pixel_values_videos"] - theirs["pixel_values_videos"]).mean() < 0.1  # close pixels
+
+
+def test_a_clip_smaller_than_the_budget_keeps_its_size_and_qwen3_counts_the_budget_over_the_clip(
+    tmp_path: Path,
+) -> None:
+    data = write_clip(tmp_path / "small.avi", size=(112, 84))
+    assert decode(data).frames.shape[1:3] == (84, 112)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    per_clip = VideoGeometry(32, 64 * 64, 8 * 224 * 224, 2, True, 2.0, 768, uniform)
+    frames = decode(write_clip(tmp_path / "a.avi"), geometry=per_clip).frames
+    assert frames.shape[1:3] == smart_resize(8, 240, 320, 2, 32, 64 * 64, 8 * 224 * 224) == (192, 256)
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        (VideoLimits(2, 1920 * 1080, 2000, 64, 10**8), "too_long"),  # 4 s
+        (VideoLimits(60, 100 * 100, 2000, 64, 10**8), "too_large"),  # frame pixels
+        (VideoLimits(60, 1920 * 1080, 20, 64, 10**8), "too_long"),  # source frames read
+        (VideoLimits(60, 1920 * 1080, 2000, 64, 8 * 168 * 252 - 1), "too_large"),  # kept pixels
+    ],
+)
+def test_caps_are_checked_from_the_header_before_decoding(tmp_path: Path, limits: VideoLimits, reason: str) -> None:
+    with pytest.raises(MediaError) as err:
+        decode(write_clip(tmp_path / "a.avi"), limits)
+    assert err.value.reason == reason and err.value.kind is Kind.TOO_LARGE
+
+
+def test_the_rate_and_frame_count_asked_for_are_honoured_within_the_cap(tmp_path: Path) -> None:
+    data = write_clip(tmp_path / "a.avi", frames=100)
+    assert len(decode(data, fps=2.0).frames) == 20
+    assert len(decode(data, fps=1.0).frames) == 10
+    assert len(decode(data, fps=2.0, max_frames=6).frames) == 6
+    assert len(decode(data, VideoLimits(60, 1920 * 1080, 2000, 4, 10**8), fps=2.0).frames) == 4  # the server's cap
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"plain text, not a video", "unsupported_format"),
+        (b"RIFF\0\0\0\0AVI " + b"\0" * 500, "corrupt"),
+        (b"\x00\x00\x00\x18ftypisom" + b"\1" * 500, "corrupt"),
+    ],
+)
+def test_unknown_or_corrupt_bytes_are_refused(data: bytes, reason: str) -> None:
+    with pytest.raises(MediaError) as err:
+        decode(data)
+    assert err.value.reason == reason and err.value.kind is Kind.INVALID
+
+
+def test_a_truncated_clip_is_corrupt_not_a_short_answer(tmp_path: Path) -> None:
+    data = write_clip(tmp_path / "a.avi")
+    with pytest.raises(MediaError) as err:
+        decode(data[: len(data) // 2])
+    assert err.value.reason == "corrupt"
+
+
+def test_a_codec_outside_the_list_is_refused(tmp_path: Path) -> None:
+    data = write_clip(tmp_path / "a.avi", fourcc="MJPG")
+    fourcc = data.find(b"MJPG")
+    assert fourcc > 0
+    renamed = data.replace(b"MJPG", b"ZZZZ")  # the stream header's codec and the frames' own
+    with pytest.raises(MediaError) as err:
+        decode(renamed)
+    assert err.value.reason in ("unsupported_codec", "corrupt")
+
+
+def test_peak_memory_is_the_kept_frames_at_their_final_size_not_the_clip(tmp_path: Path) -> None:
+    """A 1080p clip of 300 frames (6.2 MB a frame decoded): kept at 2 fps of 30, 20 frames of 168x280
+    (0.14 MB each) come back, and the decode never holds more than a few source frames."""
+    data = write_clip(tmp_path / "hd.avi", frames=300, fps=30.0, size=(1920, 1080), noise=False)
+    source_frame = 1920 * 1080 * 3
+    tracemalloc.start()
+    try:
+        video = decode(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert video.frames.shape == (20, 168, 280, 3)
+    kept = video.frames.nbytes
+    assert peak < kept + 3 * source_frame, (peak, kept)
+    assert peak < len(video.frames) * source_frame / 4  # what holding the sampled frames at source size costs
