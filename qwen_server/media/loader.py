@@ -137,22 +137,30 @@ class MediaLoader:
         if budget is not None:
             budget.take(len(data), param)
         key = f"{content_hash}:{geometry.key if geometry else 'native'}"
-        pixels = self._cache.get(key)
-        metrics.IMAGES.labels("cached" if pixels is not None else "decoded").inc()
-        if pixels is None:
-            t0 = time.perf_counter()
-            pending = self._inflight.get(key)
-            if pending is None:
-                pending = asyncio.ensure_future(asyncio.to_thread(self._decode, data, param, geometry))
-                self._inflight[key] = pending
-                pending.add_done_callback(lambda _: self._inflight.pop(key, None))
-            try:
-                pixels = await asyncio.shield(pending)
-            except MediaError as exc:  # the decode may have been started for another request's part
-                raise MediaError(exc.message, param, exc.reason, exc.kind) from None
+        t0 = time.perf_counter()
+        pixels, cached = await self._decoded(key, param, self._decode, data, param, geometry)
+        metrics.IMAGES.labels("cached" if cached else "decoded").inc()
+        if not cached:
             metrics.IMAGE_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
-            self._cache.put(key, pixels)
         return LoadedImage(pixels, key)
+
+    async def _decoded(self, key: str, param: str, decode: Any, *args: Any) -> tuple[Any, bool]:
+        """The cached item for `key` (and True), or `decode(*args)` run in a thread (and False); the
+        decodes of one key running at once are one decode."""
+        item = self._cache.get(key)
+        if item is not None:
+            return item, True
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(decode, *args))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        try:
+            item = await asyncio.shield(pending)
+        except MediaError as exc:  # the decode may have been started for another request's part
+            raise MediaError(exc.message, param, exc.reason, exc.kind) from None
+        self._cache.put(key, item)
+        return item, False
 
     def _decode(self, data: bytes, param: str, geometry: Geometry | None) -> np.ndarray:
         s = self.settings
@@ -185,25 +193,13 @@ class MediaLoader:
         metrics.VIDEO_SECONDS.labels(source, "read").observe(time.perf_counter() - t0)
         metrics.VIDEO_BYTES.labels(source).inc(len(data))
         key = f"video:{content_hash}:{geometry.factor}:{geometry.min_pixels}:{geometry.max_pixels}:{fps:g}:{max_frames}"
-        video: DecodedVideo | None = self._cache.get(key)
-        metrics.VIDEOS.labels("cached" if video is not None else "decoded").inc()
-        if video is None:
-            t0 = time.perf_counter()
-            pending = self._inflight.get(key)
-            if pending is None:
-                pending = asyncio.ensure_future(
-                    asyncio.to_thread(self._decode_video, data, param, geometry, fps, max_frames)
-                )
-                self._inflight[key] = pending
-                pending.add_done_callback(lambda _: self._inflight.pop(key, None))
-            try:
-                decoded: DecodedVideo = await asyncio.shield(pending)
-            except MediaError as exc:
-                raise MediaError(exc.message, param, exc.reason, exc.kind) from None
+        t0 = time.perf_counter()
+        video: DecodedVideo
+        video, cached = await self._decoded(key, param, self._decode_video, data, param, geometry, fps, max_frames)
+        metrics.VIDEOS.labels("cached" if cached else "decoded").inc()
+        if not cached:
             metrics.VIDEO_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
-            metrics.VIDEO_FRAMES.inc(len(decoded.frames))
-            self._cache.put(key, decoded)
-            video = decoded
+            metrics.VIDEO_FRAMES.inc(len(video.frames))
         return LoadedVideo(video.frames, dict(video.metadata), key)
 
     def _decode_video(
