@@ -4,6 +4,7 @@ answers as chat messages or deltas."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -161,7 +162,7 @@ class ChatService(Endpoint):
         request_mm = dict(req.mm_processor_kwargs or {})
         sampling = {key: request_mm.pop(key) for key in _VIDEO_KEYS if key in request_mm}
         images = await self._load_images(image_urls, request_mm)
-        videos = await self._load_videos(video_urls, sampling)
+        videos = await self._load_videos(video_urls, sampling, request_mm)
         # vLLM's default: a chat's template carries its special tokens; the client may ask for more.
         add_special = bool(req.add_special_tokens)
         # The template and the tokenizer take time that grows with the request: off the event loop.
@@ -306,9 +307,20 @@ class ChatService(Endpoint):
         except MediaError as exc:
             raise ServiceError(exc.kind, exc.message, param=exc.param, code=f"image_{exc.reason}") from None
 
-    async def _load_videos(self, urls: list[tuple[str, str]], sampling: dict[str, Any]) -> list[LoadedVideo]:
-        """The videos sampled at the model's rate (or the request's `fps`, at most `max_frames`)."""
+    async def _load_videos(
+        self, urls: list[tuple[str, str]], sampling: dict[str, Any], budget: dict[str, Any]
+    ) -> list[LoadedVideo]:
+        """The videos sampled at the model's rate (or the request's `fps`, at most `max_frames`),
+        sized to the model's video budget or the request's `min_pixels`/`max_pixels` (checked with
+        the images': the model's processor applies them to both)."""
         geometry = self.engine.video_geometry
+        if geometry is not None and ("min_pixels" in budget or "max_pixels" in budget):
+            high = budget.get("max_pixels", geometry.max_pixels)
+            if not self.settings.trust_request_mm_kwargs:
+                high = min(high, geometry.max_pixels)  # a client lowers the budget, never raises it
+            geometry = dataclasses.replace(
+                geometry, min_pixels=min(budget.get("min_pixels", geometry.min_pixels), high), max_pixels=high
+            )
         fps = sampling.get("fps", geometry.fps if geometry else 2.0)
         if type(fps) not in (int, float) or not 0 < fps <= _MAX_FPS:
             raise bad_request(

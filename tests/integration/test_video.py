@@ -78,6 +78,8 @@ def test_a_lower_rate_and_fewer_frames_give_fewer_tokens(server: ServerProcess, 
     at_1 = prompt_tokens(server, part, mm_processor_kwargs={"fps": 1})
     capped = prompt_tokens(server, part, mm_processor_kwargs={"fps": 2, "max_frames": 4})
     assert at_2 > at_1 > capped
+    smaller = prompt_tokens(server, part, mm_processor_kwargs={"fps": 2, "max_frames": 4, "max_pixels": 112 * 112})
+    assert capped > smaller  # a smaller pixel budget: smaller frames, fewer tokens
 
 
 def test_a_video_and_an_image_in_one_request_answer(server: ServerProcess, clips: dict[str, bytes]) -> None:
