@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -314,3 +315,21 @@ def test_bad_tool_requests_are_400s_naming_the_field(server: ServerProcess, extr
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **extra}, timeout=60)
     assert r.status_code == 400, r.text[:300]
     assert r.json()["error"]["param"] == param
+
+
+def test_qwen3_vl_takes_a_video_sampled_at_the_requested_rate(thinker: ServerProcess, tmp_path: Path) -> None:
+    """Qwen3-VL's video path: its sampler, its budget over the whole clip, its frame timestamps."""
+    from tests.integration.test_video import data_url, video_part, write_clip
+
+    part = video_part(data_url(write_clip(tmp_path / "clip.avi", frames=80)))
+    messages = [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}]
+
+    def video_tokens(fps: float) -> int:
+        r = httpx.post(thinker.url + "/tokenize", json={"messages": messages, "mm_processor_kwargs": {"fps": fps}})
+        assert r.status_code == 200, r.text[:300]
+        text = httpx.post(thinker.url + "/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+        return text.count("<|video_pad|>")
+
+    assert video_tokens(2) > video_tokens(1) > 0
+    body = chat(thinker, messages=messages, temperature=0)
+    assert body["usage"]["prompt_tokens"] > video_tokens(2)
