@@ -6,12 +6,15 @@ import signal
 from pathlib import Path
 
 import openai
+import pytest
 
 from qwen_server.testing.servers import free_port
 from tests.helpers.media import image_data_url
 from tests.helpers.serverproc import ServerProcess, base_env
 
 
+# Two ranks on the 2 cores of the CI machine take 100 s or more: with the slow tests (`-m slow`).
+@pytest.mark.slow
 def test_tensor_parallel_2_answers_a_chat_with_an_image(tiny_model: Path, tmp_path: Path) -> None:
     # One CPU core per rank: vLLM's CPU backend cannot bind 2 ranks' threads without it.
     env = base_env(VLLM_CPU_OMP_THREADS_BIND="0|1")

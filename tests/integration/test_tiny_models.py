@@ -44,12 +44,10 @@ async def _generate(path: Path) -> tuple[list[int], int, str, int]:
         engine.shutdown()
 
 
-# Qwen3-VL's checkpoint is served by test_agents.py (its reasoning server), Qwen2.5-VL's by every
-# server of the suite: both check the same there, so here they only run with the slow tests.
-@pytest.mark.parametrize(
-    "arch",
-    [pytest.param(arch, marks=pytest.mark.slow) if arch != "qwen2_vl" else arch for arch in builder.ARCHES],
-)
+# With the slow tests (`-m slow`): each boots an engine of its own. In the default run, Qwen3-VL's
+# checkpoint is served by test_agents.py's reasoning server and Qwen2.5-VL's by every other server.
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", builder.ARCHES)
 def test_checkpoint_generates_in_vllm(arch: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     path = tiny_model if arch == "qwen2_5_vl" else tiny_model_build(tmp_path_factory, arch)
     prompt_ids, image_pad, finish, generated = asyncio.run(_generate(path))
