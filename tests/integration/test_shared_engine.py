@@ -184,7 +184,11 @@ class _Stream:
                     async for line in r.aiter_lines():
                         if not line.startswith("data: {"):
                             continue
-                        event = json.loads(line[6:])
+                        try:
+                            event = json.loads(line[6:])
+                        except json.JSONDecodeError:  # the connection was cut inside a frame (a killed worker)
+                            self.outcome = "cut frame"
+                            break
                         if "error" in event:
                             self.outcome = event["error"]["code"]
                         elif event["choices"] and event["choices"][0].get("finish_reason"):
