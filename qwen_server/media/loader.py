@@ -118,15 +118,8 @@ class MediaLoader:
     async def load_all(self, urls: list[tuple[str, str]], geometry: Geometry | None) -> list[LoadedImage]:
         """`urls` as (url, request path) pairs; all are loaded at once, the first error wins."""
         budget = _Budget(self.settings.max_request_image_bytes)
-        tasks = [asyncio.ensure_future(self.load(url, param, geometry, budget)) for url, param in urls]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except MediaError as exc:
-            metrics.IMAGE_REJECTIONS.labels(exc.reason).inc()
-            raise
-        finally:
-            for task in tasks:  # one failed: the others' fetches and decodes are not needed
-                task.cancel()
+        loads = [self.load(url, param, geometry, budget) for url, param in urls]
+        return await _all_or_first_error(loads, metrics.IMAGE_REJECTIONS)
 
     async def load(self, url: str, param: str, geometry: Geometry | None, budget: _Budget | None = None) -> LoadedImage:
         source = source_of(url)
@@ -174,15 +167,8 @@ class MediaLoader:
     ) -> list[LoadedVideo]:
         """`urls` as (url, request path) pairs, sampled at `fps` (at most `max_frames` each); all are
         loaded at once, the first error wins."""
-        tasks = [asyncio.ensure_future(self.load_video(url, param, geometry, fps, max_frames)) for url, param in urls]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except MediaError as exc:
-            metrics.VIDEO_REJECTIONS.labels(exc.reason).inc()
-            raise
-        finally:
-            for task in tasks:
-                task.cancel()
+        loads = [self.load_video(url, param, geometry, fps, max_frames) for url, param in urls]
+        return await _all_or_first_error(loads, metrics.VIDEO_REJECTIONS)
 
     async def load_video(
         self, url: str, param: str, geometry: VideoGeometry, fps: float, max_frames: int
@@ -234,3 +220,16 @@ class MediaLoader:
             param,
             "unsupported_url",
         )
+
+
+async def _all_or_first_error(loads: list[Any], rejections: Any) -> list[Any]:
+    """Every load at once; the first MediaError wins (counted in `rejections` by its reason)."""
+    tasks = [asyncio.ensure_future(load) for load in loads]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except MediaError as exc:
+        rejections.labels(exc.reason).inc()
+        raise
+    finally:
+        for task in tasks:  # one failed: the others' fetches and decodes are not needed
+            task.cancel()
