@@ -78,6 +78,9 @@ class ParsePlan:
     single_call: bool  # parallel_tool_calls false
     reasoning: bool  # a reasoning parser is on: usage reports reasoning tokens
     prompt_token_ids: list[int] = field(default_factory=list)
+    # The parser that adjusted the request: it answers is_reasoning_end (a pure function of the ids)
+    # too, so the request does not build another before its output is parsed.
+    probe: Any = None
 
     def new_parser(self) -> Any:
         """A parser for one choice (they keep state)."""
@@ -101,7 +104,7 @@ class ParsePlan:
         """AsyncLLM.generate's reasoning keywords: whether the prompt already ended the reasoning, so
         that structured output constrains only what follows it."""
         self.prompt_token_ids = prompt_token_ids
-        parser = self.new_parser()
+        parser = self.probe if self.probe is not None else self.new_parser()
         options: dict[str, Any] = {"reasoning_ended": self.request.resolve_reasoning_ended(parser, prompt_token_ids)}
         if parser.reasoning_parser is not None:
             options["reasoning_parser_kwargs"] = {"chat_template_kwargs": self.template_kwargs}
@@ -329,7 +332,7 @@ def plan(req: p.ChatCompletionRequest, engine: Engine, template_kwargs: dict[str
         single_call=req.parallel_tool_calls is False,
         reasoning=bool(settings.reasoning_parser),
     )
-    parser = result.new_parser()
+    parser = result.probe = result.new_parser()
     try:
         result.request = parser.adjust_request(request)
     except vllm_compat.request_validation_errors() as exc:
