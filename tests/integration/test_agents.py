@@ -71,20 +71,19 @@ def streamed(stream: Any) -> dict[str, Any]:
     return {"content": content or None, "reasoning": reasoning or None, "calls": calls, "finish": finish}
 
 
+def forced_call(tool_choice: Any, seed: int) -> dict[str, Any]:
+    """A forced call's request: sampled (seeded), with room for the grammar's opening and arguments."""
+    return {
+        "model": "tiny", "messages": ASK, "tools": TOOLS, "tool_choice": tool_choice,
+        "max_tokens": 160, "temperature": 1.0, "seed": seed,
+    }  # fmt: skip
+
+
 def forced(client: openai.OpenAI, tool_choice: Any, **extra: Any) -> tuple[Any, int]:
     """A forced call that the grammar let finish within the budget: the response and its seed. The
     random model wanders (whitespace is legal inside JSON), so a few seeds are tried."""
     for seed in range(8):
-        r = client.chat.completions.create(
-            model="tiny",
-            messages=ASK,
-            tools=TOOLS,
-            tool_choice=tool_choice,
-            max_tokens=160,
-            temperature=1.0,
-            seed=seed,
-            **extra,
-        )
+        r = client.chat.completions.create(**forced_call(tool_choice, seed), **extra)
         if r.choices[0].finish_reason != "length":
             return r, seed
     pytest.fail("no seed of 8 let the forced call finish within 160 tokens")
@@ -108,18 +107,7 @@ def test_a_forced_call_names_a_tool_validates_and_streams_the_same(
     for call in calls:
         assert call.id and call.type == "function" and call.function.name in names
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-    same = streamed(
-        client.chat.completions.create(
-            model="tiny",
-            messages=ASK,
-            tools=TOOLS,
-            tool_choice=tool_choice,
-            max_tokens=160,
-            temperature=1.0,
-            seed=seed,
-            stream=True,
-        )
-    )
+    same = streamed(client.chat.completions.create(**forced_call(tool_choice, seed), stream=True))
     assert same["finish"] == finish and same["content"] is None
     assert [(c["name"], c["arguments"]) for c in same["calls"].values()] == [
         (c.function.name, c.function.arguments) for c in calls
