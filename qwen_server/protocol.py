@@ -91,7 +91,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class StreamOptions(Struct, frozen=True):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's; refused (service.py), not yet honoured
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk (with include_usage)
 
 
 class JSONSchemaFormat(Struct, frozen=True):
@@ -104,6 +104,21 @@ class JSONSchemaFormat(Struct, frozen=True):
 class ResponseFormat(Struct, frozen=True):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs` (its StructuredOutputsParams): exactly one constraint, and the
+    options that shape it. A misspelt key is a 400, not a constraint silently not applied."""
+
+    json: str | dict[str, Any] | None = None  # a JSON schema (or its text)
+    regex: str | None = None
+    choice: Annotated[list[str], Meta(min_length=1, max_length=4096)] | None = None
+    grammar: str | None = None  # EBNF / Lark, as the grammar backend reads it
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
 
 
 Temperature = Annotated[float, Meta(ge=0, le=100)]
@@ -128,8 +143,6 @@ REFUSED_FIELDS: dict[str, tuple[Any, ...]] = {
     "logprob_token_ids": (),
     "truncate_prompt_tokens": (),
     "truncation_side": (),
-    "structured_outputs": (),
-    "priority": (0,),
     "request_id": (),
     "session_id": (),
     "return_tokens_as_token_ids": (False,),
@@ -139,7 +152,6 @@ REFUSED_FIELDS: dict[str, tuple[Any, ...]] = {
     "routed_experts_prompt_start": (0,),
     "mm_payload": ("tensors",),
     "return_mm_kwargs": (),
-    "cache_salt": (),
     "kv_transfer_params": (),
     "ec_transfer_params": (),
     "vllm_xargs": ({},),
@@ -205,6 +217,10 @@ class SamplingFields(_Refusable, kw_only=True, frozen=True):
     include_stop_str_in_output: bool = False
     add_special_tokens: bool | None = None  # vLLM's: None is its default (false for chat, true for completions)
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    priority: Int64 = 0  # vLLM's: lower runs first, with --scheduling-policy priority
+    # vLLM's bounds: it keys the prefix cache, which reads "/" and "@" as separators.
+    cache_salt: Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^@/\\\x00]+$")] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -277,10 +293,21 @@ class CompletionTokensDetails(Struct):
     reasoning_tokens: int
 
 
+class PromptTokensDetails(Struct):
+    """vLLM's (--enable-prompt-tokens-details): OpenAI's cached_tokens (prompt tokens the prefix
+    cache served), vLLM's created_cache_tokens, and its per-modality count of the placeholder
+    tokens already counted in prompt_tokens (null without media)."""
+
+    cached_tokens: int
+    created_cache_tokens: int | None = None
+    multimodal_tokens: dict[str, int] | None = None
+
+
 class Usage(Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # with --enable-prompt-tokens-details
     completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser
 
 

@@ -98,6 +98,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             _ENGINE,
         ),
     ] = None
+    scheduling_policy: Annotated[
+        Literal["fcfs", "priority"] | None,
+        _doc(
+            "How the engine orders waiting requests (vLLM's): fcfs, or priority (a request's `priority` "
+            "field, lower first; ties first come first served). Default: fcfs.",
+            _ENGINE,
+        ),
+    ] = None
     engine_args: Annotated[
         dict[str, Any] | None,
         _doc('Any other AsyncEngineArgs field, JSON, e.g. {"swap_space": 4}; applied last.', _ENGINE),
@@ -218,6 +226,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ] = "auto"
     exclude_tools_when_tool_choice_none: Annotated[
         bool, _doc('Do not show the tools to the model when tool_choice is "none" (vLLM\'s).')
+    ] = False
+    enable_prompt_tokens_details: Annotated[
+        bool,
+        _doc(
+            "Send usage.prompt_tokens_details (vLLM's name): cached_tokens (prompt tokens the prefix cache "
+            "served), and here also image_tokens and video_tokens."
+        ),
     ] = False
     max_messages: Annotated[int, _doc("Messages one chat request may hold.")] = 2048
     max_batch_prompts: Annotated[int, _doc("Prompts one /v1/completions request may hold (a list of prompts).")] = 64

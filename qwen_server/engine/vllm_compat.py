@@ -198,6 +198,16 @@ def structured_outputs(**kwargs: Any) -> Any:
     return StructuredOutputsParams(**kwargs)
 
 
+def structured_output_options(client: AsyncLLM | None) -> dict[str, bool]:
+    """The grammar options vLLM's backends read from the engine's config (not from the request's
+    StructuredOutputsParams, which carries fields of the same names)."""
+    config = client.vllm_config.structured_outputs_config if client is not None else None
+    return {
+        "disable_any_whitespace": bool(config and config.disable_any_whitespace),
+        "disable_additional_properties": bool(config and config.disable_additional_properties),
+    }
+
+
 def verify_sampling(client: AsyncLLM, params: Any, tokenizer: Any) -> None:
     """vLLM's own checks of `params` (a grammar among them), as the engine's input processor makes
     them: raises VLLMValidationError (a client error)."""
@@ -233,7 +243,7 @@ def engine_dead_error() -> type[Exception]:
 # kwargs filtered to what the template reads), `vllm.renderers.chat_utils.load_chat_template` and
 # `make_tool_call_id`, `vllm.parser.ParserManager.get_parser` and the `Parser` it composes
 # (`parse`, `parse_delta`, `adjust_request`, `is_reasoning_end`, `count_reasoning_tokens`), which read
-# vLLM's own pydantic `ChatCompletionRequest` (`extract_structured_outputs`, `resolve_reasoning_ended`),
+# vLLM's own pydantic `ChatCompletionRequest` (`structured_outputs` after `adjust_request`, `resolve_reasoning_ended`),
 # and the registries `ToolParserManager` and `ReasoningParserManager` (`tool_parsers`,
 # `reasoning_parsers`, `lazy_parsers`).
 

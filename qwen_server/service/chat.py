@@ -103,8 +103,9 @@ class ChatService(Endpoint):
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
         check_tool_request(req, self.settings)
+        options = self.engine_options(req)
         engine_input, kwargs = await self.engine_input(client, req, record)
-        return self.prepared(req, record, model, engine_input, kwargs)
+        return self.prepared(req, record, model, self.salted(engine_input, req), kwargs, options)
 
     def prepared(
         self,
@@ -113,6 +114,7 @@ class ChatService(Endpoint):
         model: str,
         engine_input: Any,
         kwargs: dict[str, Any],
+        options: dict[str, Any] | None = None,
     ) -> PreparedRequest:
         """The rendered request (`engine_input`, made with the template variables `kwargs`) with its
         sampling parameters and its output parse plan."""
@@ -122,11 +124,11 @@ class ChatService(Endpoint):
         record.prompt_tokens = prompt_len
         kwargs.pop("chat_template", None)
         plan = parsing.plan(req, self.engine, kwargs)
-        structured: Any = msgspec.UNSET
-        options: dict[str, Any] = {}
+        grammar: Any = None
+        options = dict(options or {})
         if plan is not None:
-            structured = plan.structured_outputs()
-            options = plan.engine_options(list(engine_input["prompt_token_ids"]))
+            grammar = plan.tools_grammar()
+            options |= plan.engine_options(list(engine_input["prompt_token_ids"]))
         max_tokens = self.max_tokens(prompt_len, requested, "messages")
         return PreparedRequest(
             request_id=f"chatcmpl-{record.request_id}",
@@ -134,10 +136,11 @@ class ChatService(Endpoint):
             record=record,
             model=model,
             prompts=[Prompt(engine_input, prompt_len)],
-            sampling=self.sampling.params(req, max_tokens, top, structured=structured),
+            sampling=self.sampling.params(req, max_tokens, top, tools_grammar=grammar),
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            continuous_usage=bool(req.stream_options and req.stream_options.continuous_usage_stats),
             logprobs=top,
             parsing=_ChoiceParsing(plan, req.n) if plan is not None else None,
             engine_options=options,

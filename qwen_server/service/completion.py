@@ -25,6 +25,7 @@ class CompletionService(Endpoint):
         check_common(req)
         if req.suffix:
             raise bad_request("suffix is not supported.", "suffix")
+        options = self.engine_options(req)
         prompts = []
         for text, token_ids, param in self._prompts(req.prompt):
             if token_ids is None:
@@ -33,7 +34,7 @@ class CompletionService(Endpoint):
                 self.check_prompt_fits(len(token_ids), param)
                 if req.echo:
                     text = await asyncio.to_thread(self.engine.tokenizer.decode, token_ids)
-            engine_input = await self.render(client, {"prompt_token_ids": token_ids})
+            engine_input = self.salted(await self.render(client, {"prompt_token_ids": token_ids}), req)
             prompts.append(Prompt(engine_input, len(engine_input["prompt_token_ids"]), text if req.echo else ""))
         longest = max(prompt.length for prompt in prompts)
         requested = req.max_tokens if req.max_tokens is not None else self.settings.completion_max_tokens
@@ -51,8 +52,10 @@ class CompletionService(Endpoint):
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            continuous_usage=bool(req.stream_options and req.stream_options.continuous_usage_stats),
             logprobs=req.logprobs,
             echo=req.echo,
+            engine_options=options,
         )
         record.prompt_tokens = prep.prompt_len
         return prep

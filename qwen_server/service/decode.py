@@ -83,13 +83,16 @@ def decode(decoder: msgspec.json.Decoder[Any], body: bytes, max_depth: int) -> A
             param = f"tools[{i}].function.parameters"
             raise bad_request(f"{param} is nested more than {max_depth} levels deep.", param, code="too_deep")
     format_ = getattr(request, "response_format", None)
-    schema = format_.json_schema.schema if format_ is not None and format_.json_schema is not None else None
-    if schema is not None and depth_over(schema, max_depth):
-        raise bad_request(
-            f"response_format.json_schema.schema is nested more than {max_depth} levels deep.",
+    structured = getattr(request, "structured_outputs", None)
+    for param, schema in (
+        (
             "response_format.json_schema.schema",
-            code="too_deep",
-        )
+            format_.json_schema.schema if format_ is not None and format_.json_schema is not None else None,
+        ),
+        ("structured_outputs.json", structured.json if structured is not None else None),
+    ):
+        if schema is not None and depth_over(schema, max_depth):
+            raise bad_request(f"{param} is nested more than {max_depth} levels deep.", param, code="too_deep")
     return request
 
 

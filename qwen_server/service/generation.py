@@ -35,6 +35,8 @@ class Prompt:
     engine_input: Any
     length: int
     text: str = ""
+    cached: int = 0  # of its tokens, how many the prefix cache served (the engine says, with its outputs)
+    cache_created: int | None = None
 
 
 @dataclass(slots=True)
@@ -54,8 +56,9 @@ class PreparedRequest:
     echo: bool = False
     # The endpoint's own per-request state for shaping output (chat: the tool and reasoning parse plan).
     parsing: Any = None
-    # AsyncLLM.generate's extra keywords for every prompt (chat: where structured output starts).
+    # AsyncLLM.generate's extra keywords for every prompt (priority; chat: where structured output starts).
     engine_options: dict[str, Any] = field(default_factory=dict)
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -125,7 +128,32 @@ class Endpoint(abc.ABC):
         """The choice a stream opens with for choice `index`, if any."""
 
     def usage(self, prep: PreparedRequest, completion_tokens: int) -> p.Usage:
-        return p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
+        usage = p.Usage(prep.prompt_len, completion_tokens, prep.prompt_len + completion_tokens)
+        if self.settings.enable_prompt_tokens_details:
+            usage.prompt_tokens_details = prompt_tokens_details(prep.prompts)
+        return usage
+
+    # --- preparing: what both endpoints take from a request ---
+
+    def engine_options(self, req: p.SamplingFields) -> dict[str, Any]:
+        """AsyncLLM.generate's keywords both endpoints take from the request (its priority)."""
+        if not req.priority:
+            return {}
+        if self.settings.scheduling_policy != "priority":
+            raise bad_request(
+                "priority needs the server to be started with --scheduling-policy priority.",
+                "priority",
+                code="unsupported_field",
+            )
+        return {"priority": req.priority}
+
+    @staticmethod
+    def salted(engine_input: Any, req: p.SamplingFields) -> Any:
+        """The rendered prompt with the request's cache_salt: its prefix-cache blocks are keyed by
+        it, so tenants with different salts never share (or time each other's) cached prefixes."""
+        if req.cache_salt is not None:
+            engine_input["cache_salt"] = req.cache_salt
+        return engine_input
 
     # --- preparing: checks both endpoints make ---
 
@@ -241,11 +269,13 @@ class Endpoint(abc.ABC):
         # Characters sent so far per choice: completions' text_offset counts from the start of the text.
         sent = [len(prep.prompts[k // prep.n].text) for k in range(count)]
         echo_pending = prep.echo and prep.logprobs is not None
+        generated = [0] * count  # completion tokens per choice, for continuous usage
         try:
             # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0].
             for k in range(count):
                 if (first := self.opening(prep, k)) is not None:
-                    yield frame(encode(self.body(prep, [first], None, chunk=True)))
+                    usage = self._running_usage(prep, k, 0) if prep.continuous_usage else None
+                    yield frame(encode(self.body(prep, [first], usage, chunk=True)))
             async for i, out in self._run(prep):
                 if echo_pending and out.prompt_logprobs:  # the first output of prompt i carries them
                     echoed = self._prompt_logprobs(out, prep.logprobs or 0)
@@ -256,6 +286,7 @@ class Endpoint(abc.ABC):
                 for o in out.outputs:
                     k = i * prep.n + o.index
                     completion_tokens += len(o.token_ids)
+                    generated[k] += len(o.token_ids)
                     prep.record.completion_tokens = completion_tokens
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp and prep.parsing is None:
@@ -263,7 +294,8 @@ class Endpoint(abc.ABC):
                     piece = Piece(o.text, lp, o.finish_reason, offset=sent[k], token_ids=o.token_ids)
                     sent[k] += len(o.text)
                     if (choice := self.choice(prep, k, piece, delta=True)) is not None:  # None: nothing to send yet
-                        yield frame(encode(self.body(prep, [choice], None, chunk=True)))
+                        usage = self._running_usage(prep, k, generated[k]) if prep.continuous_usage else None
+                        yield frame(encode(self.body(prep, [choice], usage, chunk=True)))
             if prep.include_usage:
                 yield frame(encode(self.body(prep, [], self.usage(prep, completion_tokens), chunk=True)))
         except ServiceError as exc:
@@ -274,6 +306,11 @@ class Endpoint(abc.ABC):
                 envelope(Kind.INTERNAL, "The server failed while streaming this response.", None, "internal_error")
             )
         yield DONE
+
+    def _running_usage(self, prep: PreparedRequest, k: int, generated: int) -> p.Usage:
+        """Choice k's usage so far (continuous_usage_stats): its prompt's tokens and its own, as vLLM counts."""
+        prompt_len = prep.prompts[k // prep.n].length
+        return p.Usage(prompt_len, generated, prompt_len + generated)
 
     async def _run(self, prep: PreparedRequest) -> AsyncIterator[tuple[int, Any]]:
         """(prompt index, engine output) for every prompt, as they come; engine failures become
@@ -314,9 +351,13 @@ class Endpoint(abc.ABC):
     async def _outputs(self, prep: PreparedRequest, i: int) -> AsyncIterator[Any]:
         request_id = prep.engine_request_id if len(prep.prompts) == 1 else f"{prep.engine_request_id}-{i}"
         try:
+            prompt = prep.prompts[i]
             async for out in self.engine.generate(
-                prep.prompts[i].engine_input, prep.sampling, request_id, **prep.engine_options
+                prompt.engine_input, prep.sampling, request_id, **prep.engine_options
             ):
+                if out.num_cached_tokens is not None:
+                    prompt.cached = out.num_cached_tokens
+                prompt.cache_created = getattr(out, "num_cache_creation_tokens", None)
                 yield out
         except vllm_compat.engine_dead_error():
             raise ServiceError(
@@ -346,6 +387,20 @@ class Endpoint(abc.ABC):
                 item = p.TokenLogprob(token=token, logprob=None, bytes=list(token.encode()), top_logprobs=[])
             items.append(item)
         return items
+
+
+def prompt_tokens_details(prompts: Sequence[Prompt]) -> p.PromptTokensDetails:
+    """The prompts' cached tokens and media placeholder tokens (vLLM's counts: each placeholder
+    range's length, by modality)."""
+    media: dict[str, int] = {}
+    created: int | None = None
+    for prompt in prompts:
+        for modality, ranges in (prompt.engine_input.get("mm_placeholders") or {}).items():
+            if ranges:
+                media[modality] = media.get(modality, 0) + sum(r.length for r in ranges)
+        if prompt.cache_created is not None:
+            created = (created or 0) + prompt.cache_created
+    return p.PromptTokensDetails(sum(prompt.cached for prompt in prompts), created, media or None)
 
 
 def _logprob_entry(token_id: int, entry: Any, top: int) -> p.TokenLogprob | None:

@@ -93,12 +93,10 @@ class ParsePlan:
         parser.set_prompt_token_ids(self.prompt_token_ids)
         return parser
 
-    def structured_outputs(self) -> Any:
-        """The grammar for the engine: a forced call's, or the request's response_format."""
-        try:
-            return self.request.extract_structured_outputs()
-        except vllm_compat.request_validation_errors() as exc:
-            raise bad_request(f"Invalid response_format: {clip(str(exc))}", "response_format") from None
+    def tools_grammar(self) -> Any:
+        """The grammar vLLM's parser made for a forced call (tool_choice "required" or named, or
+        tools constrained by --tool-strict-level), if any."""
+        return getattr(self.request, "structured_outputs", None)
 
     def engine_options(self, prompt_token_ids: list[int]) -> dict[str, Any]:
         """AsyncLLM.generate's reasoning keywords: whether the prompt already ended the reasoning, so
@@ -316,8 +314,6 @@ def plan(req: p.ChatCompletionRequest, engine: Engine, template_kwargs: dict[str
         fields["tools"] = msgspec.to_builtins(req.tools)
     if req.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = req.parallel_tool_calls
-    if req.response_format is not None:
-        fields["response_format"] = msgspec.to_builtins(req.response_format)
     try:
         request = vllm_compat.parser_request(fields)
     except vllm_compat.request_validation_errors() as exc:

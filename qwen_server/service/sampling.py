@@ -10,7 +10,7 @@ import msgspec
 from qwen_server import protocol as p
 from qwen_server.engine import vllm_compat
 from qwen_server.engine.lifecycle import Engine
-from qwen_server.errors import bad_request
+from qwen_server.errors import bad_request, clip
 
 _PLAIN = (
     "temperature",
@@ -38,10 +38,10 @@ class Sampling:
         max_tokens: int,
         logprobs: int | None,
         prompt_logprobs: int | None = None,
-        structured: Any = msgspec.UNSET,
+        tools_grammar: Any = None,
     ) -> Any:
-        """`structured`, when given, is the grammar decided elsewhere (a chat's tool call), in place
-        of the request's response_format."""
+        """`tools_grammar`, when given, is the grammar a chat's forced tool call needs; the request's
+        own constraint (response_format, structured_outputs) cannot be combined with it."""
         kwargs: dict[str, Any] = {k: v for k, v in self.defaults().items() if k != "max_tokens"}
         for name in _PLAIN:
             value = getattr(req, name)
@@ -52,19 +52,9 @@ class Sampling:
                 kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias keys must be token ids.", "logit_bias") from None
-        if structured is not msgspec.UNSET:
-            if structured is not None:
-                kwargs["structured_outputs"] = structured
-        elif req.response_format is not None and req.response_format.type != "text":
-            fmt = req.response_format
-            if fmt.type == "json_object":
-                kwargs["structured_outputs"] = vllm_compat.structured_outputs(json_object=True)
-            else:
-                if fmt.json_schema is None or fmt.json_schema.schema is None:
-                    raise bad_request(
-                        "response_format json_schema needs json_schema.schema.", "response_format.json_schema"
-                    )
-                kwargs["structured_outputs"] = vllm_compat.structured_outputs(json=fmt.json_schema.schema)
+        grammar, source = _structured(req, tools_grammar, vllm_compat.structured_output_options(self.engine.client))
+        if grammar is not None:
+            kwargs["structured_outputs"] = grammar
         try:
             params = vllm_compat.sampling_params(
                 n=req.n,
@@ -94,9 +84,67 @@ class Sampling:
             try:
                 vllm_compat.verify_sampling(client, params, self.engine.tokenizer)
             except (ValueError, vllm_compat.client_error()) as exc:
-                param = "tools" if params.structured_outputs.structural_tag else "response_format"
-                raise bad_request(f"Invalid {param}: {exc}", getattr(exc, "parameter", None) or param) from None
+                raise bad_request(f"Invalid {source}: {clip(str(exc))}", source) from None
         return params
+
+
+def _structured(req: p.SamplingFields, tools_grammar: Any, server: dict[str, bool]) -> tuple[Any, str]:
+    """The engine's grammar and the field it comes from. As in vLLM, response_format's constraint
+    replaces structured_outputs' (whose options stay); a forced tool call's grammar combines with
+    neither (vLLM drops the request's, silently: here it is a 400). `server`: the options vLLM's
+    grammar backends take from the engine's config, not from the request."""
+    fields: dict[str, Any] = {}
+    source = "structured_outputs"
+    if req.structured_outputs is not None:
+        fields = {k: v for k, v in msgspec.structs.asdict(req.structured_outputs).items() if v is not None}
+        _check_options(fields, server)
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        source = "response_format"
+        if fmt.type == "json_object":
+            fields["json_object"] = True
+        else:
+            if fmt.json_schema is None or fmt.json_schema.schema is None:
+                raise bad_request(
+                    "response_format json_schema needs json_schema.schema.", "response_format.json_schema"
+                )
+            fields["json"] = fmt.json_schema.schema
+    if tools_grammar is not None:
+        if fields:
+            raise bad_request(
+                f'{source} cannot be combined with a forced tool call (tool_choice "required" or a named '
+                "function, or tools constrained by --tool-strict-level): the call's grammar would replace it.",
+                source,
+            )
+        return tools_grammar, "tools"
+    if not fields and req.structured_outputs is None:
+        return None, source
+    try:
+        return vllm_compat.structured_outputs(**fields), source
+    except (ValueError, TypeError, vllm_compat.client_error()) as exc:  # none, or several kinds of constraint
+        raise bad_request(f"Invalid {source}: {clip(str(exc))}", source) from None
+
+
+def _check_options(fields: dict[str, Any], server: dict[str, bool]) -> None:
+    """vLLM 0.32 accepts these per request and applies the engine's values instead (its grammar
+    backends read --structured-outputs-config; no backend reads whitespace_pattern): a value that
+    would not be applied is refused."""
+    if fields.pop("whitespace_pattern", None) is not None:
+        raise bad_request(
+            "structured_outputs.whitespace_pattern is not applied by vLLM's grammar backends.",
+            "structured_outputs.whitespace_pattern",
+            code="unsupported_field",
+        )
+    for name, value in server.items():
+        if fields.get(name, False) != value:
+            raise bad_request(
+                f"structured_outputs.{name} is {str(value).lower()} for every request on this server (vLLM's "
+                f'grammar backends take it from the engine: --engine-args \'{{"structured_outputs_config": '
+                f'{{"{name}": ...}}}}\'); a request cannot change it.',
+                f"structured_outputs.{name}",
+                code="unsupported_field",
+            )
+        fields.pop(name, None)
 
 
 def check_common(req: p.SamplingFields) -> None:
@@ -117,9 +165,8 @@ def check_common(req: p.SamplingFields) -> None:
     options = req.stream_options
     if options is not None and not req.stream:
         raise bad_request("stream_options is only allowed with stream: true.", "stream_options")
-    if options is not None and options.continuous_usage_stats:
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
+        # vLLM ignores it without include_usage: asked for and not done, so refused here.
         raise bad_request(
-            "stream_options.continuous_usage_stats is not supported by this server.",
-            "stream_options.continuous_usage_stats",
-            code="unsupported_field",
+            "stream_options.continuous_usage_stats needs include_usage: true.", "stream_options.continuous_usage_stats"
         )

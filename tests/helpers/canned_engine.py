@@ -46,4 +46,6 @@ class CannedEngine:
                 finish_reason=self.finish if last else None,
                 logprobs=None,
             )
-            yield SimpleNamespace(outputs=[output], prompt_token_ids=prompt["prompt_token_ids"], prompt_logprobs=None)
+            yield SimpleNamespace(
+                outputs=[output], prompt_token_ids=prompt["prompt_token_ids"], prompt_logprobs=None, num_cached_tokens=0
+            )

@@ -31,6 +31,8 @@ SERVER_OPTIONS = (
     "--enable-auto-tool-choice",
     "--tool-call-parser",
     "hermes",
+    # usage.prompt_tokens_details (cached and media tokens) in every answer, as a metered deployment runs it.
+    "--enable-prompt-tokens-details",
 )
 
 

@@ -6,6 +6,8 @@ the ones a grammar guarantees (the name, arguments that validate), and that both
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,7 +192,8 @@ def test_a_history_call_whose_arguments_are_not_json_is_a_400_naming_them(server
 @pytest.fixture(scope="module")
 def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """qwen3 reasoning + hermes tools on the Qwen3-VL tiny checkpoint, thinking off by default
-    (--default-chat-template-kwargs), with its own template file (--chat-template)."""
+    (--default-chat-template-kwargs), with its own template file (--chat-template). It also runs one
+    sequence at a time under vLLM's priority scheduling, so that the order of waiting requests shows."""
     path = builder.build(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl")
     template = tmp_path_factory.mktemp("template") / "agent.jinja"
     template.write_text(builder.THINKING_CHAT_TEMPLATE.replace("You are a helpful assistant.", "You are an agent."))
@@ -201,6 +204,7 @@ def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         "--reasoning-parser", "qwen3",
         "--chat-template", str(template),
         "--default-chat-template-kwargs", '{"enable_thinking": false}',
+        "--max-num-seqs", "1", "--scheduling-policy", "priority",
     )  # fmt: skip
     try:
         srv.wait_ready()
@@ -321,3 +325,37 @@ def test_qwen3_vl_takes_a_video_sampled_at_the_requested_rate(thinker: ServerPro
     assert video_tokens(2) > video_tokens(1) > 0
     body = chat(thinker, messages=messages, temperature=0)
     assert body["usage"]["prompt_tokens"] > video_tokens(2)
+
+
+def test_priority_orders_the_requests_that_wait(thinker: ServerProcess) -> None:
+    """Behind a long request (one sequence at a time), a request with a lower priority value sent
+    after one with a higher value runs first."""
+    finished: list[str] = []
+
+    def run(name: str, priority: int, max_tokens: int) -> None:
+        body = {"messages": ASK, "max_tokens": max_tokens, "ignore_eos": True, "priority": priority}
+        r = httpx.post(thinker.url + "/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        finished.append(name)
+
+    def scheduler() -> dict[str, int]:
+        return httpx.get(thinker.url + "/health").json()["scheduler"]
+
+    def wait_for(check: Any) -> None:
+        deadline = time.monotonic() + 60
+        while not check(scheduler()):
+            assert time.monotonic() < deadline, scheduler()
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=run, args=("blocker", 0, 1500))]
+    threads[0].start()
+    wait_for(lambda s: s["running"] == 1)
+    for name, priority in (("late", 10), ("urgent", -10)):
+        threads.append(threading.Thread(target=run, args=(name, priority, 2)))
+        threads[-1].start()
+        waiting = len(threads) - 1
+        wait_for(lambda s, waiting=waiting: s["waiting"] == waiting)
+    assert not finished, "the long request ended before both others were queued: the order shows nothing"
+    for thread in threads:
+        thread.join(timeout=300)
+    assert finished == ["blocker", "urgent", "late"]

@@ -550,13 +550,12 @@ def test_echo_text_offsets_start_after_the_prompt(client: openai.OpenAI) -> None
         ("/v1/chat/completions", {"echo": True}, "echo"),
         (
             "/v1/chat/completions",
-            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            {"stream": True, "stream_options": {"continuous_usage_stats": True}},  # needs include_usage
             "stream_options.continuous_usage_stats",
         ),
         ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-        ("/v1/chat/completions", {"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
-        ("/v1/chat/completions", {"cache_salt": "tenant-1"}, "cache_salt"),
+        ("/v1/chat/completions", {"priority": -5}, "priority"),  # this server schedules fcfs
         ("/v1/chat/completions", {"chat_template": "{{ 'x' }}"}, "chat_template"),
         ("/v1/completions", {"use_beam_search": True}, "use_beam_search"),
         ("/v1/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),

@@ -34,7 +34,8 @@ def _prepared() -> PreparedRequest:
 
 def _output(text: str, finish: str | None = None) -> Any:
     return SimpleNamespace(
-        outputs=[SimpleNamespace(index=0, text=text, token_ids=[1], finish_reason=finish, logprobs=None)]
+        outputs=[SimpleNamespace(index=0, text=text, token_ids=[1], finish_reason=finish, logprobs=None)],
+        num_cached_tokens=None,
     )
 
 
@@ -258,6 +259,7 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
         return SimpleNamespace(
             outputs=[SimpleNamespace(index=index, text=text, token_ids=[1], finish_reason=finish, logprobs=None)],
             prompt_logprobs=None,
+            num_cached_tokens=None,
         )
 
     async def generate(engine_input, sampling, request_id):  # engine_input: the prompt's index; sampling: n
