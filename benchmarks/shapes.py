@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.loadgen import make_images
 from benchmarks.side_by_side import MODEL_NAME, Server, engine_flags
 from qwen_server.testing.servers import free_port
 
@@ -31,7 +32,10 @@ TOOL_ASK = {
     "temperature": 1.0,
     "seed": 1,
 }
-TOOL_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # the same names on both servers
+# The same names on both servers.
+TOOL_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--enable-prompt-tokens-details"]
+HI = [{"role": "user", "content": "Hi"}]
+LONG = [{"role": "user", "content": " ".join(f"word{i}" for i in range(150))}]
 REQUESTS: list[tuple[str, str, str, dict | None]] = [
     (
         "n=3 streaming chat",
@@ -92,6 +96,51 @@ REQUESTS: list[tuple[str, str, str, dict | None]] = [
             ],
         },
     ),
+    (
+        "structured choice",
+        "POST",
+        CHAT,
+        {"messages": HI, "max_tokens": 4, "structured_outputs": {"choice": ["a", "b"]}},
+    ),
+    ("structured regex", "POST", CMPL, {"prompt": "x", "max_tokens": 8, "structured_outputs": {"regex": "[0-9]{3}"}}),
+    ("invalid regex", "POST", CHAT, {"messages": HI, "max_tokens": 4, "structured_outputs": {"regex": "(a"}}),
+    (
+        "invalid regex, streamed",
+        "POST",
+        CHAT,
+        {"messages": HI, "max_tokens": 4, "stream": True, "structured_outputs": {"regex": "(a"}},
+    ),
+    ("prompt_tokens_details (first)", "POST", CHAT, {"messages": LONG, "max_tokens": 1}),
+    ("prompt_tokens_details (repeat)", "POST", CHAT, {"messages": LONG, "max_tokens": 1}),
+    (
+        "prompt_tokens_details, image",
+        "POST",
+        CHAT,
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "{image}"}}, {"type": "text", "text": "?"}],
+                }
+            ],
+            "max_tokens": 1,
+        },
+    ),
+    (
+        "continuous usage stream",
+        "POST",
+        CHAT,
+        {
+            "messages": HI,
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            **IGNORE,
+        },
+    ),
+    ("cache_salt", "POST", CHAT, {"messages": LONG, "max_tokens": 1, "cache_salt": "tenant-b"}),
+    ("bad cache_salt", "POST", CHAT, {"messages": HI, "max_tokens": 1, "cache_salt": "a/b"}),
+    ("priority without the policy", "POST", CHAT, {"messages": HI, "max_tokens": 1, "priority": -1}),
 ]
 
 
@@ -119,6 +168,8 @@ def diff(a, b, path: str = "$") -> list[str]:
 
 def answer(url: str, method: str, path: str, body: dict | None) -> dict:
     body = {"model": MODEL_NAME, **body} if body is not None and method != "FORM" else body
+    if body is not None and "{image}" in json.dumps(body):
+        body = json.loads(json.dumps(body).replace("{image}", make_images(1, 224)[0]))
     with httpx.Client(timeout=120) as client:
         if method == "GET":
             r = client.get(url + path)
@@ -128,6 +179,8 @@ def answer(url: str, method: str, path: str, body: dict | None) -> dict:
             raise ValueError(f"{method} {path}: a body is needed")
         elif body.get("stream"):
             with client.stream("POST", url + path, json=body) as s:
+                if s.status_code != 200:  # refused before the stream began: a JSON error
+                    return {"status": s.status_code, "body": json.loads(s.read())}
                 chunks = [
                     json.loads(line[6:])
                     for line in s.iter_lines()
@@ -182,7 +235,7 @@ def main() -> None:
     for label, *_ in REQUESTS:
         a, b = vllm[label], qwen[label]
         line = f"{label}: status vLLM {a['status']}, qwen {b['status']}"
-        if "chunks" in a and "chunks" in b:
+        if "chunks" in a and "chunks" in b and a["chunks"] and b["chunks"]:
             per = lambda chunks: sorted({len(c.get("choices", [])) for c in chunks})  # noqa: E731
             line += f"; choices per chunk vLLM {per(a['chunks'])}, qwen {per(b['chunks'])}"
             differences = sorted(
@@ -195,6 +248,10 @@ def main() -> None:
                 }
             )
             differences += sorted(set(diff(shape(a["chunks"][-1]), shape(b["chunks"][-1]))))
+        elif "chunks" in a or "chunks" in b:  # one streamed, the other refused: the first chunk against the body
+            first = lambda x: x["chunks"][0] if x.get("chunks") else x.get("body")  # noqa: E731
+            line += f"; vLLM {'streamed' if 'chunks' in a else 'refused'}, qwen {'streamed' if 'chunks' in b else 'refused'}"
+            differences = [f"vLLM's first: {json.dumps(first(a))[:300]}", f"qwen's: {json.dumps(first(b))[:300]}"]
         else:
             differences = diff(shape(a.get("body")), shape(b.get("body")))
         print(line)
