@@ -234,6 +234,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "served), and here also image_tokens and video_tokens."
         ),
     ] = False
+    sse_keep_alive: Annotated[
+        float | None,
+        _doc(
+            "Seconds a stream may go without a frame before an SSE comment (`: keep-alive`) is sent, so that "
+            "proxies with idle timeouts keep it open while a request waits for the engine or a long prefill "
+            "(a big video) produces nothing. Unset: none."
+        ),
+    ] = None
     max_messages: Annotated[int, _doc("Messages one chat request may hold.")] = 2048
     max_batch_prompts: Annotated[int, _doc("Prompts one /v1/completions request may hold (a list of prompts).")] = 64
     completion_max_tokens: Annotated[
@@ -408,6 +416,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 problems.append(f"{env_name(name)}: must not be negative, got {getattr(self, name)}")
         if self.max_video_seconds <= 0:
             problems.append(f"{env_name('max_video_seconds')}: must be positive, got {self.max_video_seconds}")
+        if self.sse_keep_alive is not None and self.sse_keep_alive <= 0:
+            problems.append(f"{env_name('sse_keep_alive')}: must be positive, got {self.sse_keep_alive}")
         if self.media_fetch_timeout <= 0:
             problems.append(f"{env_name('media_fetch_timeout')}: must be positive, got {self.media_fetch_timeout}")
         for network in self.allowed_media_networks or ():

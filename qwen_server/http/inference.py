@@ -4,6 +4,7 @@ engine's work when the client hangs up."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Response
@@ -63,11 +64,50 @@ async def _respond(request: AnyRequest, service: Endpoint, prep: PreparedRequest
     if prep.stream:
         # Litestar cancels the stream when the client disconnects; the cancellation reaches
         # vLLM's generator, which aborts the request in the engine.
-        return Stream(service.stream(prep), media_type="text/event-stream", headers=_SSE_HEADERS)
+        frames = service.stream(prep)
+        if (every := service.settings.sse_keep_alive) is not None:
+            frames = keep_alive(frames, every)
+        return Stream(frames, media_type="text/event-stream", headers=_SSE_HEADERS)
     result = await _unless_disconnected(request, service.complete(prep))
     if result is None:
         return Response(content=b"", status_code=499)
     return json_response(result)
+
+
+KEEP_ALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it, proxies see bytes
+
+
+async def keep_alive(frames: AsyncIterator[bytes], every: float) -> AsyncIterator[bytes]:
+    """`frames`, with a comment frame whenever `every` seconds pass without one (a request waiting
+    for the engine, a long prefill), so that proxies with idle timeouts keep the stream open. The
+    frames are made by one task of their own; cancelling this generator (the client left) cancels
+    it, and so the engine request."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)  # the engine waits for a slow reader
+
+    async def pump() -> None:
+        async for frame in frames:
+            await queue.put(frame)
+        await queue.put(None)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(every):
+                    frame = await queue.get()
+            except TimeoutError:
+                if task.done() and queue.empty():  # it failed (the stream sends its own errors as events)
+                    await task
+                    break
+                yield KEEP_ALIVE
+                continue
+            if frame is None:
+                break
+            yield frame
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _unless_disconnected(request: AnyRequest, work: Any) -> Any:

@@ -193,7 +193,8 @@ def test_a_history_call_whose_arguments_are_not_json_is_a_400_naming_them(server
 def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """qwen3 reasoning + hermes tools on the Qwen3-VL tiny checkpoint, thinking off by default
     (--default-chat-template-kwargs), with its own template file (--chat-template). It also runs one
-    sequence at a time under vLLM's priority scheduling, so that the order of waiting requests shows."""
+    sequence at a time under vLLM's priority scheduling, so that the order of waiting requests shows,
+    and sends SSE keep-alive comments after 0.2 s of silence."""
     path = builder.build(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl")
     template = tmp_path_factory.mktemp("template") / "agent.jinja"
     template.write_text(builder.THINKING_CHAT_TEMPLATE.replace("You are a helpful assistant.", "You are an agent."))
@@ -204,7 +205,7 @@ def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         "--reasoning-parser", "qwen3",
         "--chat-template", str(template),
         "--default-chat-template-kwargs", '{"enable_thinking": false}',
-        "--max-num-seqs", "1", "--scheduling-policy", "priority",
+        "--max-num-seqs", "1", "--scheduling-policy", "priority", "--sse-keep-alive", "0.2",
     )  # fmt: skip
     try:
         srv.wait_ready()
@@ -359,3 +360,43 @@ def test_priority_orders_the_requests_that_wait(thinker: ServerProcess) -> None:
     for thread in threads:
         thread.join(timeout=300)
     assert finished == ["blocker", "urgent", "late"]
+
+
+def busy(srv: ServerProcess, max_tokens: int = 400) -> threading.Thread:
+    """A long request holding the thinker's one sequence slot, once the engine runs it."""
+    body = {"messages": ASK, "max_tokens": max_tokens, "ignore_eos": True}
+    thread = threading.Thread(
+        target=httpx.post, args=(srv.url + "/v1/chat/completions",), kwargs={"json": body, "timeout": 300}
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while httpx.get(srv.url + "/health").json()["scheduler"]["running"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return thread
+
+
+def test_a_stream_waiting_for_the_engine_gets_keep_alive_comments(thinker: ServerProcess) -> None:
+    """Queued behind a long request, a stream sends comments until its first token; the openai
+    SDK reads such a stream as if they were not there."""
+    blocker = busy(thinker)
+    body = {"messages": ASK, "max_tokens": 3, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", thinker.url + "/v1/chat/completions", json=body, timeout=300) as r:
+        lines = [line for line in r.iter_lines() if line]
+    blocker.join(timeout=300)
+    assert lines.count(": keep-alive") >= 1, lines[:5]
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert all(line == ": keep-alive" for line in lines[:first_data]), lines[:first_data]
+    assert lines[-1] == "data: [DONE]"
+    blocker = busy(thinker)
+    sdk = openai.OpenAI(base_url=thinker.url + "/v1", api_key="unused")
+    stream = sdk.chat.completions.create(
+        model="tiny",
+        messages=ASK,
+        max_tokens=3,
+        stream=True,
+        extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+    )
+    chunks = list(stream)
+    blocker.join(timeout=300)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 3

@@ -328,6 +328,7 @@ NON_DEFAULT: dict[str, Any] = {
     "tool_strict_level": "parameter",
     "exclude_tools_when_tool_choice_none": True,
     "enable_prompt_tokens_details": True,
+    "sse_keep_alive": 15.0,
     "max_messages": 64,
     "max_content_parts": 16,
     "max_batch_prompts": 8,
