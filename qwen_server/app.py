@@ -30,6 +30,7 @@ from qwen_server.http.policy import RoutePolicy
 from qwen_server.http.request_log import RequestLog
 from qwen_server.http.routes import route_handlers
 from qwen_server.media.loader import MediaLoader
+from qwen_server.service.adapters import AdapterService
 from qwen_server.service.chat import ChatService
 from qwen_server.service.completion import CompletionService
 from qwen_server.service.tokens import TokenService
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: Callable[[Se
         app.state.chat = chat = ChatService(engine, media, settings)
         app.state.tokens = TokenService(engine, chat, settings)
         app.state.completion = CompletionService(engine, settings)
+        app.state.adapters = AdapterService(engine, settings)
         app.state.started_at = time.time()
         engine.start()
         drain.arm(asyncio.get_running_loop(), lambda: _start_drain(admission, engine, settings))

@@ -270,6 +270,18 @@ class TokenizeRequest(Struct, kw_only=True, frozen=True):
     media_io_kwargs: dict[str, Any] | None = None  # refused unless empty, as for chat
 
 
+class LoadLoRAAdapterRequest(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """vLLM's /v1/load_lora_adapter body; the path is relative to --allowed-lora-path (or inside it)."""
+
+    lora_name: Annotated[str, Meta(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    lora_name: Annotated[str, Meta(min_length=1, max_length=256)]
+
+
 class DetokenizeRequest(Struct, kw_only=True, frozen=True):
     model: str | None = None
     tokens: list[Int64]
@@ -435,6 +447,7 @@ class ModelCard(Struct):
     root: str
     object: str = "model"
     owned_by: str = "qwen-server"
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field; null for the base)
 
 
 class ModelList(Struct):
@@ -481,4 +494,6 @@ content_part_decoder = msgspec.json.Decoder(ContentPart)
 completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
 tokenize_outer_decoder = msgspec.json.Decoder(TokenizeRequestOuter)
 detokenize_request_decoder = msgspec.json.Decoder(DetokenizeRequest)
+load_lora_decoder = msgspec.json.Decoder(LoadLoRAAdapterRequest)
+unload_lora_decoder = msgspec.json.Decoder(UnloadLoRAAdapterRequest)
 encoder = msgspec.json.Encoder()

@@ -98,6 +98,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             _ENGINE,
         ),
     ] = None
+    enable_lora: Annotated[
+        bool, _doc("Serve LoRA adapters on the base model (vLLM's; see --lora-modules).", _ENGINE)
+    ] = False
+    max_loras: Annotated[int | None, _doc("Adapters one engine step may use at once (vLLM's; default 1).", _ENGINE)] = (
+        None
+    )
+    max_lora_rank: Annotated[
+        int | None, _doc("Largest adapter rank accepted (vLLM's: 1, 8, 16, 32, 64, ...; default 16).", _ENGINE)
+    ] = None
     scheduling_policy: Annotated[
         Literal["fcfs", "priority"] | None,
         _doc(
@@ -227,6 +236,25 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     exclude_tools_when_tool_choice_none: Annotated[
         bool, _doc('Do not show the tools to the model when tool_choice is "none" (vLLM\'s).')
     ] = False
+    lora_modules: Annotated[
+        list[str] | None,
+        _doc(
+            "LoRA adapters served from the start, each NAME=PATH or vLLM's JSON form "
+            '{"name": ..., "path": ..., "base_model_name": ...} (repeat the option for several); '
+            "a request's `model` NAME runs on that adapter. Needs --enable-lora."
+        ),
+    ] = None
+    allow_runtime_lora_updating: Annotated[
+        bool,
+        _doc(
+            "Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes). Needs "
+            "--enable-lora, --allowed-lora-path, an API key, and one worker (each worker keeps its own "
+            "list of adapters)."
+        ),
+    ] = False
+    allowed_lora_path: Annotated[
+        str | None, _doc("Directory runtime-loaded adapters must be in (symlinks resolved first).")
+    ] = None
     enable_prompt_tokens_details: Annotated[
         bool,
         _doc(
@@ -416,6 +444,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
                 problems.append(f"{env_name(name)}: must not be negative, got {getattr(self, name)}")
         if self.max_video_seconds <= 0:
             problems.append(f"{env_name('max_video_seconds')}: must be positive, got {self.max_video_seconds}")
+        problems += self._lora_problems()
         if self.sse_keep_alive is not None and self.sse_keep_alive <= 0:
             problems.append(f"{env_name('sse_keep_alive')}: must be positive, got {self.sse_keep_alive}")
         if self.media_fetch_timeout <= 0:
@@ -457,7 +486,49 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 
+    def _lora_problems(self) -> list[str]:
+        problems = []
+        try:
+            adapters = self.static_adapters()
+        except ValueError as exc:
+            return [f"{env_name('lora_modules')}: {exc}"]
+        if (adapters or self.allow_runtime_lora_updating) and not self.enable_lora:
+            problems.append(f"{env_name('lora_modules')} and runtime updating need {env_name('enable_lora')}")
+        names = [a.name for a in adapters]
+        for name in sorted({n for n in names if names.count(n) > 1} | (set(names) & set(self.model_names))):
+            problems.append(f"{env_name('lora_modules')}: the name {name!r} is taken (twice, or by the base model)")
+        if self.allow_runtime_lora_updating:
+            if not self.allowed_lora_path or not os.path.isdir(self.allowed_lora_path):
+                problems.append(
+                    f"{env_name('allow_runtime_lora_updating')}: needs {env_name('allowed_lora_path')}, a directory"
+                )
+            if not (self.api_key or self.api_key_file):
+                problems.append(f"{env_name('allow_runtime_lora_updating')}: needs an API key (--api-key)")
+            if self.workers != 1:
+                problems.append(
+                    f"{env_name('allow_runtime_lora_updating')}: needs --workers 1 (each worker keeps its own adapters)"
+                )
+        return problems
+
     # --- derived views ---
+
+    def static_adapters(self) -> list[AdapterSpec]:
+        """--lora-modules as (name, path, base model); raises ValueError naming a malformed one."""
+        specs = []
+        for item in self.lora_modules or ():
+            text = item.strip()
+            if text.startswith("{"):
+                try:
+                    spec = msgspec.json.decode(text, type=AdapterSpec)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    raise ValueError(f"{item!r}: {exc}") from None
+            else:
+                name, sep, adapter_path = text.partition("=")
+                if not sep or not name or not adapter_path:
+                    raise ValueError(f"{item!r}: expected NAME=PATH or a JSON object")
+                spec = AdapterSpec(name=name, path=adapter_path)
+            specs.append(spec)
+        return specs
 
     @property
     def model_names(self) -> list[str]:
@@ -501,6 +572,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return env
 
 
+class AdapterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One --lora-modules entry (vLLM's JSON form)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    path: Annotated[str, msgspec.Meta(min_length=1)]
+    base_model_name: str | None = None
+
+
 DEMO_MODEL_NAME = "qwen-server-demo"
 
 
@@ -540,6 +619,8 @@ def parse_value(field: str, raw: str) -> Any:
         stripped = raw.strip()
         if stripped.startswith("["):
             return msgspec.json.decode(stripped)
+        if stripped.startswith("{"):  # one JSON object (a --lora-modules entry): its commas are its own
+            return [stripped]
         return [part.strip() for part in stripped.split(",") if part.strip()]
     return raw
 

@@ -29,6 +29,7 @@ from qwen_server import metrics, procs
 from qwen_server import settings as settings_mod
 from qwen_server.demo import model as demo
 from qwen_server.engine import cpushare, host, vllm_compat
+from qwen_server.engine.adapters import Adapters
 from qwen_server.errors import Kind, ServiceError
 from qwen_server.media.image import Geometry, geometry_of
 from qwen_server.media.video import VideoGeometry
@@ -75,6 +76,7 @@ class Engine:
         self.chat_template: str | None = None  # --chat-template's text
         # vLLM's parser of reasoning and tool calls (a class: one instance per choice), or None.
         self.output_parser: type | None = None
+        self.adapters = Adapters(settings)  # LoRA adapters a request's `model` may name
         self.loaded_in: float | None = None
         # The scheduler's latest counts, reported by EngineCore after each step it runs.
         self.scheduler_stats: Any = None
@@ -267,6 +269,9 @@ class Engine:
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
             self.video_geometry = await asyncio.to_thread(_video_geometry, client.model_config)
+            if len(self.adapters):
+                self._set_stage("loading the LoRA adapters")
+                await self.adapters.preload(client)
             # The engine's processes: this worker's children, or the shared engine's (the launcher's).
             engine_procs = procs.descendants(os.getpid()) if self.attach is None else self.attach.engine_processes()
             if self.settings.keep_off_engine_cores:

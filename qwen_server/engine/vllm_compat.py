@@ -208,6 +208,20 @@ def structured_output_options(client: AsyncLLM | None) -> dict[str, bool]:
     }
 
 
+def lora_request(name: str, lora_id: int, path: str, base_model_name: str | None, inplace: bool = False) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(
+        lora_name=name, lora_int_id=lora_id, lora_path=path, base_model_name=base_model_name, load_inplace=inplace
+    )
+
+
+async def add_lora(client: AsyncLLM, request: Any) -> None:
+    """Load the adapter into the engine now (its workers read and check it), so that a bad one fails
+    here and not in the first request that names it."""
+    await client.add_lora(request)
+
+
 def verify_sampling(client: AsyncLLM, params: Any, tokenizer: Any) -> None:
     """vLLM's own checks of `params` (a grammar among them), as the engine's input processor makes
     them: raises VLLMValidationError (a client error)."""

@@ -12,6 +12,7 @@ from qwen_server import protocol as p
 from qwen_server.engine.lifecycle import Engine
 from qwen_server.http.asgi import AnyRequest, AnyResponse
 from qwen_server.http.openapi import with_json_body
+from qwen_server.service.adapters import AdapterService
 from qwen_server.service.chat import ChatService
 from qwen_server.service.completion import CompletionService
 from qwen_server.service.tokens import TokenService
@@ -35,6 +36,10 @@ def completion_of(request: AnyRequest) -> CompletionService:
 
 def tokens_of(request: AnyRequest) -> TokenService:
     return cast(TokenService, request.app.state.tokens)
+
+
+def adapters_of(request: AnyRequest) -> AdapterService:
+    return cast(AdapterService, request.app.state.adapters)
 
 
 def engine_of(request: AnyRequest) -> Engine:

@@ -1,13 +1,16 @@
-"""The model list and cards (OpenAI's /v1/models)."""
+"""The model list and cards (OpenAI's /v1/models), adapters included, and vLLM's routes that load and
+unload LoRA adapters at run time (the API key's, never inference: no admission, no deadline)."""
 
 from __future__ import annotations
 
-from litestar import get
+from litestar import Response, get, post
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError, clip
 from qwen_server.http.asgi import AnyRequest, AnyResponse
-from qwen_server.http.common import engine_of, json_response
+from qwen_server.http.common import adapters_of, json_response
+from qwen_server.http.inference import read_body
+from qwen_server.http.openapi import with_json_body
 
 
 @get("/v1/models", summary="Models served; 503 until the engine is ready")
@@ -27,13 +30,31 @@ async def model(request: AnyRequest) -> AnyResponse:
 
 
 def _model_cards(request: AnyRequest) -> list[p.ModelCard]:
-    engine = engine_of(request)
-    # 503 until the engine is ready, as for inference: clients commonly wait for this endpoint to answer
-    # before sending work (vLLM's server does not listen until then), and max_model_len is unknown before.
-    engine.require_client()
-    created = int(request.app.state.started_at)
-    root = engine.model_path or engine.settings.model or ""
-    return [
-        p.ModelCard(id=name, created=created, max_model_len=engine.max_model_len, root=root)
-        for name in engine.settings.model_names
-    ]
+    return adapters_of(request).cards(int(request.app.state.started_at))
+
+
+@post(
+    "/v1/load_lora_adapter",
+    status_code=200,
+    summary="Load a LoRA adapter from --allowed-lora-path (vLLM's route; needs --allow-runtime-lora-updating)",
+    operation_class=with_json_body(p.LoadLoRAAdapterRequest),
+    opt={"auth": True},  # the API key, always (the setting refuses to start without one)
+)
+async def load_lora_adapter(request: AnyRequest) -> AnyResponse:
+    return _text(await adapters_of(request).load(await read_body(request)))
+
+
+@post(
+    "/v1/unload_lora_adapter",
+    status_code=200,
+    summary="Unload a LoRA adapter loaded at run time (vLLM's route)",
+    operation_class=with_json_body(p.UnloadLoRAAdapterRequest),
+    opt={"auth": True},
+)
+async def unload_lora_adapter(request: AnyRequest) -> AnyResponse:
+    return _text(await adapters_of(request).unload(await read_body(request)))
+
+
+def _text(message: str) -> AnyResponse:
+    """vLLM answers these routes with plain text."""
+    return Response(content=message.encode(), status_code=200, media_type="text/plain")

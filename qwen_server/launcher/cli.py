@@ -73,8 +73,8 @@ def resolve_settings(cli_values: dict[str, Any], environ: dict[str, str]) -> Set
     for name, raw in cli_values.items():
         if raw is None or raw == ():
             continue
-        if isinstance(raw, tuple):  # repeatable list option
-            raw = ",".join(raw)
+        if isinstance(raw, tuple):  # repeatable list option: each may be comma-separated (or one JSON object)
+            raw = [part for item in raw for part in settings_mod.parse_value(name, item)]
         try:
             values[name] = settings_mod.convert_value(name, raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -136,16 +136,24 @@ class Endpoint(abc.ABC):
     # --- preparing: what both endpoints take from a request ---
 
     def engine_options(self, req: p.SamplingFields) -> dict[str, Any]:
-        """AsyncLLM.generate's keywords both endpoints take from the request (its priority)."""
-        if not req.priority:
-            return {}
-        if self.settings.scheduling_policy != "priority":
-            raise bad_request(
-                "priority needs the server to be started with --scheduling-policy priority.",
-                "priority",
-                code="unsupported_field",
-            )
-        return {"priority": req.priority}
+        """AsyncLLM.generate's keywords both endpoints take from the request: its LoRA adapter (the
+        `model` it names, checked by check_model) and its priority."""
+        options: dict[str, Any] = {}
+        if req.model is not None and req.model not in self.settings.model_names:
+            adapter = self.engine.adapters.get(req.model)
+            if adapter is None:  # unloaded since check_model: never run on the base model instead
+                self.check_model(req.model)
+                raise AssertionError("check_model accepts only served names")
+            options["lora_request"] = adapter.request
+        if req.priority:
+            if self.settings.scheduling_policy != "priority":
+                raise bad_request(
+                    "priority needs the server to be started with --scheduling-policy priority.",
+                    "priority",
+                    code="unsupported_field",
+                )
+            options["priority"] = req.priority
+        return options
 
     @staticmethod
     def salted(engine_input: Any, req: p.SamplingFields) -> Any:
@@ -158,15 +166,19 @@ class Endpoint(abc.ABC):
     # --- preparing: checks both endpoints make ---
 
     def check_model(self, model: str | None) -> str:
+        """The name the answer reports: the base model's first name, or the LoRA adapter's."""
         names = self.settings.model_names
-        if model is not None and model not in names:
-            raise ServiceError(
-                Kind.NOT_FOUND,
-                f"The model {clip(repr(model))} does not exist; this server serves {', '.join(map(repr, names))}.",
-                param="model",
-                code="model_not_found",
-            )
-        return names[0]
+        if model is None or model in names:
+            return names[0]
+        if self.engine.adapters.get(model) is not None:
+            return model
+        served = [*names, *(a.name for a in self.engine.adapters.all())]
+        raise ServiceError(
+            Kind.NOT_FOUND,
+            f"The model {clip(repr(model))} does not exist; this server serves {', '.join(map(repr, served))}.",
+            param="model",
+            code="model_not_found",
+        )
 
     def check_text_fits(self, text: str, param: str) -> None:
         """A text too long for the context whatever its tokens is refused before it is tokenized

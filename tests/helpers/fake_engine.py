@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen_server.engine.adapters import Adapters
 from qwen_server.engine.lifecycle import EngineState
 from qwen_server.errors import Kind, ServiceError
 from qwen_server.settings import Settings
@@ -34,6 +35,7 @@ class FakeEngine:
         self.model_config: Any = None
         self.chat_template: str | None = None
         self.output_parser: type | None = None
+        self.adapters = Adapters(settings)  # the real registry: none unless the settings name some
         self.started = self.stopped = False
 
     def start(self) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from qwen_server.engine.adapters import Adapters
 from qwen_server.logs import RequestRecord
 from qwen_server.service.chat import ChatService, template_kwargs
 from qwen_server.service.completion import CompletionService
@@ -245,7 +246,9 @@ def test_error_messages_quote_client_input_cut_short() -> None:
     assert clip("x" * 10) == "x" * 10
     assert clip("m" * 1_000_000) == "m" * 200 + "... (1000000 characters)"
     with pytest.raises(ServiceError) as info:
-        CompletionService(engine=None, settings=Settings(served_model_name=["tiny"])).check_model("m" * 1_000_000)  # type: ignore[arg-type]
+        settings = Settings(served_model_name=["tiny"])
+        engine = SimpleNamespace(adapters=Adapters(settings))
+        CompletionService(engine=engine, settings=settings).check_model("m" * 1_000_000)  # type: ignore[arg-type]
     assert info.value.kind is Kind.NOT_FOUND and len(info.value.message) < 400
     # Whatever a message quotes (vLLM's own validation errors list every bad id), the envelope is bounded.
     body = json.loads(envelope(Kind.INVALID, "token_id(s) " + str(list(range(100_000))), "p" * 5000))
