@@ -141,6 +141,10 @@ REQUESTS: list[tuple[str, str, str, dict | None]] = [
     ("cache_salt", "POST", CHAT, {"messages": LONG, "max_tokens": 1, "cache_salt": "tenant-b"}),
     ("bad cache_salt", "POST", CHAT, {"messages": HI, "max_tokens": 1, "cache_salt": "a/b"}),
     ("priority without the policy", "POST", CHAT, {"messages": HI, "max_tokens": 1, "priority": -1}),
+    ("model list with an adapter", "GET", "/v1/models", None),
+    ("completion on the adapter", "POST", CMPL, {"model": "adapter", "prompt": "Hi", "max_tokens": 3, **IGNORE}),
+    ("chat on the adapter", "POST", CHAT, {"model": "adapter", "messages": HI, "max_tokens": 3, **IGNORE}),
+    ("unknown adapter", "POST", CHAT, {"model": "nope", "messages": HI, "max_tokens": 3}),
 ]
 
 
@@ -167,7 +171,7 @@ def diff(a, b, path: str = "$") -> list[str]:
 
 
 def answer(url: str, method: str, path: str, body: dict | None) -> dict:
-    body = {"model": MODEL_NAME, **body} if body is not None and method != "FORM" else body
+    body = {"model": MODEL_NAME, **body} if body is not None and method != "FORM" else body  # a body's own model wins
     if body is not None and "{image}" in json.dumps(body):
         body = json.loads(json.dumps(body).replace("{image}", make_images(1, 224)[0]))
     with httpx.Client(timeout=120) as client:
@@ -207,10 +211,13 @@ def collect(name: str, argv: list[str], log_dir: Path) -> dict[str, dict]:
 
 def main() -> None:
     from qwen_server.demo.model import demo_model_path
+    from qwen_server.demo.tiny_lora import write_adapter
 
     model = str(demo_model_path())
-    flags = [*engine_flags(), *TOOL_FLAGS]
     log_dir = Path(tempfile.mkdtemp(prefix="shapes-"))
+    adapter = write_adapter(log_dir / "adapter", Path(model), seed=1)
+    lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"adapter={adapter}"]
+    flags = [*engine_flags(), *TOOL_FLAGS, *lora]
     vllm = collect(
         "vllm",
         [

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
+from qwen_server.demo.tiny_lora import write_adapter
 from qwen_server.testing.servers import free_port
-from tests.helpers.lora import write_adapter
 from tests.helpers.media import image_data_url
 from tests.helpers.serverproc import ServerProcess
 from tests.integration.conftest import SERVER_OPTIONS

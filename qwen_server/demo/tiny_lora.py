@@ -1,5 +1,6 @@
-"""Random LoRA adapters for the tiny checkpoints, written as PEFT saves them (adapter_config.json +
-adapter_model.safetensors, q_proj and v_proj of every language-model layer)."""
+"""Random LoRA adapters for the tiny checkpoints (tests, benchmarks/shapes.py), written as PEFT saves
+them (adapter_config.json + adapter_model.safetensors, q_proj and v_proj of every language-model
+layer)."""
 
 from __future__ import annotations
 
