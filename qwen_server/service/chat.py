@@ -22,7 +22,7 @@ from qwen_server.service import parsing
 from qwen_server.service.decode import decode_chat
 from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt
 from qwen_server.service.parsing import check_tool_request
-from qwen_server.service.sampling import check_common
+from qwen_server.service.sampling import check_common, constraint_of
 from qwen_server.settings import Settings
 
 log = logging.getLogger("qwen_server")
@@ -130,13 +130,15 @@ class ChatService(Endpoint):
             grammar = plan.tools_grammar()
             options |= plan.engine_options(list(engine_input["prompt_token_ids"]))
         max_tokens = self.max_tokens(prompt_len, requested, "messages")
+        sampling = self.sampling.params(req, max_tokens, top, tools_grammar=grammar)
         return PreparedRequest(
             request_id=f"chatcmpl-{record.request_id}",
             engine_request_id=record.request_id,
             record=record,
             model=model,
             prompts=[Prompt(engine_input, prompt_len)],
-            sampling=self.sampling.params(req, max_tokens, top, tools_grammar=grammar),
+            sampling=sampling,
+            constraint=constraint_of(req, sampling),
             n=req.n,
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),

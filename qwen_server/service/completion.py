@@ -11,7 +11,7 @@ from qwen_server.errors import bad_request
 from qwen_server.logs import RequestRecord
 from qwen_server.service.decode import decode
 from qwen_server.service.generation import Endpoint, Piece, PreparedRequest, Prompt, check_token_ids
-from qwen_server.service.sampling import check_common
+from qwen_server.service.sampling import check_common, constraint_of
 
 
 class CompletionService(Endpoint):
@@ -57,6 +57,7 @@ class CompletionService(Endpoint):
             echo=req.echo,
             engine_options=options,
         )
+        prep.constraint = constraint_of(req, prep.sampling)
         record.prompt_tokens = prep.prompt_len
         return prep
 

@@ -59,6 +59,8 @@ class PreparedRequest:
     # AsyncLLM.generate's extra keywords for every prompt (priority; chat: where structured output starts).
     engine_options: dict[str, Any] = field(default_factory=dict)
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
+    # The field a grammar came from (response_format, structured_outputs, tools), if the engine gets one.
+    constraint: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -255,7 +257,7 @@ class Endpoint(abc.ABC):
                 if prep.logprobs is not None and o.logprobs:
                     logprobs[k].extend(self._token_logprobs(o, prep.logprobs))
                 if o.finish_reason is not None:
-                    finish[k] = o.finish_reason
+                    finish[k] = failed(prep, o, len(token_ids[k]))
             prep.record.completion_tokens = completion_tokens
         choices = []
         for k in range(count):
@@ -300,6 +302,8 @@ class Endpoint(abc.ABC):
                     completion_tokens += len(o.token_ids)
                     generated[k] += len(o.token_ids)
                     prep.record.completion_tokens = completion_tokens
+                    if o.finish_reason is not None:
+                        failed(prep, o, generated[k])
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp and prep.parsing is None:
                         continue  # the detokenizer holds back a partial character; its logprobs are still sent
@@ -399,6 +403,20 @@ class Endpoint(abc.ABC):
                 item = p.TokenLogprob(token=token, logprob=None, bytes=list(token.encode()), top_logprobs=[])
             items.append(item)
         return items
+
+
+def failed(prep: PreparedRequest, output: Any, produced: int) -> str:
+    """`output`'s finish reason, unless it is vLLM's "error" (the engine ended the request itself):
+    then the error it stands for. Before any token with a grammar, the engine could not compile the
+    grammar the request sent (vLLM's front-end check passes some it cannot compile, e.g. a regex
+    ending in a backslash): the client's error. Otherwise the engine's."""
+    if output.finish_reason != "error":
+        return str(output.finish_reason)
+    if prep.constraint is not None and not produced:
+        raise bad_request(
+            f"The engine could not compile the grammar of {prep.constraint}.", prep.constraint, code="invalid_grammar"
+        )
+    raise ServiceError(Kind.INTERNAL, "The engine ended this request with an error.", code="engine_error")
 
 
 def prompt_tokens_details(prompts: Sequence[Prompt]) -> p.PromptTokensDetails:

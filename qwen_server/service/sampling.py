@@ -88,6 +88,15 @@ class Sampling:
         return params
 
 
+def constraint_of(req: p.SamplingFields, params: Any) -> str | None:
+    """The field the engine's grammar came from, if it has one (where a grammar error points)."""
+    if params.structured_outputs is None:
+        return None
+    if req.response_format is not None and req.response_format.type != "text":
+        return "response_format"
+    return "structured_outputs" if req.structured_outputs is not None else "tools"
+
+
 def _structured(req: p.SamplingFields, tools_grammar: Any, server: dict[str, bool]) -> tuple[Any, str]:
     """The engine's grammar and the field it comes from. As in vLLM, response_format's constraint
     replaces structured_outputs' (whose options stay); a forced tool call's grammar combines with

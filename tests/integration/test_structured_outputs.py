@@ -155,3 +155,21 @@ def test_structured_outputs_json_is_depth_limited(server: ServerProcess) -> None
         nested = {"type": "object", "properties": {"x": nested}}
     error = error_of(post(server, "/v1/chat/completions", {"messages": ASK, "structured_outputs": {"json": nested}}))
     assert error["param"] == "structured_outputs.json" and error["code"] == "too_deep", error
+
+
+def test_a_grammar_the_engine_cannot_compile_is_the_clients_error_not_an_empty_200(server: ServerProcess) -> None:
+    """vLLM's front-end check passes this regex (a trailing backslash), its engine cannot compile it
+    and ends the request with finish_reason "error": vLLM's server answers that as a 200 with empty
+    content. Found by fuzzing structured_outputs (400 random constraints, no 500)."""
+    body = {"messages": ASK, "structured_outputs": {"regex": 'ab"c\\'}}
+    error = error_of(post(server, "/v1/chat/completions", body))
+    assert error["param"] == "structured_outputs" and error["code"] == "invalid_grammar", error
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json={"model": "tiny", **body, "stream": True}, timeout=60
+    ) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"  # the 200 went out before the engine tried
+    last = json.loads(events[-2])
+    assert last["error"]["code"] == "invalid_grammar", events
+    assert not any('"finish_reason":"error"' in e.replace(" ", "") for e in events), events
+    assert post(server, "/v1/chat/completions", {"messages": ASK, "max_tokens": 2}).status_code == 200
