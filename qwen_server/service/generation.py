@@ -407,14 +407,16 @@ class Endpoint(abc.ABC):
 
 def failed(prep: PreparedRequest, output: Any, produced: int) -> str:
     """`output`'s finish reason, unless it is vLLM's "error" (the engine ended the request itself):
-    then the error it stands for. Before any token with a grammar, the engine could not compile the
-    grammar the request sent (vLLM's front-end check passes some it cannot compile, e.g. a regex
-    ending in a backslash): the client's error. Otherwise the engine's."""
+    then the error it stands for. With a grammar, the grammar is why: the engine could not compile
+    it (vLLM's front-end check passes some it cannot, e.g. a regex ending in a backslash), or it
+    rejected the tokens it had allowed (a schema that refers to itself): the request's input, a 400.
+    Without one (a KV transfer or encoder cache failure), the engine's: a 500."""
     if output.finish_reason != "error":
         return str(output.finish_reason)
-    if prep.constraint is not None and not produced:
+    if prep.constraint is not None:
+        stage = "compile" if not produced else f"apply (after {produced} tokens)"
         raise bad_request(
-            f"The engine could not compile the grammar of {prep.constraint}.", prep.constraint, code="invalid_grammar"
+            f"The engine could not {stage} the grammar of {prep.constraint}.", prep.constraint, code="invalid_grammar"
         )
     raise ServiceError(Kind.INTERNAL, "The engine ended this request with an error.", code="engine_error")
 
