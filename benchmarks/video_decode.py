@@ -6,7 +6,7 @@ model's video processor (what the engine then receives), at the same output grid
 - "ours": `qwen_server.media.video.decode_video` (header checks, the same sampler, each kept frame
   resized as it is decoded), then the same processor, whose resize is then a no-op.
 
-Clips are written here with OpenCV (MJPG in AVI: the encoder this machine has), seeded moving
+Clips are written here (MJPG in AVI by OpenCV, H.264 in MP4 by PyAV's libx264), seeded moving
 content, 10 s at 30 fps by default, sampled at the model's 2 fps. The two paths are timed
 alternately so machine noise hits both; each row reports the median ms per clip, the speedup, the
 peak traced memory (tracemalloc: numpy buffers included) and the mean absolute difference of the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import platform
 import statistics
@@ -34,7 +35,10 @@ import numpy as np
 SIZES = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}
 
 
-def write_clip(path: Path, size: tuple[int, int], seconds: float, fps: float, seed: int = 0) -> bytes:
+def write_clip(
+    path: Path, size: tuple[int, int], seconds: float, fps: float, seed: int = 0, codec: str = "mjpg"
+) -> bytes:
+    """MJPG in AVI written by OpenCV, or H.264 in MP4 by PyAV's libx264 (OpenCV here has no H.264 encoder)."""
     import cv2
 
     width, height = size
@@ -42,10 +46,25 @@ def write_clip(path: Path, size: tuple[int, int], seconds: float, fps: float, se
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 97 + y / 61)], axis=-1)
     base = (base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, size)
+    frames = []
     for i in range(int(seconds * fps)):
         frame = np.roll(base, 6 * i, axis=1)
         cv2.circle(frame, (int(width * (i % 60) / 60), height // 2), height // 8, (255, 255, 255), -1)
+        frames.append(frame)
+    if codec == "h264":
+        import av
+
+        with av.open(str(path), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=int(fps))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return path.read_bytes()
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, size)
+    for frame in frames:
         writer.write(frame)
     writer.release()
     return path.read_bytes()
@@ -110,6 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint (default: the tiny demo Qwen2.5-VL)")
     parser.add_argument("--sizes", default="720p,1080p")
+    parser.add_argument("--codecs", default="mjpg,h264", help="mjpg (AVI, OpenCV's writer), h264 (MP4, PyAV's libx264)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--source-fps", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=5)
@@ -134,8 +154,9 @@ def main() -> None:
     fps = geometry.fps
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size_name in args.sizes.split(","):
-            data = write_clip(Path(tmp) / f"{size_name}.avi", SIZES[size_name], args.seconds, args.source_fps)
+        for size_name, codec in itertools.product(args.sizes.split(","), args.codecs.split(",")):
+            path = Path(tmp) / f"{size_name}.{'mp4' if codec == 'h264' else 'avi'}"
+            data = write_clip(path, SIZES[size_name], args.seconds, args.source_fps, codec=codec)
             ours_fn = functools.partial(run_ours, data, processor, geometry, limits, fps)
             vllm_fn = functools.partial(run_vllm, data, processor, loader, fps)
             a, b = ours_fn(), vllm_fn()  # warm-up, and the outputs compared
@@ -151,7 +172,8 @@ def main() -> None:
                 for name, fn in order:
                     times[name].append(timed(fn)[0])
             row = {
-                "clip": f"{size_name} {args.seconds:g} s @ {args.source_fps:g} fps, MJPG AVI, {len(data) / 1e6:.1f} MB",
+                "clip": f"{size_name} {args.seconds:g} s @ {args.source_fps:g} fps, "
+                f"{'H.264 MP4' if codec == 'h264' else 'MJPG AVI'}, {len(data) / 1e6:.1f} MB",
                 "sampled_at_fps": fps,
                 "grid_thw": grid_ours,
                 "same_grid": grid_ours == grid_vllm,

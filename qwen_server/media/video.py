@@ -5,7 +5,10 @@ The header (container, codec, frame size, frame count, fps, duration) is checked
 decoded. The frames to keep are chosen by the model's own sampler (vLLM's, handed over by the engine
 in `VideoGeometry.sample`), and each kept frame is resized to the model's budget as soon as it is
 decoded: the clip never exists at its source size, so memory is bounded by the kept frames at their
-final size plus one source frame. OpenCV decodes, as in vLLM's own video loader.
+final size plus one source frame. OpenCV reads the header and decodes, as in vLLM's own video loader;
+for codecs whose every frame stands alone (MJPG), PyAV's demuxer passes over the frames not kept
+without decoding them (OpenCV's `grab()` decodes every frame it passes: 2.15 s of a 1080p 10 s
+clip's 2.2 s, of which 20 frames were kept; PyAV decoding only those took 0.26 s).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ _CONTAINERS = ((b"RIFF", 0, "avi"), (b"ftyp", 4, "mp4"), (b"\x1a\x45\xdf\xa3", 0
 ALLOWED_CODECS = frozenset(
     {"MJPG", "FMP4", "MP4V", "XVID", "DIVX", "H264", "AVC1", "X264", "HEVC", "HVC1", "HEV1", "VP80", "VP90", "AV01"}
 )
+# Intra-only codecs: any frame decodes without the ones before it, so only the kept ones are decoded.
+_INTRA_ONLY = frozenset({"MJPG"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,65 @@ class VideoGeometry:
 class DecodedVideo:
     frames: np.ndarray  # (frames, height, width, 3) uint8, at the model's size
     metadata: dict[str, Any]  # what the model's processor reads: source fps, frame count, kept indices
+
+
+def _kept_frames(cap: Any, indices: list[int], source: tuple[int, int], size: tuple[int, int], out: np.ndarray) -> int:
+    """OpenCV, in order: every frame up to the last kept one is decoded; the kept ones are resized
+    into `out` one at a time. Returns how many were kept (fewer: the clip ended early)."""
+    import cv2
+
+    kept, wanted = 0, set(indices)
+    for index in range(indices[-1] + 1):
+        if not cap.grab():
+            break
+        if index not in wanted:
+            continue
+        ok, frame = cap.retrieve()
+        if not ok or frame is None or frame.shape[:2] != (source[1], source[0]):
+            break
+        # One source frame at a time: converted, resized, and kept only at the model's size.
+        resized = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != source else frame
+        cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=out[kept])
+        kept += 1
+    return kept
+
+
+def _kept_intra_frames(
+    data: bytes, indices: list[int], source: tuple[int, int], size: tuple[int, int], out: np.ndarray
+) -> int:
+    """PyAV for intra-only codecs: packets are read in order and only the kept ones decoded, each
+    resized as the OpenCV path resizes it. -1 when PyAV is not installed."""
+    try:
+        import av
+    except ImportError:
+        return -1
+    import cv2
+
+    kept, wanted, index = 0, set(indices), 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker, or an empty (dropped) chunk
+                    continue
+                if index in wanted:
+                    decoded = stream.codec_context.decode(packet)
+                    if len(decoded) != 1:
+                        break
+                    frame = decoded[0].to_ndarray(format="rgb24")
+                    if frame.shape[:2] != (source[1], source[0]):
+                        break
+                    if size != source:
+                        cv2.resize(frame, size, dst=out[kept], interpolation=cv2.INTER_AREA)
+                    else:
+                        out[kept] = frame
+                    kept += 1
+                index += 1
+                if index > indices[-1]:
+                    break
+    except av.FFmpegError:  # corrupt or truncated past the header: the caller reports the short count
+        pass
+    return kept
 
 
 def container_of(data: bytes) -> str | None:
@@ -151,19 +215,11 @@ def decode_video(
                 Kind.TOO_LARGE,
             )
         frames = np.empty((len(indices), size[1], size[0], 3), dtype=np.uint8)
-        kept, wanted = 0, set(indices)
-        for index in range(indices[-1] + 1):
-            if not cap.grab():
-                break
-            if index not in wanted:
-                continue
-            ok, frame = cap.retrieve()
-            if not ok or frame is None or frame.shape[:2] != (height, width):
-                break
-            # One source frame at a time: converted, resized, and kept only at the model's size.
-            resized = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != (width, height) else frame
-            cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=frames[kept])
-            kept += 1
+        kept = -1
+        if codec in _INTRA_ONLY:
+            kept = _kept_intra_frames(data, indices, (width, height), size, frames)
+        if kept < 0:  # not intra-only, or PyAV is not installed
+            kept = _kept_frames(cap, indices, (width, height), size, frames)
         if kept < len(indices):
             raise MediaError(
                 f"The video ended after {kept} of the {len(indices)} frames sampled from it: it is truncated or "

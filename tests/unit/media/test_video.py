@@ -154,3 +154,60 @@ def test_peak_memory_is_the_kept_frames_at_their_final_size_not_the_clip(tmp_pat
     kept = video.frames.nbytes
     assert peak < kept + 3 * source_frame, (peak, kept)
     assert peak < len(video.frames) * source_frame / 4  # what holding the sampled frames at source size costs
+
+
+def write_h264(path: Path, frames: int = 40, fps: int = 10, size=(320, 240)) -> bytes:
+    """An H.264 MP4 written with PyAV's libx264 (OpenCV here has no H.264 encoder)."""
+    import av
+
+    base = np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+def test_intra_only_clips_decode_only_the_kept_frames_to_the_same_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MJPG: PyAV decodes only the kept packets; the frames are those of decoding every frame in order."""
+    from qwen_server.media import video as video_mod
+
+    data = write_clip(tmp_path / "a.avi", frames=60, fps=30.0, size=(640, 360))
+    decoded: list[int] = []
+    real = video_mod._kept_intra_frames
+
+    def counting(*args: Any) -> int:
+        kept = real(*args)
+        decoded.append(kept)
+        return kept
+
+    monkeypatch.setattr(video_mod, "_kept_intra_frames", counting)
+    skipping = decode(data)
+    assert decoded == [len(skipping.metadata["frames_indices"])] == [4]  # 2 s at 2 fps, of 60 frames
+    monkeypatch.setattr(video_mod, "_INTRA_ONLY", frozenset())
+    in_order = decode(data)
+    assert skipping.metadata == in_order.metadata
+    assert np.abs(skipping.frames.astype(int) - in_order.frames).max() <= 1, "the same frames, resized the same way"
+
+
+def test_h264_clips_are_decoded_in_order(tmp_path: Path) -> None:
+    data = write_h264(tmp_path / "a.mp4")
+    video = decode(data)
+    assert video.frames.shape == (8, 168, 252, 3) and video.metadata["total_num_frames"] == 40
+    capture, expected = cv2.VideoCapture(str(tmp_path / "a.mp4")), []
+    for i in range(40):
+        ok, frame = capture.read()
+        if ok and i in video.metadata["frames_indices"]:
+            expected.append(
+                cv2.cvtColor(cv2.resize(frame, (252, 168), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+            )
+    assert np.array_equal(video.frames, np.stack(expected))
+    with pytest.raises(MediaError) as err:
+        decode(data[: len(data) // 3])
+    assert err.value.reason == "corrupt"
