@@ -60,11 +60,36 @@ def make_images(count: int, size: int, seed: int = 0) -> list[str]:
     return urls
 
 
+def make_videos(count: int, size: str, seconds: float, codec: str, seed: int = 0) -> list[str]:
+    """`count` distinct clips (seeded moving content, 30 fps) as data URLs: H.264 MP4 or MJPG AVI."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.video_decode import write_clip
+
+    width, height = (int(x) for x in size.split("x"))
+    mime = "video/mp4" if codec == "h264" else "video/x-msvideo"
+    urls = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            path = Path(tmp) / f"{i}.{'mp4' if codec == 'h264' else 'avi'}"
+            data = write_clip(path, (width, height), seconds, 30.0, seed=seed * 100_003 + i, codec=codec)
+            urls.append(f"data:{mime};base64," + base64.b64encode(data).decode())
+    return urls
+
+
 def build_bodies(args: argparse.Namespace) -> list[bytes]:
     images = make_images(args.requests * args.images, args.image_size, args.seed)
+    videos = (
+        make_videos(args.requests, args.video_size, args.video_seconds, args.video_codec, args.seed)
+        if args.video_seconds > 0
+        else []
+    )
     bodies = []
     for i in range(args.requests):
         content = [{"type": "image_url", "image_url": {"url": images[i * args.images + j]}} for j in range(args.images)]
+        if videos:
+            content.append({"type": "video_url", "video_url": {"url": videos[i]}})
         content.append({"type": "text", "text": "Describe the picture in detail."})
         body = {
             "model": args.model,
@@ -219,6 +244,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--images", type=int, default=1, help="images per request")
+    ap.add_argument(
+        "--video-seconds", type=float, default=0.0, help="one distinct clip this long per request (0: none)"
+    )
+    ap.add_argument("--video-size", default="640x360", help="the clips' WIDTHxHEIGHT")
+    ap.add_argument("--video-codec", choices=["h264", "mjpg"], default="h264")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--timeout", type=float, default=300.0)

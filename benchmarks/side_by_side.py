@@ -89,6 +89,33 @@ def scenarios(kind: str) -> list[dict]:
     return out
 
 
+def video_cases() -> list[dict]:
+    """One distinct 4 s 640x360 H.264 clip per request (sampled at 2 fps: 8 frames), c4, streaming."""
+    return [
+        {
+            "image_size": 224,
+            "images": 0,
+            "video_seconds": 4.0,
+            "video_size": "640x360",
+            "video_codec": "h264",
+            "concurrency": 4,
+            "max_tokens": 16,
+            "stream": stream,
+            "requests": 48,
+            # Clips distinct across the rows too: a repeated clip is a cache hit (ours keeps decoded
+            # frames by content, and both servers keep processed items), not a decode.
+            "seed": 1 + row,
+        }
+        for row, stream in enumerate((True, False))
+    ]
+
+
+# vLLM's server samples a video's frames by its media IO options (32 frames by default), the model's
+# own rate otherwise: asked for 2 fps, as qwen_server samples by the model's processor (2 fps).
+VLLM_VIDEO_FLAGS = ["--media-io-kwargs", '{"video": {"num_frames": -1, "fps": 2}}']
+VIDEO_LIMIT = '{"image": 4, "video": 1}'
+
+
 SWEEP_RATES = (10, 20, 30, 45, 60, 80)
 
 
@@ -213,7 +240,21 @@ def run_server(
     try:
         ready = server.wait_ready()
         print(f"== {name}{label}: ready in {ready:.1f} s", file=sys.stderr)
-        runs: dict[str, list] = {"results": [], "sweep": []}
+        runs: dict[str, Any] = {"results": [], "sweep": []}
+        if video := next((c for c in cases if c.get("video_seconds")), None):
+            # The same clip to both servers: equal prompt tokens mean the same frames at the same size.
+            ns = loadgen.parser().parse_args([])
+            vars(ns).update({**video, "requests": 1, "stream": False, "seed": 12345}, model=MODEL_NAME, warmup=0)
+            (body,) = loadgen.build_bodies(ns)
+            answer = httpx.post(
+                server.url + "/v1/chat/completions",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=300,
+            )
+            runs["video_prompt_tokens"] = (
+                answer.json()["usage"]["prompt_tokens"] if answer.status_code == 200 else answer.text[:300]
+            )
         for key, group in (("results", cases), ("sweep", sweep)):
             for case in group:
                 tries = []
@@ -324,8 +365,13 @@ def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
     for case, v, q in zip(cases, vllm["results"], qwen["results"], strict=True):
         key = f"{case['image_size']}/{case['images']}/{case['max_tokens']}/c{case['concurrency']}"
         ceil = ceiling.get(key, {}).get("requests_per_s")
+        size = (
+            case["image_size"]
+            if not case.get("video_seconds")
+            else f"video {case['video_seconds']:g} s {case['video_size']}"
+        )
         row = [
-            case["image_size"],
+            size,
             case["images"],
             case["concurrency"],
             case["max_tokens"],
@@ -369,6 +415,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint path (default: the built-in tiny demo model)")
     ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the open-loop rate sweep and its plot")
+    ap.add_argument(
+        "--video",
+        action="store_true",
+        help="only the video rows (one H.264 clip per request, c4; no sweep, no ceiling)",
+    )
     args = ap.parse_args()
     # SIGTERM ends the run like Ctrl+C: the server being measured is stopped (`finally`), not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -376,12 +427,14 @@ def main() -> None:
         from qwen_server.demo.model import demo_model_path
 
         args.model = str(demo_model_path())
-    cases = scenarios("quick" if args.quick else "targets" if args.targets else "full")
-    sweep = [] if args.no_sweep else sweep_cases()
+    cases = video_cases() if args.video else scenarios("quick" if args.quick else "targets" if args.targets else "full")
+    sweep = [] if args.no_sweep or args.video else sweep_cases()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = HERE / "results" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = engine_flags()
+    if args.video:
+        flags[flags.index("--limit-mm-per-prompt") + 1] = VIDEO_LIMIT
     vllm_args = [
         sys.executable,
         "-m",
@@ -393,6 +446,7 @@ def main() -> None:
         "--port",
         "{port}",
         *flags,
+        *(VLLM_VIDEO_FLAGS if args.video else []),
     ]
     qwen_args = [sys.executable, str(ROOT / "launcher.py"), "--model", args.model, "--port", "{port}", *flags]
     report: dict = {
@@ -424,21 +478,26 @@ def main() -> None:
             (out_dir / "result.json").write_text(json.dumps(report, indent=2))  # kept if a later step fails
     for name, runs_of in passes.items():
         report[name] = _pool(runs_of)
-    del report["passes"]
+    if not args.video:
+        del report["passes"]
     report["order"] = [[name for name, _ in order] for order in orders]
-    report["offline"] = offline(args.model, cases, out_dir) if not args.only else {}
+    report["offline"] = offline(args.model, cases, out_dir) if not args.only and not args.video else {}
     (out_dir / "result.json").write_text(json.dumps(report, indent=2))
     if args.only:
         print(json.dumps(report[args.only], indent=2))
         return
     runs = args.repeat * args.passes
     text = (
-        f"Machine: {report['machine']}; engine {ENGINE}, enforce_eager; time to ready: "
+        f"Machine: {report['machine']}; engine {ENGINE}{' (video: ' + VIDEO_LIMIT + ')' if args.video else ''}, "
+        "enforce_eager; time to ready: "
         f"vLLM {report['vllm']['ready_s']:.1f} s, qwen {report['qwen']['ready_s']:.1f} s"
         + f" (medians of {args.passes} starts: vLLM {report['vllm']['ready_s_runs']}, qwen {report['qwen']['ready_s_runs']})"
         + f"; order per pass {report['order']}; each row the median-throughput run of {runs}\n\n"
         + table(cases, report["vllm"], report["qwen"], report["offline"])
     )
+    if args.video:
+        tokens = {name: [p.get("video_prompt_tokens") for p in runs_of] for name, runs_of in passes.items()}
+        text += f"\n\nThe same clip's prompt tokens per pass: {tokens}; vLLM with {' '.join(VLLM_VIDEO_FLAGS)}\n"
     if runs > 1:
         text += (
             "\n\nEvery run's req/s (sorted), and the most CPU stolen by the hypervisor during any of them\n\n"
@@ -446,8 +505,9 @@ def main() -> None:
         )
         for case, v, q in zip(cases, report["vllm"]["results"], report["qwen"]["results"], strict=True):
             steal = "/".join(str(max(b["steal_pct"] for b in r["runs_box"])) for r in (v, q))
+            size = case["image_size"] if not case.get("video_seconds") else f"video {case['video_seconds']:g} s"
             text += (
-                f"| {case['image_size']} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
+                f"| {size} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
                 f"{'yes' if case['stream'] else 'no'} | {v['runs_requests_per_s']} | {q['runs_requests_per_s']} | {steal} |\n"
             )
     if sweep:
