@@ -67,18 +67,24 @@ class Adapters:
                     f"the LoRA adapter {adapter.name!r} ({adapter.path}) could not be loaded: {clip(str(exc), 300)}"
                 ) from exc
 
-    async def load(self, client: Any, name: str, path: str, inplace: bool) -> Adapter:
-        """A run-time adapter from the allowed directory, loaded into the engine before it is listed."""
+    def _require_runtime(self, doing: str) -> str:
+        """The allowed adapter directory, when run-time updating is on (the settings require both)."""
         if not self.settings.allow_runtime_lora_updating or self._root is None:
             raise ServiceError(
                 Kind.NOT_FOUND,
-                "Loading adapters at run time is not enabled on this server (--allow-runtime-lora-updating).",
+                f"{doing} adapters at run time is not enabled on this server (--allow-runtime-lora-updating).",
                 code="not_enabled",
             )
+        return self._root
+
+    async def load(self, client: Any, name: str, path: str, inplace: bool) -> Adapter:
+        """A run-time adapter from the allowed directory, loaded into the engine before it is listed.
+        `inplace`: a run-time adapter of that name is replaced (with a new engine id: fresh weights)."""
+        root = self._require_runtime("Loading")
         if name in self.settings.model_names:
             raise bad_request(f"The name {clip(repr(name))} is the base model's.", "lora_name")
-        real = os.path.realpath(os.path.join(self._root, path))  # an absolute path replaces the root
-        if os.path.commonpath([real, self._root]) != self._root:
+        real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces the root
+        if os.path.commonpath([real, root]) != root:
             raise bad_request("lora_path is outside the allowed adapter directory.", "lora_path", code="forbidden_path")
         if not os.path.isdir(real):
             raise bad_request("lora_path is not a directory of the allowed adapter directory.", "lora_path")
@@ -109,12 +115,7 @@ class Adapters:
 
     async def unload(self, name: str) -> None:
         """A run-time adapter off the list (the engine evicts its weights when it needs the slot, as vLLM's server)."""
-        if not self.settings.allow_runtime_lora_updating:
-            raise ServiceError(
-                Kind.NOT_FOUND,
-                "Unloading adapters at run time is not enabled on this server (--allow-runtime-lora-updating).",
-                code="not_enabled",
-            )
+        self._require_runtime("Unloading")
         async with self._lock:
             adapter = self._by_name.get(name)
             if adapter is None:

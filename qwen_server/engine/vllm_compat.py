@@ -208,12 +208,10 @@ def structured_output_options(client: AsyncLLM | None) -> dict[str, bool]:
     }
 
 
-def lora_request(name: str, lora_id: int, path: str, base_model_name: str | None, inplace: bool = False) -> Any:
+def lora_request(name: str, lora_id: int, path: str, base_model_name: str | None) -> Any:
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(
-        lora_name=name, lora_int_id=lora_id, lora_path=path, base_model_name=base_model_name, load_inplace=inplace
-    )
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=path, base_model_name=base_model_name)
 
 
 async def add_lora(client: AsyncLLM, request: Any) -> None:

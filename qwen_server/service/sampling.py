@@ -52,7 +52,7 @@ class Sampling:
                 kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
             except ValueError:
                 raise bad_request("logit_bias keys must be token ids.", "logit_bias") from None
-        grammar, source = _structured(req, tools_grammar, vllm_compat.structured_output_options(self.engine.client))
+        grammar = _structured(req, tools_grammar, vllm_compat.structured_output_options(self.engine.client))
         if grammar is not None:
             kwargs["structured_outputs"] = grammar
         try:
@@ -84,6 +84,7 @@ class Sampling:
             try:
                 vllm_compat.verify_sampling(client, params, self.engine.tokenizer)
             except (ValueError, vllm_compat.client_error()) as exc:
+                source = constraint_of(req, params)
                 raise bad_request(f"Invalid {source}: {clip(str(exc))}", source) from None
         return params
 
@@ -97,8 +98,8 @@ def constraint_of(req: p.SamplingFields, params: Any) -> str | None:
     return "structured_outputs" if req.structured_outputs is not None else "tools"
 
 
-def _structured(req: p.SamplingFields, tools_grammar: Any, server: dict[str, bool]) -> tuple[Any, str]:
-    """The engine's grammar and the field it comes from. As in vLLM, response_format's constraint
+def _structured(req: p.SamplingFields, tools_grammar: Any, server: dict[str, bool]) -> Any:
+    """The engine's grammar, if any (constraint_of names the field it comes from). As in vLLM, response_format's constraint
     replaces structured_outputs' (whose options stay); a forced tool call's grammar combines with
     neither (vLLM drops the request's, silently: here it is a 400). `server`: the options vLLM's
     grammar backends take from the engine's config, not from the request."""
@@ -125,11 +126,11 @@ def _structured(req: p.SamplingFields, tools_grammar: Any, server: dict[str, boo
                 "function, or tools constrained by --tool-strict-level): the call's grammar would replace it.",
                 source,
             )
-        return tools_grammar, "tools"
+        return tools_grammar
     if not fields and req.structured_outputs is None:
-        return None, source
+        return None
     try:
-        return vllm_compat.structured_outputs(**fields), source
+        return vllm_compat.structured_outputs(**fields)
     except (ValueError, TypeError, vllm_compat.client_error()) as exc:  # none, or several kinds of constraint
         raise bad_request(f"Invalid {source}: {clip(str(exc))}", source) from None
 
