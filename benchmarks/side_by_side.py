@@ -337,6 +337,13 @@ def _front_ms(result: dict) -> str:
     return f"{front * 1000 / result['requests']:.0f}" if front is not None and result.get("requests") else "-"
 
 
+def _size_label(case: dict) -> str:
+    """The size column: the image side, or the clip's length and size."""
+    if case.get("video_seconds"):
+        return f"video {case['video_seconds']:g} s {case['video_size']}"
+    return str(case["image_size"])
+
+
 def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
     cols = [
         "size",
@@ -365,13 +372,8 @@ def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
     for case, v, q in zip(cases, vllm["results"], qwen["results"], strict=True):
         key = f"{case['image_size']}/{case['images']}/{case['max_tokens']}/c{case['concurrency']}"
         ceil = ceiling.get(key, {}).get("requests_per_s")
-        size = (
-            case["image_size"]
-            if not case.get("video_seconds")
-            else f"video {case['video_seconds']:g} s {case['video_size']}"
-        )
         row = [
-            size,
+            _size_label(case),
             case["images"],
             case["concurrency"],
             case["max_tokens"],
@@ -505,9 +507,8 @@ def main() -> None:
         )
         for case, v, q in zip(cases, report["vllm"]["results"], report["qwen"]["results"], strict=True):
             steal = "/".join(str(max(b["steal_pct"] for b in r["runs_box"])) for r in (v, q))
-            size = case["image_size"] if not case.get("video_seconds") else f"video {case['video_seconds']:g} s"
             text += (
-                f"| {size} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
+                f"| {_size_label(case)} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
                 f"{'yes' if case['stream'] else 'no'} | {v['runs_requests_per_s']} | {q['runs_requests_per_s']} | {steal} |\n"
             )
     if sweep:
