@@ -40,6 +40,9 @@ OPTIONS = (
 # Long enough (thousands of tokens) that a stream is still decoding when its worker or engine is killed.
 LONG_STREAM = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "ignore_eos": True, "stream": True}
 MAX_TRIES = 200  # connections tried before concluding a worker never answers
+# A respawned worker answers /health 503 until it has attached to the engine: wait for that by the clock,
+# not by a count of tries (a 503 takes milliseconds, so 200 of them can pass before it attaches).
+ANSWER_DEADLINE_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ def _chat_on_one_connection(srv: ServerProcess) -> tuple[int, str, int]:
     with httpx.Client(base_url=srv.url, limits=httpx.Limits(max_connections=1), timeout=60) as client:
         health = client.get("/health")
         if health.status_code != 200:
-            return -1, health.json().get("status", "?"), health.status_code
+            return health.json().get("worker_pid", -1), health.json().get("status", "?"), health.status_code
         r = client.post("/v1/chat/completions", json=body)
         if r.status_code == 200:
             assert r.json()["usage"]["completion_tokens"] >= 1
@@ -125,15 +128,23 @@ def _chat_on_one_connection(srv: ServerProcess) -> tuple[int, str, int]:
 
 
 def _until_answered_by(srv: ServerProcess, wanted: set[int]) -> dict[int, str]:
-    """Image chats on new connections until every pid of `wanted` answered one (200)."""
+    """Image chats on new connections until every pid of `wanted` answered one (200), within
+    ANSWER_DEADLINE_S; what answered otherwise (health status, worker) is in the failure."""
     answered: dict[int, str] = {}
-    for _ in range(MAX_TRIES):
+    refused: collections.Counter[tuple[int, str, int]] = collections.Counter()
+    deadline = time.monotonic() + ANSWER_DEADLINE_S
+    while time.monotonic() < deadline:
         pid, mode, status = _chat_on_one_connection(srv)
         if status == 200:
             answered[pid] = mode
+        else:
+            refused[(pid, mode, status)] += 1
+            time.sleep(0.05)
         if wanted <= set(answered):
             return answered
-    raise AssertionError(f"not every worker of {wanted} answered in {MAX_TRIES} tries: {answered}")
+    raise AssertionError(
+        f"not every worker of {wanted} answered in {ANSWER_DEADLINE_S} s: {answered}; refused: {refused}"
+    )
 
 
 def test_both_workers_answer_image_chats_from_one_engine(server: ServerProcess) -> None:
