@@ -5,17 +5,19 @@ The header (container, codec, frame size, frame count, fps, duration) is checked
 decoded. The frames to keep are chosen by the model's own sampler (vLLM's, handed over by the engine
 in `VideoGeometry.sample`), and each kept frame is resized to the model's budget as soon as it is
 decoded: the clip never exists at its source size, so memory is bounded by the kept frames at their
-final size plus one source frame. OpenCV reads the header and decodes, as in vLLM's own video loader;
-for codecs whose every frame stands alone (MJPG), PyAV's demuxer passes over the frames not kept
-without decoding them (OpenCV's `grab()` decodes every frame it passes: 2.15 s of a 1080p 10 s
-clip's 2.2 s, of which 20 frames were kept; PyAV decoding only those took 0.26 s).
+final size plus one source frame. OpenCV reads the header, as in vLLM's own video loader; PyAV
+decodes, because it can pass over frames not kept (OpenCV's `grab()` decodes every frame it passes):
+for codecs whose every frame stands alone (MJPG) only the kept packets are decoded (a 1080p 10 s clip,
+20 frames kept: 2.2 s in OpenCV, 0.26 s), and for the others (H.264...) frames that no later frame
+refers to are dropped by the decoder unless kept (a 720p 10 s libx264 clip: 0.47 s in OpenCV, 0.30 s).
+OpenCV decodes what PyAV cannot place (packets without timestamps).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +87,16 @@ class DecodedVideo:
     metadata: dict[str, Any]  # what the model's processor reads: source fps, frame count, kept indices
 
 
+def _put(frame: np.ndarray, size: tuple[int, int], source: tuple[int, int], out: np.ndarray, at: int) -> None:
+    """One decoded RGB source frame into `out[at]`, at the model's size (the only copy kept)."""
+    import cv2
+
+    if size != source:
+        cv2.resize(frame, size, dst=out[at], interpolation=cv2.INTER_AREA)
+    else:
+        out[at] = frame
+
+
 def _kept_frames(cap: Any, indices: list[int], source: tuple[int, int], size: tuple[int, int], out: np.ndarray) -> int:
     """OpenCV, in order: every frame up to the last kept one is decoded; the kept ones are resized
     into `out` one at a time. Returns how many were kept (fewer: the clip ended early)."""
@@ -99,49 +111,93 @@ def _kept_frames(cap: Any, indices: list[int], source: tuple[int, int], size: tu
         ok, frame = cap.retrieve()
         if not ok or frame is None or frame.shape[:2] != (source[1], source[0]):
             break
-        # One source frame at a time: converted, resized, and kept only at the model's size.
-        resized = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != source else frame
-        cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=out[kept])
+        _put(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), size, source, out, kept)
         kept += 1
     return kept
 
 
-def _kept_intra_frames(
-    data: bytes, indices: list[int], source: tuple[int, int], size: tuple[int, int], out: np.ndarray
+# Packets demuxed past the last kept frame's index: a decoder reorders frames by fewer than this
+# (H.264 allows 16), so the kept frames' timestamps are among the packets read.
+_REORDER_SLACK = 32
+
+
+def _kept_frames_pyav(
+    data: bytes, indices: list[int], source: tuple[int, int], size: tuple[int, int], out: np.ndarray, *, intra: bool
 ) -> int:
-    """PyAV for intra-only codecs: packets are read in order and only the kept ones decoded, each
-    resized as the OpenCV path resizes it. -1 when PyAV is not installed."""
+    """PyAV: how many kept frames were written into `out` (fewer: the clip is corrupt or ended early),
+    or -1 when PyAV cannot place the frames (not installed, packets without timestamps).
+
+    Intra-only codecs (`intra`): packets are read in order and only the kept ones decoded. Other codecs:
+    a frame's index is its timestamp's rank among the packets (presentation order); a packet whose
+    frame is not kept is decoded with `skip_frame = NONREF`, so the decoder drops it unless later
+    frames refer to it (B-frames mostly), and the kept frames decode to the same pixels."""
     try:
         import av
     except ImportError:
         return -1
-    import cv2
 
-    kept, wanted, index = 0, set(indices), 0
+    kept = 0
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
+            codec = stream.codec_context
+            if intra:
+                wanted, index = set(indices), 0
+                for packet in container.demux(stream):
+                    if packet.size == 0:  # the demuxer's end-of-stream marker, or an empty (dropped) chunk
+                        continue
+                    if index in wanted:
+                        decoded = codec.decode(packet)
+                        if len(decoded) != 1 or not _placed(decoded[0], source, size, out, kept):
+                            break
+                        kept += 1
+                    index += 1
+                    if index > indices[-1]:
+                        break
+                return kept
+            packets = []
             for packet in container.demux(stream):
-                if packet.size == 0:  # the demuxer's end-of-stream marker, or an empty (dropped) chunk
+                if packet.size:
+                    packets.append(packet)
+                    if len(packets) > indices[-1] + _REORDER_SLACK:
+                        break
+            if any(p.pts is None for p in packets):
+                return -1
+            shown = sorted(p.pts for p in packets if not p.is_discard and p.pts is not None)
+            if len(shown) <= indices[-1]:
+                return 0  # fewer frames than the header said: truncated
+            slot = {shown[i]: n for n, i in enumerate(indices)}
+
+            def in_order() -> Iterator[Any]:
+                for packet in packets:
+                    codec.skip_frame = "DEFAULT" if packet.pts in slot else "NONREF"
+                    yield from codec.decode(packet)
+                codec.skip_frame = "DEFAULT"
+                yield from codec.decode(None)  # the frames the decoder still holds
+
+            filled: set[int] = set()
+            for frame in in_order():
+                at = None if frame.pts is None else slot.get(frame.pts)
+                if at is None or at in filled:
                     continue
-                if index in wanted:
-                    decoded = stream.codec_context.decode(packet)
-                    if len(decoded) != 1:
-                        break
-                    frame = decoded[0].to_ndarray(format="rgb24")
-                    if frame.shape[:2] != (source[1], source[0]):
-                        break
-                    if size != source:
-                        cv2.resize(frame, size, dst=out[kept], interpolation=cv2.INTER_AREA)
-                    else:
-                        out[kept] = frame
-                    kept += 1
-                index += 1
-                if index > indices[-1]:
+                if not _placed(frame, source, size, out, at):
                     break
+                filled.add(at)
+                if len(filled) == len(indices):
+                    break
+            kept = len(filled)
     except av.FFmpegError:  # corrupt or truncated past the header: the caller reports the short count
         pass
     return kept
+
+
+def _placed(frame: Any, source: tuple[int, int], size: tuple[int, int], out: np.ndarray, at: int) -> bool:
+    """A PyAV frame into `out[at]`; False when it is not of the header's size (a corrupt stream)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if rgb.shape[:2] != (source[1], source[0]):
+        return False
+    _put(rgb, size, source, out, at)
+    return True
 
 
 def container_of(data: bytes) -> str | None:
@@ -215,10 +271,8 @@ def decode_video(
                 Kind.TOO_LARGE,
             )
         frames = np.empty((len(indices), size[1], size[0], 3), dtype=np.uint8)
-        kept = -1
-        if codec in _INTRA_ONLY:
-            kept = _kept_intra_frames(data, indices, (width, height), size, frames)
-        if kept < 0:  # not intra-only, or PyAV is not installed
+        kept = _kept_frames_pyav(data, indices, (width, height), size, frames, intra=codec in _INTRA_ONLY)
+        if kept < 0:  # PyAV is not installed, or cannot place the frames
             kept = _kept_frames(cap, indices, (width, height), size, frames)
         if kept < len(indices):
             raise MediaError(

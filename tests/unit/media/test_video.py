@@ -172,28 +172,41 @@ def write_h264(path: Path, frames: int = 40, fps: int = 10, size=(320, 240)) -> 
     return path.read_bytes()
 
 
+def in_opencv_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode every frame in order with OpenCV, as vLLM's loader does: the reference for PyAV's skipping."""
+    from qwen_server.media import video as video_mod
+
+    monkeypatch.setattr(video_mod, "_kept_frames_pyav", lambda *args, **kw: -1)
+
+
 def test_intra_only_clips_decode_only_the_kept_frames_to_the_same_pixels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MJPG: PyAV decodes only the kept packets; the frames are those of decoding every frame in order."""
-    from qwen_server.media import video as video_mod
-
     data = write_clip(tmp_path / "a.avi", frames=60, fps=30.0, size=(640, 360))
-    decoded: list[int] = []
-    real = video_mod._kept_intra_frames
-
-    def counting(*args: Any) -> int:
-        kept = real(*args)
-        decoded.append(kept)
-        return kept
-
-    monkeypatch.setattr(video_mod, "_kept_intra_frames", counting)
     skipping = decode(data)
-    assert decoded == [len(skipping.metadata["frames_indices"])] == [4]  # 2 s at 2 fps, of 60 frames
-    monkeypatch.setattr(video_mod, "_INTRA_ONLY", frozenset())
+    assert len(skipping.metadata["frames_indices"]) == 4  # 2 s at 2 fps, of 60 frames
+    in_opencv_only(monkeypatch)
     in_order = decode(data)
     assert skipping.metadata == in_order.metadata
     assert np.abs(skipping.frames.astype(int) - in_order.frames).max() <= 1, "the same frames, resized the same way"
+
+
+def test_h264_frames_not_kept_are_skipped_to_the_same_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """H.264 with B-frames: PyAV lets the decoder drop unreferenced frames that are not kept; every kept
+    frame is, bit for bit, the one OpenCV gives decoding every frame, at every sampling rate."""
+    import av
+
+    data = write_h264(tmp_path / "a.mp4")
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        types = {av.video.frame.PictureType(frame.pict_type).name for frame in container.decode(video=0)}
+    assert "B" in types, types  # the clip has frames the decoder may drop
+    skipping = [decode(data, fps=fps) for fps in (1.0, 2.0, 5.0, 10.0)]
+    in_opencv_only(monkeypatch)
+    for fps, video in zip((1.0, 2.0, 5.0, 10.0), skipping, strict=True):
+        reference = decode(data, fps=fps)
+        assert video.metadata == reference.metadata
+        assert np.array_equal(video.frames, reference.frames), fps
 
 
 def test_h264_clips_are_decoded_in_order(tmp_path: Path) -> None:
