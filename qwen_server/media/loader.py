@@ -22,8 +22,16 @@ from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 from qwen_server.media.fetch import Fetcher, FetchError
 from qwen_server.media.image import Geometry, decode_image
-from qwen_server.media.sources import data_url_bytes, digest, file_bytes, hashed, source_of
-from qwen_server.media.video import DecodedVideo, VideoGeometry, VideoLimits, decode_video
+from qwen_server.media.sources import (
+    data_url_bytes,
+    data_url_frames,
+    digest,
+    file_bytes,
+    hashed,
+    is_frame_list,
+    source_of,
+)
+from qwen_server.media.video import DecodedVideo, VideoGeometry, VideoLimits, decode_frame_list, decode_video
 from qwen_server.settings import Settings
 
 
@@ -175,31 +183,48 @@ class MediaLoader:
     ) -> LoadedVideo:
         source = source_of(url)
         t0 = time.perf_counter()
-        data, content_hash = await self._bytes(url, source, param, "video")
+        decode: Any = self._decode_video
+        if source == "data" and is_frame_list(url):
+            decode = self._decode_frame_list
+            data: Any = await asyncio.to_thread(data_url_frames, url, param, self.settings.max_video_bytes)
+            # Each frame's length is hashed with it: [A, B] and [AB] are different videos.
+            framed = b"".join(len(jpeg).to_bytes(8, "little") + jpeg for jpeg in data)
+            content_hash = "frames:" + await asyncio.to_thread(digest, framed)
+            size = sum(map(len, data))
+        else:
+            data, content_hash = await self._bytes(url, source, param, "video")
+            size = len(data)
         metrics.VIDEO_SECONDS.labels(source, "read").observe(time.perf_counter() - t0)
-        metrics.VIDEO_BYTES.labels(source).inc(len(data))
+        metrics.VIDEO_BYTES.labels(source).inc(size)
         key = f"video:{content_hash}:{geometry.factor}:{geometry.min_pixels}:{geometry.max_pixels}:{fps:g}:{max_frames}"
         t0 = time.perf_counter()
         video: DecodedVideo
-        video, cached = await self._decoded(key, param, self._decode_video, data, param, geometry, fps, max_frames)
+        video, cached = await self._decoded(key, param, decode, data, param, geometry, fps, max_frames)
         metrics.VIDEOS.labels("cached" if cached else "decoded").inc()
         if not cached:
             metrics.VIDEO_SECONDS.labels(source, "decode").observe(time.perf_counter() - t0)
             metrics.VIDEO_FRAMES.inc(len(video.frames))
         return LoadedVideo(video.frames, dict(video.metadata), key)
 
-    def _decode_video(
-        self, data: bytes, param: str, geometry: VideoGeometry, fps: float, max_frames: int
-    ) -> DecodedVideo:
+    def _video_limits(self) -> VideoLimits:
         s = self.settings
-        limits = VideoLimits(
+        return VideoLimits(
             max_seconds=s.max_video_seconds,
             max_frame_pixels=s.max_video_frame_pixels,
             max_source_frames=s.max_video_source_frames,
             max_frames=s.max_video_frames,
             max_pixels=s.max_video_pixels,
         )
-        return decode_video(data, param, limits, geometry, fps=fps, max_frames=max_frames)
+
+    def _decode_video(
+        self, data: bytes, param: str, geometry: VideoGeometry, fps: float, max_frames: int
+    ) -> DecodedVideo:
+        return decode_video(data, param, self._video_limits(), geometry, fps=fps, max_frames=max_frames)
+
+    def _decode_frame_list(
+        self, jpegs: list[bytes], param: str, geometry: VideoGeometry, fps: float, max_frames: int
+    ) -> DecodedVideo:
+        return decode_frame_list(jpegs, param, self._video_limits(), geometry, fps=fps, max_frames=max_frames)
 
     async def _bytes(self, url: str, source: str, param: str, noun: str = "image") -> tuple[bytes, str]:
         max_bytes = self.settings.max_image_bytes if noun == "image" else self.settings.max_video_bytes

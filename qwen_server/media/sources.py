@@ -41,6 +41,27 @@ def data_url_bytes(url: str, param: str, max_bytes: int, noun: str = "image") ->
         raise MediaError(f"{noun.capitalize()} data is not valid base64: {exc}.", param, "bad_data_url") from None
 
 
+def is_frame_list(url: str) -> bool:
+    """vLLM's frame-list video: `data:video/jpeg;base64,<JPEG>,<JPEG>,...`, frames the client sampled."""
+    return url[:16].lower() == "data:video/jpeg;"
+
+
+def data_url_frames(url: str, param: str, max_bytes: int) -> list[bytes]:
+    """The JPEGs of a frame-list data URL, `max_bytes` for them all."""
+    header, _, payload = url.partition(",")
+    if "base64" not in header[5:].split(";")[1:]:
+        raise MediaError("Only base64 frame lists are supported (data:video/jpeg;base64,...).", param, "bad_data_url")
+    if len(payload) > (max_bytes + 2) // 3 * 4 * 2:  # room for every frame's padding and comma
+        raise MediaError(f"Video is larger than the limit of {max_bytes} bytes.", param, "too_large", Kind.TOO_LARGE)
+    try:
+        frames = [pybase64.b64decode(part, validate=True) for part in payload.split(",")]
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"Video frame data is not valid base64: {exc}.", param, "bad_data_url") from None
+    if sum(map(len, frames)) > max_bytes:
+        raise MediaError(f"Video is larger than the limit of {max_bytes} bytes.", param, "too_large", Kind.TOO_LARGE)
+    return frames
+
+
 def file_bytes(url: str, param: str, root: str | None, max_bytes: int, noun: str = "image") -> bytes:
     if root is None:
         raise MediaError(

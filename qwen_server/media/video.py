@@ -200,6 +200,67 @@ def _placed(frame: Any, source: tuple[int, int], size: tuple[int, int], out: np.
     return True
 
 
+def decode_frame_list(
+    jpegs: list[bytes], param: str, limits: VideoLimits, geometry: VideoGeometry, *, fps: float, max_frames: int
+) -> DecodedVideo:
+    """vLLM's frame-list video (JPEG frames the client sampled): every frame is kept, at `fps`, each
+    checked from its header and decoded at the model's size as the clip path decodes (Pillow's JPEG
+    draft mode on the way); MediaError for a list the server refuses."""
+    from PIL import Image, UnidentifiedImageError
+
+    cap = min(max_frames, limits.max_frames)
+    if not jpegs or len(jpegs) > cap:
+        raise MediaError(
+            f"The frame list has {len(jpegs)} frames; this server takes 1 to {cap} (max_frames).",
+            param,
+            "too_long",
+            Kind.TOO_LARGE,
+        )
+    try:
+        images = [Image.open(io.BytesIO(jpeg)) for jpeg in jpegs]
+    except (UnidentifiedImageError, OSError):
+        raise MediaError("A video frame is not an image: its data is corrupt.", param, "corrupt") from None
+    if any(image.format != "JPEG" for image in images):
+        raise MediaError("Every frame of a video/jpeg frame list must be a JPEG.", param, "unsupported_format")
+    width, height = images[0].size
+    if any(image.size != (width, height) for image in images):
+        raise MediaError("The frames of a video differ in size.", param, "mixed_frame_sizes")
+    if width * height > limits.max_frame_pixels:
+        raise MediaError(
+            f"The video's frames are {width}x{height}, over this server's limit of {limits.max_frame_pixels} "
+            "pixels per frame.",
+            param,
+            "too_large",
+            Kind.TOO_LARGE,
+        )
+    size = geometry.target(len(images), width, height)
+    if len(images) * size[0] * size[1] > limits.max_pixels:
+        raise MediaError(
+            f"The video's {len(images)} frames of {size[0]}x{size[1]} are over this server's limit of "
+            f"{limits.max_pixels} pixels per video.",
+            param,
+            "too_large",
+            Kind.TOO_LARGE,
+        )
+    frames = np.empty((len(images), size[1], size[0], 3), dtype=np.uint8)
+    for at, image in enumerate(images):
+        try:
+            image.draft("RGB", size)  # JPEG's DCT scaling: decoded at 1/2, 1/4 or 1/8 when that still covers size
+            rgb = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise MediaError("A video frame could not be decoded: its data is corrupt.", param, "corrupt") from None
+        _put(rgb, size, rgb.shape[1::-1], frames, at)
+    metadata = {
+        "total_num_frames": len(images),
+        "fps": fps,
+        "duration": len(images) / fps,
+        "video_backend": "jpeg_sequence",
+        "frames_indices": list(range(len(images))),
+        "do_sample_frames": False,
+    }
+    return DecodedVideo(frames, metadata)
+
+
 def container_of(data: bytes) -> str | None:
     for magic, offset, name in _CONTAINERS:
         if data[offset : offset + len(magic)] == magic:

@@ -82,6 +82,22 @@ def test_a_lower_rate_and_fewer_frames_give_fewer_tokens(server: ServerProcess, 
     assert capped > smaller  # a smaller pixel budget: smaller frames, fewer tokens
 
 
+def frame_list_url(n: int, size=(320, 240)) -> str:
+    """vLLM's frame-list video: the client's sampled frames as JPEGs in one data URL."""
+    base = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    jpegs = [cv2.imencode(".jpg", np.roll(base, 4 * i, axis=1))[1].tobytes() for i in range(n)]
+    return "data:video/jpeg;base64," + ",".join(base64.b64encode(j).decode() for j in jpegs)
+
+
+def test_a_frame_list_costs_what_the_same_frames_sampled_from_a_clip_cost(
+    server: ServerProcess, clips: dict[str, bytes]
+) -> None:
+    clip = prompt_tokens(server, video_part(data_url(clips["clip.avi"])), mm_processor_kwargs={"fps": 2})
+    frames = prompt_tokens(server, video_part(frame_list_url(8)), mm_processor_kwargs={"fps": 2})
+    assert frames == clip  # 4 s at 2 fps: 8 frames of 320x240 either way, the same grid
+    assert prompt_tokens(server, video_part(frame_list_url(4))) < frames
+
+
 def test_a_video_and_an_image_in_one_request_answer(server: ServerProcess, clips: dict[str, bytes]) -> None:
     image = {"type": "image_url", "image_url": {"url": image_data_url()}}
     both = prompt_tokens(server, image, video_part(data_url(clips["clip.avi"])))
@@ -98,6 +114,8 @@ def test_a_video_and_an_image_in_one_request_answer(server: ServerProcess, clips
         (lambda c: data_url(c["clip.avi"]), {"mm_processor_kwargs": {"max_frames": 10**6}}, 400, None),
         (lambda c: data_url(c["clip.avi"]), {"mm_processor_kwargs": {"fps": 0}}, 400, None),
         (lambda c: "file:///etc/passwd", {}, 400, "video_forbidden_path"),
+        (lambda c: frame_list_url(2) + "," + frame_list_url(1, (160, 120))[23:], {}, 400, "video_mixed_frame_sizes"),
+        (lambda c: frame_list_url(9), {"mm_processor_kwargs": {"max_frames": 8}}, 413, "video_too_long"),
     ],
 )
 def test_bad_videos_are_refused_naming_the_part(

@@ -13,7 +13,8 @@ import pytest
 
 from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
-from qwen_server.media.video import VideoGeometry, VideoLimits, decode_video
+from qwen_server.media.sources import data_url_frames
+from qwen_server.media.video import VideoGeometry, VideoLimits, decode_frame_list, decode_video
 
 
 def uniform(total: int, source_fps: float, fps: float, max_frames: int) -> list[int]:
@@ -224,3 +225,73 @@ def test_h264_clips_are_decoded_in_order(tmp_path: Path) -> None:
     with pytest.raises(MediaError) as err:
         decode(data[: len(data) // 3])
     assert err.value.reason == "corrupt"
+
+
+# --- vLLM's frame-list video: data:video/jpeg;base64,<JPEG>,<JPEG>,... ---
+
+
+def jpeg_frames(n: int = 6, size=(320, 240), fmt: str = ".jpg") -> list[bytes]:
+    base = np.random.default_rng(2).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    base = cv2.GaussianBlur(base, (9, 9), 3)  # camera-like: JPEG keeps it close
+    return [cv2.imencode(fmt, np.roll(base, 8 * i, axis=1))[1].tobytes() for i in range(n)]
+
+
+def frame_list_url(jpegs: list[bytes]) -> str:
+    import base64
+
+    return "data:video/jpeg;base64," + ",".join(base64.b64encode(j).decode() for j in jpegs)
+
+
+def test_a_frame_list_gives_what_vllms_own_frame_list_loader_gives(tiny_model: Path) -> None:
+    """Every frame kept, at the request's fps; the processor sees the same grid and close pixels as
+    from vLLM's `VideoMediaIO.load_base64("video/jpeg", ...)`, which keeps the frames at source size."""
+    from transformers import AutoVideoProcessor
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.media.video import VideoMediaIO
+
+    url = frame_list_url(jpeg_frames())
+    video = decode_frame_list(data_url_frames(url, "v", 10**8), "v", LIMITS, GEOMETRY, fps=2.0, max_frames=64)
+    assert video.frames.shape == (6, 168, 252, 3)
+    theirs_frames, theirs_meta = (
+        VideoMediaIO(ImageMediaIO(), num_frames=-1, fps=2.0).load_base64("video/jpeg", url.partition(",")[2]).media
+    )
+    assert theirs_frames.shape == (6, 240, 320, 3)
+    assert {k: video.metadata[k] for k in theirs_meta} == theirs_meta  # the same metadata, backend's name included
+    processor = AutoVideoProcessor.from_pretrained(tiny_model)
+    ours = processor(videos=[video.frames], return_tensors="np", do_sample_frames=False)
+    theirs = processor(videos=[theirs_frames], return_tensors="np", do_sample_frames=False)
+    assert (ours["video_grid_thw"] == theirs["video_grid_thw"]).all()
+    assert np.abs(ours["pixel_values_videos"] - theirs["pixel_values_videos"]).mean() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("jpegs", "limits", "max_frames", "reason", "kind"),
+    [
+        (jpeg_frames(6), LIMITS, 5, "too_long", Kind.TOO_LARGE),  # more frames than the request allows
+        (jpeg_frames(6), VideoLimits(60, 1920 * 1080, 2000, 4, 10**8), 64, "too_long", Kind.TOO_LARGE),
+        (jpeg_frames(2), VideoLimits(60, 100 * 100, 2000, 64, 10**8), 64, "too_large", Kind.TOO_LARGE),
+        (jpeg_frames(6), VideoLimits(60, 1920 * 1080, 2000, 64, 6 * 168 * 252 - 1), 64, "too_large", Kind.TOO_LARGE),
+        (jpeg_frames(2) + jpeg_frames(1, size=(160, 120)), LIMITS, 64, "mixed_frame_sizes", Kind.INVALID),
+        (jpeg_frames(2, fmt=".png"), LIMITS, 64, "unsupported_format", Kind.INVALID),
+        ([*jpeg_frames(1), b"not a jpeg"], LIMITS, 64, "corrupt", Kind.INVALID),
+        ([jpeg_frames(1)[0][:300]], LIMITS, 64, "corrupt", Kind.INVALID),  # truncated past the header
+    ],
+)
+def test_a_frame_list_the_server_refuses(
+    jpegs: list[bytes], limits: VideoLimits, max_frames: int, reason: str, kind: Kind
+) -> None:
+    with pytest.raises(MediaError) as err:
+        decode_frame_list(jpegs, "v", limits, GEOMETRY, fps=2.0, max_frames=max_frames)
+    assert (err.value.reason, err.value.kind) == (reason, kind), err.value.message
+
+
+def test_a_frame_list_url_is_read_within_the_byte_cap() -> None:
+    jpegs = jpeg_frames(3)
+    assert data_url_frames(frame_list_url(jpegs), "v", 10**6) == jpegs
+    with pytest.raises(MediaError) as err:
+        data_url_frames(frame_list_url(jpegs), "v", sum(map(len, jpegs)) - 1)
+    assert err.value.reason == "too_large"
+    for bad in ("data:video/jpeg;base64,AAAA,!!!!", "data:video/jpeg,AAAA"):
+        with pytest.raises(MediaError) as err:
+            data_url_frames(bad, "v", 10**6)
+        assert err.value.reason == "bad_data_url"
