@@ -11,6 +11,10 @@ process tree. Prints progress while it runs; writes the result as JSON (`--json`
 
 Images are distinct per request (seeded noise JPEGs, encoded before the run), so no server can
 answer from a cache what a real workload would make it decode.
+
+`--client` picks who sends: `aiohttp` (one session, the default), `httpx` (one AsyncClient with as many
+connections as the concurrency, reading the stream with `aiter_lines()`), or `openai` (the `openai`
+SDK's AsyncOpenAI, which users run). TTFT is the first chunk carrying content, for every client.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
+import httpx
 import msgspec
 from PIL import Image
 
@@ -105,40 +111,131 @@ def build_bodies(args: argparse.Namespace) -> list[bytes]:
     return bodies
 
 
-async def one(session: aiohttp.ClientSession, url: str, body: bytes, stream: bool) -> Sample:
-    start = time.perf_counter()
-    try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
-            if r.status != 200:
-                return Sample(False, start, time.perf_counter(), error=f"HTTP {r.status}: {(await r.text())[:200]}")
-            if not stream:
-                data = msgspec.json.decode(await r.read())
-                end = time.perf_counter()
-                tokens = data["usage"]["completion_tokens"]
-                return Sample(True, start, end, ttft=end - start, output_tokens=tokens)
-            sample = Sample(True, start, 0.0)
-            last = None
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = msgspec.json.decode(line[6:])  # the client's CPU is the server's loss: parse fast
-                if "error" in chunk:
-                    sample.ok, sample.error = False, str(chunk["error"])[:200]
-                    continue
-                if chunk.get("usage"):
-                    sample.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    now = time.perf_counter()
-                    if last is None:
-                        sample.ttft = now - start
-                    else:
-                        sample.itl.append(now - last)
-                    last = now
-            sample.end = time.perf_counter()
-            return sample
-    except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as exc:
-        return Sample(False, start, time.perf_counter(), error=f"{type(exc).__name__}: {exc}")
+Send = Callable[[bytes], Awaitable[Sample]]
+
+
+class _Stream:
+    """One streamed answer's chunks into a Sample: TTFT at the first content, then inter-token gaps."""
+
+    def __init__(self, start: float) -> None:
+        self.sample = Sample(True, start, 0.0)
+        self.last: float | None = None
+
+    def chunk(self, chunk: dict) -> None:
+        if "error" in chunk:
+            self.sample.ok, self.sample.error = False, str(chunk["error"])[:200]
+            return
+        if chunk.get("usage"):
+            self.sample.output_tokens = chunk["usage"]["completion_tokens"]
+        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            now = time.perf_counter()
+            if self.last is None:
+                self.sample.ttft = now - self.sample.start
+            else:
+                self.sample.itl.append(now - self.last)
+            self.last = now
+
+    def done(self) -> Sample:
+        self.sample.end = time.perf_counter()
+        return self.sample
+
+
+def _answered(start: float, data: dict) -> Sample:
+    end = time.perf_counter()
+    return Sample(True, start, end, ttft=end - start, output_tokens=data["usage"]["completion_tokens"])
+
+
+def _failed(start: float, exc: BaseException) -> Sample:
+    return Sample(False, start, time.perf_counter(), error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+@asynccontextmanager
+async def aiohttp_client(url: str, args: argparse.Namespace) -> AsyncIterator[Send]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def send(body: bytes) -> Sample:
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                    if r.status != 200:
+                        return Sample(
+                            False, start, time.perf_counter(), error=f"HTTP {r.status}: {(await r.text())[:200]}"
+                        )
+                    if not args.stream:
+                        return _answered(start, msgspec.json.decode(await r.read()))
+                    stream = _Stream(start)
+                    async for raw in r.content:
+                        line = raw.strip()
+                        if line.startswith(b"data: ") and line != b"data: [DONE]":
+                            stream.chunk(msgspec.json.decode(line[6:]))  # the client's CPU is the server's loss
+                    return stream.done()
+            except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as exc:
+                return _failed(start, exc)
+
+        yield send
+
+
+@asynccontextmanager
+async def httpx_client(url: str, args: argparse.Namespace) -> AsyncIterator[Send]:
+    """A plain httpx client, as many users write one."""
+    limits = httpx.Limits(max_connections=args.concurrency or 100, max_keepalive_connections=args.concurrency or 100)
+    async with httpx.AsyncClient(limits=limits, timeout=args.timeout) as client:
+
+        async def send(body: bytes) -> Sample:
+            start = time.perf_counter()
+            headers = {"Content-Type": "application/json"}
+            try:
+                if not args.stream:
+                    r = await client.post(url, content=body, headers=headers)
+                    if r.status_code != 200:
+                        return Sample(False, start, time.perf_counter(), error=f"HTTP {r.status_code}: {r.text[:200]}")
+                    return _answered(start, r.json())
+                async with client.stream("POST", url, content=body, headers=headers) as r:
+                    if r.status_code != 200:
+                        text = (await r.aread()).decode(errors="replace")
+                        return Sample(False, start, time.perf_counter(), error=f"HTTP {r.status_code}: {text[:200]}")
+                    stream = _Stream(start)
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            stream.chunk(json.loads(line[6:]))
+                    return stream.done()
+            except (httpx.HTTPError, ValueError) as exc:
+                return _failed(start, exc)
+
+        yield send
+
+
+@asynccontextmanager
+async def openai_client(url: str, args: argparse.Namespace) -> AsyncIterator[Send]:
+    """The openai SDK (its own httpx pool), bodies passed as the SDK's arguments, vLLM's fields in extra_body."""
+    import openai
+
+    base = url.removesuffix("/chat/completions")
+    async with openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=args.timeout) as client:
+        standard = {"model", "messages", "max_tokens", "temperature", "stream", "stream_options"}
+
+        async def send(body: bytes) -> Sample:
+            fields = json.loads(body)
+            kwargs = {k: v for k, v in fields.items() if k in standard}
+            extra = {k: v for k, v in fields.items() if k not in standard}
+            start = time.perf_counter()
+            try:
+                if not args.stream:
+                    answer = await client.chat.completions.create(**kwargs, extra_body=extra)
+                    return _answered(start, answer.model_dump())
+                stream = _Stream(start)
+                async for chunk in await client.chat.completions.create(**kwargs, extra_body=extra):
+                    stream.chunk(chunk.model_dump(exclude_none=True))
+                return stream.done()
+            except openai.OpenAIError as exc:
+                return _failed(start, exc)
+
+        yield send
+
+
+CLIENTS = {"aiohttp": aiohttp_client, "httpx": httpx_client, "openai": openai_client}
 
 
 async def run(
@@ -147,8 +244,6 @@ async def run(
     """The samples, the elapsed time, and (open loop) how long the sends took: on a busy machine the
     client's own loop falls behind the Poisson schedule, so the rate it really offered is lower."""
     url = args.url.rstrip("/") + "/v1/chat/completions"
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=args.timeout)
     samples: list[Sample] = []
     done = 0
 
@@ -158,9 +253,9 @@ async def run(
             errors = sum(not s.ok for s in samples)
             print(f"\r  {done}/{len(bodies)} done, {errors} errors", end="", file=sys.stderr, flush=True)
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with CLIENTS[args.client](url, args) as send:
         # Warm-up, not counted: connections opened, first-use paths of this shape taken, in both servers.
-        await asyncio.gather(*(one(session, url, body, args.stream) for body in warm))
+        await asyncio.gather(*(send(body) for body in warm))
         ticker = asyncio.ensure_future(progress())
         t0 = time.perf_counter()
         sent_s = None
@@ -168,7 +263,7 @@ async def run(
             rng = random.Random(args.seed)
             tasks = []
             for body in bodies:
-                tasks.append(asyncio.ensure_future(one(session, url, body, args.stream)))
+                tasks.append(asyncio.ensure_future(send(body)))
                 await asyncio.sleep(rng.expovariate(args.rate))
             sent_s = time.perf_counter() - t0
             for task in asyncio.as_completed(tasks):
@@ -180,7 +275,7 @@ async def run(
             async def worker() -> None:
                 nonlocal done
                 while queue:
-                    samples.append(await one(session, url, queue.pop(), args.stream))
+                    samples.append(await send(queue.pop()))
                     done += 1
 
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
@@ -251,6 +346,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--video-codec", choices=["h264", "mjpg"], default="h264")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="aiohttp", help="who sends (see above)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
