@@ -221,6 +221,10 @@ def _bind_listen(host: str, port: int, backlog: int, reuse_addr: bool) -> socket
         sock.bind((host, port))
         # Restarts must not wait for TIME_WAIT: set it now that the bind proved the port is ours.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit TCP_NODELAY from the listener, and Granian sets it on no socket
+        # it did not bind: without it, Nagle holds each small SSE write until the client ACKs the last,
+        # and a client that delays its ACKs (most do) stalls every stream.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(backlog)
     except OSError:
         sock.close()

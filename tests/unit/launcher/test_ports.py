@@ -37,7 +37,12 @@ def test_take_port_listens_without_reuseport() -> None:
     try:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
         assert sock.get_inheritable()
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()  # listening already
+        client = socket.create_connection(("127.0.0.1", port), timeout=2)  # listening already
+        accepted, _ = sock.accept()
+        # What Granian's workers accept is what streams tokens: Nagle must be off on it.
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted.close()
+        client.close()
     finally:
         sock.close()
 
