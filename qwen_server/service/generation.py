@@ -285,12 +285,19 @@ class Endpoint(abc.ABC):
         echo_pending = prep.echo and prep.logprobs is not None
         generated = [0] * count  # completion tokens per choice, for continuous usage
         try:
-            # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0].
+            # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0]. The openings go
+            # out with the engine's first output, as vLLM's do: clients and load generators (vLLM's own)
+            # take the first chunk for the first token, so sending them sooner would fake a shorter TTFT.
+            openings = []
             for k in range(count):
                 if (first := self.opening(prep, k)) is not None:
                     usage = self._running_usage(prep, k, 0) if prep.continuous_usage else None
-                    yield frame(encode(self.body(prep, [first], usage, chunk=True)))
+                    openings.append(frame(encode(self.body(prep, [first], usage, chunk=True))))
             async for i, out in self._run(prep):
+                if openings:
+                    for opening in openings:
+                        yield opening
+                    openings = []
                 if echo_pending and out.prompt_logprobs:  # the first output of prompt i carries them
                     echoed = self._prompt_logprobs(out, prep.logprobs or 0)
                     for k in range(i * prep.n, (i + 1) * prep.n):
@@ -312,6 +319,8 @@ class Endpoint(abc.ABC):
                     if (choice := self.choice(prep, k, piece, delta=True)) is not None:  # None: nothing to send yet
                         usage = self._running_usage(prep, k, generated[k]) if prep.continuous_usage else None
                         yield frame(encode(self.body(prep, [choice], usage, chunk=True)))
+            for opening in openings:  # the engine gave nothing (an empty prompt's echo, say): still well-formed
+                yield opening
             if prep.include_usage:
                 yield frame(encode(self.body(prep, [], self.usage(prep, completion_tokens), chunk=True)))
         except ServiceError as exc:

@@ -75,6 +75,27 @@ def test_a_stream_that_finishes_ends_with_done() -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_the_opening_chunk_waits_for_the_engines_first_output() -> None:
+    """Clients and load generators (vLLM's `bench serve` among them) take the first chunk for the first
+    token: the role chunk goes out with the first output, as vLLM sends it, never before the engine answered."""
+    asked = asyncio.Event()
+
+    async def generate(prep):
+        asked.set()
+        await asyncio.sleep(0)
+        yield _output("Hi", "stop")
+
+    async def first_frame() -> tuple[bool, bytes]:
+        frames = _fake_service(generate).stream(_prepared())
+        first = await anext(frames)
+        await frames.aclose()
+        return asked.is_set(), first
+
+    engine_asked, first = asyncio.run(first_frame())
+    assert engine_asked, "the opening was sent before the engine was asked for anything"
+    assert json.loads(first[6:-2])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
 @pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyError("k"), AssertionError()])
 def test_an_unexpected_failure_mid_stream_becomes_an_error_event_not_a_silent_cut(
     failure: Exception, caplog: pytest.LogCaptureFixture
