@@ -63,18 +63,27 @@ def engine_flags() -> list[str]:
     ]
 
 
-def scenarios(kind: str) -> list[dict]:
-    """The cases of `kind`. "full": the whole matrix; "quick": c16 streaming; "targets": the rows the
-    issue sets targets on (1 image, c16 and c64, 16 tokens), with twice the requests, meant for --repeat."""
+def scenarios(kind: str, clients: list[str]) -> list[dict]:
+    """The cases of `kind`, each sent by every client of `clients`. "full": the whole matrix; "quick":
+    c16 streaming; "targets": the rows the issue sets targets on (1 image, c16 and c64, 16 tokens),
+    with twice the requests, meant for --repeat; "clients": 1 image, 16 tokens, streaming and not,
+    224 px at c1/c16/c64 and 1024 px at c16. vllm-bench streams only. Each row has its own seed:
+    images are distinct across rows too, so no row is served from a cache an earlier row filled."""
+    grid: list[tuple[int, int, int, int, bool]]
     if kind == "quick":
-        grid = itertools.product([224, 1024], [1], [16], [16], [True])
+        grid = list(itertools.product([224, 1024], [1], [16], [16], [True]))
     elif kind == "targets":
-        grid = itertools.product([224, 1024], [1], [16, 64], [16], [True, False])
+        grid = list(itertools.product([224, 1024], [1], [16, 64], [16], [True, False]))
+    elif kind == "clients":  # 224 px at c1/c16/c64, 1024 px at c16 (the slow rows once)
+        grid = [(224, 1, c, 16, st) for c in (1, 16, 64) for st in (True, False)]
+        grid += [(1024, 1, 16, 16, st) for st in (True, False)]
     else:
-        grid = itertools.product([224, 1024], [1, 4], [1, 16, 64], [16, 128], [True, False])
+        grid = list(itertools.product([224, 1024], [1, 4], [1, 16, 64], [16, 128], [True, False]))
     scale = 2 if kind == "targets" else 1
-    out = []
-    for size, images, conc, tokens, stream in grid:
+    out: list[dict] = []
+    for (size, images, conc, tokens, stream), client in itertools.product(grid, clients):
+        if client == "vllm-bench" and not stream:
+            continue
         requests = scale * min(320, max(32, 8 * conc)) // (2 if tokens > 16 else 1)
         out.append(
             {
@@ -84,9 +93,104 @@ def scenarios(kind: str) -> list[dict]:
                 "max_tokens": tokens,
                 "stream": stream,
                 "requests": requests,
+                "client": client,
+                "seed": 1000 + len(out),
             }
         )
     return out
+
+
+CLIENTS = [*loadgen.CLIENTS, "vllm-bench"]
+
+
+def vllm_bench(case: dict, server: Server, out: Path) -> dict:
+    """vLLM's own load generator (`vllm bench serve`, from Python: the CPU build's `vllm` script does not
+    start) on `case`: its random-mm dataset, one random image of the case's size per request, random
+    prompt tokens, the openai-chat backend (streaming), closed loop at the case's concurrency. Its
+    figures in loadgen's shape; the server's tree sampled as loadgen samples it."""
+    from benchmarks.proctree import TreeSampler
+
+    size = case["image_size"]
+    name = f"vllm-bench-{server.name}-{case['seed']}"
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+        "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))",
+        "--backend",
+        "openai-chat",
+        "--endpoint",
+        "/v1/chat/completions",
+        "--base-url",
+        server.url,
+        "--model",
+        MODEL_NAME,
+        "--tokenizer",
+        server.model,
+        "--dataset-name",
+        "random-mm",
+        "--num-prompts",
+        str(case["requests"]),
+        "--max-concurrency",
+        str(case["concurrency"]),
+        "--request-rate",
+        "inf",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        str(case["max_tokens"]),
+        "--random-range-ratio",
+        "0",
+        "--random-mm-base-items-per-request",
+        str(case["images"]),
+        "--random-mm-num-mm-items-range-ratio",
+        "0",
+        "--random-mm-limit-mm-per-prompt",
+        json.dumps({"image": case["images"], "video": 0}),
+        "--random-mm-bucket-config",
+        repr({(size, size, 1): 1.0}),
+        "--ignore-eos",
+        "--seed",
+        str(case["seed"]),
+        "--num-warmups",
+        str(min(case["concurrency"], 8)),
+        "--percentile-metrics",
+        "ttft,itl,e2el",
+        "--metric-percentiles",
+        "50,90,99",
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        f"{name}.json",
+    ]
+    sampler = TreeSampler(server.proc.pid)
+    sampler.start()
+    with open(out / f"{name}.log", "wb") as log:
+        done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+    tree = sampler.stop()
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({done.returncode}); see {out / f'{name}.log'}")
+    got = json.loads((out / f"{name}.json").read_text())
+    errors = [e for e in got.get("errors", []) if e]
+
+    def pct(metric: str) -> dict:
+        return {f"p{p}": got.get(f"p{p}_{metric}_ms", 0) / 1000 for p in (50, 90, 99)}
+
+    return {
+        "requests": case["requests"],
+        "errors": case["requests"] - got["completed"],
+        "first_error": errors[0][:200] if errors else None,
+        "elapsed_s": got["duration"],
+        "requests_per_s": got["request_throughput"],
+        "output_tokens_per_s": got["output_throughput"],
+        "ttft_s": pct("ttft"),
+        "itl_s": pct("itl"),
+        "e2e_s": pct("e2el"),
+        **tree,
+        "scenario": case,
+    }
 
 
 def video_cases() -> list[dict]:
@@ -176,6 +280,7 @@ def image_chat(seed: int) -> dict:
 class Server:
     def __init__(self, name: str, args: list[str], port: int, log: Path) -> None:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        self.model = args[args.index("--model") + 1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("QWEN_SERVER_")}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self._log = open(log, "wb")  # noqa: SIM115 - held open for the server's life, closed by stop()
@@ -260,6 +365,9 @@ def run_server(
                 tries = []
                 for _ in range(repeat if key == "results" else 1):
                     print(f"   {name}{label} {case}", file=sys.stderr)
+                    if case.get("client") == "vllm-bench":
+                        tries.append(_box_during(lambda case=case: vllm_bench(case, server, out_dir)))
+                        continue
                     ns = loadgen.parser().parse_args([])
                     vars(ns).update(
                         {"rate": None, **case}, url=server.url, model=MODEL_NAME, server_pid=server.proc.pid
@@ -346,6 +454,7 @@ def _size_label(case: dict) -> str:
 
 def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
     cols = [
+        "client",
         "size",
         "img",
         "conc",
@@ -373,6 +482,7 @@ def table(cases: list[dict], vllm: dict, qwen: dict, ceiling: dict) -> str:
         key = f"{case['image_size']}/{case['images']}/{case['max_tokens']}/c{case['concurrency']}"
         ceil = ceiling.get(key, {}).get("requests_per_s")
         row = [
+            case.get("client", "aiohttp"),
             _size_label(case),
             case["images"],
             case["concurrency"],
@@ -414,6 +524,16 @@ def main() -> None:
         default=2,
         help="server starts each, order alternating (vLLM first, then qwen first, ...); runs pooled",
     )
+    ap.add_argument(
+        "--clients",
+        default="aiohttp",
+        help=f"who sends each row, comma-separated, of {','.join(CLIENTS)} (every row once per client)",
+    )
+    ap.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the clients matrix: 224 px c1/c16/c64 and 1024 px c16, streaming and not, 16 tokens (with --clients)",
+    )
     ap.add_argument("--model", default=None, help="checkpoint path (default: the built-in tiny demo model)")
     ap.add_argument("--only", choices=["vllm", "qwen"], default=None, help="run one server (no ratios)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the open-loop rate sweep and its plot")
@@ -429,7 +549,11 @@ def main() -> None:
         from qwen_server.demo.model import demo_model_path
 
         args.model = str(demo_model_path())
-    cases = video_cases() if args.video else scenarios("quick" if args.quick else "targets" if args.targets else "full")
+    clients = args.clients.split(",")
+    if unknown := set(clients) - set(CLIENTS):
+        ap.error(f"unknown clients {sorted(unknown)}; choose from {CLIENTS}")
+    kind = "quick" if args.quick else "targets" if args.targets else "clients" if args.matrix else "full"
+    cases = video_cases() if args.video else scenarios(kind, clients)
     sweep = [] if args.no_sweep or args.video else sweep_cases()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir = HERE / "results" / stamp
@@ -503,12 +627,12 @@ def main() -> None:
     if runs > 1:
         text += (
             "\n\nEvery run's req/s (sorted), and the most CPU stolen by the hypervisor during any of them\n\n"
-            "| size | img | conc | tok | stream | vLLM | qwen | max steal % v/q |\n|---|---|---|---|---|---|---|---|\n"
+            "| client | size | img | conc | tok | stream | vLLM | qwen | max steal % v/q |\n|---|---|---|---|---|---|---|---|---|\n"
         )
         for case, v, q in zip(cases, report["vllm"]["results"], report["qwen"]["results"], strict=True):
             steal = "/".join(str(max(b["steal_pct"] for b in r["runs_box"])) for r in (v, q))
             text += (
-                f"| {_size_label(case)} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
+                f"| {case.get('client', 'aiohttp')} | {_size_label(case)} | {case['images']} | {case['concurrency']} | {case['max_tokens']} | "
                 f"{'yes' if case['stream'] else 'no'} | {v['runs_requests_per_s']} | {q['runs_requests_per_s']} | {steal} |\n"
             )
     if sweep:
