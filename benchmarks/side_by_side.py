@@ -111,7 +111,7 @@ def vllm_bench(case: dict, server: Server, out: Path) -> dict:
     from benchmarks.proctree import TreeSampler
 
     size = case["image_size"]
-    name = f"vllm-bench-{server.name}-{case['seed']}"
+    name = f"vllm-bench-{server.name}-{case['seed']}-{server.port}"  # the port: one per server start
     argv = [
         sys.executable,
         "-c",
