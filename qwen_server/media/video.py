@@ -200,6 +200,33 @@ def _placed(frame: Any, source: tuple[int, int], size: tuple[int, int], out: np.
     return True
 
 
+def _check_frame_pixels(width: int, height: int, limits: VideoLimits, param: str) -> None:
+    if width * height > limits.max_frame_pixels:
+        raise MediaError(
+            f"The video's frames are {width}x{height}, over this server's limit of {limits.max_frame_pixels} "
+            "pixels per frame.",
+            param,
+            "too_large",
+            Kind.TOO_LARGE,
+        )
+
+
+def _target_within(
+    count: int, width: int, height: int, limits: VideoLimits, geometry: VideoGeometry, param: str, what: str, hint: str
+) -> tuple[int, int]:
+    """The kept frames' (width, height) at the model's size, all `count` of them within the pixel cap."""
+    size = geometry.target(count, width, height)
+    if count * size[0] * size[1] > limits.max_pixels:
+        raise MediaError(
+            f"The video's {count} {what} of {size[0]}x{size[1]} are over this server's limit of "
+            f"{limits.max_pixels} pixels per video{hint}",
+            param,
+            "too_large",
+            Kind.TOO_LARGE,
+        )
+    return size
+
+
 def decode_frame_list(
     jpegs: list[bytes], param: str, limits: VideoLimits, geometry: VideoGeometry, *, fps: float, max_frames: int
 ) -> DecodedVideo:
@@ -225,23 +252,8 @@ def decode_frame_list(
     width, height = images[0].size
     if any(image.size != (width, height) for image in images):
         raise MediaError("The frames of a video differ in size.", param, "mixed_frame_sizes")
-    if width * height > limits.max_frame_pixels:
-        raise MediaError(
-            f"The video's frames are {width}x{height}, over this server's limit of {limits.max_frame_pixels} "
-            "pixels per frame.",
-            param,
-            "too_large",
-            Kind.TOO_LARGE,
-        )
-    size = geometry.target(len(images), width, height)
-    if len(images) * size[0] * size[1] > limits.max_pixels:
-        raise MediaError(
-            f"The video's {len(images)} frames of {size[0]}x{size[1]} are over this server's limit of "
-            f"{limits.max_pixels} pixels per video.",
-            param,
-            "too_large",
-            Kind.TOO_LARGE,
-        )
+    _check_frame_pixels(width, height, limits, param)
+    size = _target_within(len(images), width, height, limits, geometry, param, "frames", ".")
     frames = np.empty((len(images), size[1], size[0], 3), dtype=np.uint8)
     for at, image in enumerate(images):
         try:
@@ -293,14 +305,7 @@ def decode_video(
             raise MediaError("The video has no frames, or its header is corrupt.", param, "corrupt")
         if not math.isfinite(source_fps) or source_fps <= 0:
             raise MediaError("The video does not say its frame rate.", param, "unknown_fps")
-        if width * height > limits.max_frame_pixels:
-            raise MediaError(
-                f"The video's frames are {width}x{height}, over this server's limit of {limits.max_frame_pixels} "
-                "pixels per frame.",
-                param,
-                "too_large",
-                Kind.TOO_LARGE,
-            )
+        _check_frame_pixels(width, height, limits, param)
         seconds = total / source_fps
         if seconds > limits.max_seconds:
             raise MediaError(
@@ -322,15 +327,16 @@ def decode_video(
                 "too_long",
                 Kind.TOO_LARGE,
             )
-        size = geometry.target(len(indices), width, height)
-        if len(indices) * size[0] * size[1] > limits.max_pixels:
-            raise MediaError(
-                f"The video's {len(indices)} sampled frames of {size[0]}x{size[1]} are over this server's limit of "
-                f"{limits.max_pixels} pixels per video; ask for fewer (mm_processor_kwargs fps or max_frames).",
-                param,
-                "too_large",
-                Kind.TOO_LARGE,
-            )
+        size = _target_within(
+            len(indices),
+            width,
+            height,
+            limits,
+            geometry,
+            param,
+            "sampled frames",
+            "; ask for fewer (mm_processor_kwargs fps or max_frames).",
+        )
         frames = np.empty((len(indices), size[1], size[0], 3), dtype=np.uint8)
         kept = _kept_frames_pyav(data, indices, (width, height), size, frames, intra=codec in _INTRA_ONLY)
         if kept < 0:  # PyAV is not installed, or cannot place the frames
