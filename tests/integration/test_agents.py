@@ -348,7 +348,9 @@ def test_priority_orders_the_requests_that_wait(thinker: ServerProcess) -> None:
             assert time.monotonic() < deadline, scheduler()
             time.sleep(0.02)
 
-    threads = [threading.Thread(target=run, args=("blocker", 0, 1500))]
+    # The blocker outranks both: vLLM's priority scheduler preempts a running request for a waiting one
+    # of a better (lower) priority, and this test is about the order of the waiting ones.
+    threads = [threading.Thread(target=run, args=("blocker", -20, 1500))]
     threads[0].start()
     wait_for(lambda s: s["running"] == 1)
     for name, priority in (("late", 10), ("urgent", -10)):
