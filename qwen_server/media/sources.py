@@ -16,15 +16,20 @@ from qwen_server.errors import Kind
 from qwen_server.media.errors import MediaError
 
 
-def data_url_bytes(url: str, param: str, max_bytes: int, noun: str = "image") -> bytes:
+def _base64_payload(url: str, param: str, supported: str) -> tuple[str, str]:
+    """A base64 data URL's media type (lower case) and payload; `supported` names what is accepted."""
     header, sep, payload = url.partition(",")
     if not sep:
         raise MediaError("Malformed data URL: no ',' separates the header from the data.", param, "bad_data_url")
     meta = header[5:].split(";")
     if "base64" not in meta[1:]:
-        example = "data:image/png;base64,..." if noun == "image" else f"data:{noun}/mp4;base64,..."
-        raise MediaError(f"Only base64 data URLs are supported ({example}).", param, "bad_data_url")
-    media_type = meta[0].strip().lower()
+        raise MediaError(f"Only base64 {supported} are supported.", param, "bad_data_url")
+    return meta[0].strip().lower(), payload
+
+
+def data_url_bytes(url: str, param: str, max_bytes: int, noun: str = "image") -> bytes:
+    example = "data:image/png;base64,..." if noun == "image" else f"data:{noun}/mp4;base64,..."
+    media_type, payload = _base64_payload(url, param, f"data URLs ({example})")
     if media_type and not media_type.startswith(f"{noun}/"):
         article = "an" if noun[0] in "aeiou" else "a"
         raise MediaError(f"Data URL media type {media_type!r} is not {article} {noun} type.", param, "bad_data_url")
@@ -48,9 +53,7 @@ def is_frame_list(url: str) -> bool:
 
 def data_url_frames(url: str, param: str, max_bytes: int) -> list[bytes]:
     """The JPEGs of a frame-list data URL, `max_bytes` for them all."""
-    header, _, payload = url.partition(",")
-    if "base64" not in header[5:].split(";")[1:]:
-        raise MediaError("Only base64 frame lists are supported (data:video/jpeg;base64,...).", param, "bad_data_url")
+    _, payload = _base64_payload(url, param, "frame lists (data:video/jpeg;base64,...)")
     if len(payload) > (max_bytes + 2) // 3 * 4 * 2:  # room for every frame's padding and comma
         raise MediaError(f"Video is larger than the limit of {max_bytes} bytes.", param, "too_large", Kind.TOO_LARGE)
     try:

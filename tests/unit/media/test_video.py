@@ -291,7 +291,12 @@ def test_a_frame_list_url_is_read_within_the_byte_cap() -> None:
     with pytest.raises(MediaError) as err:
         data_url_frames(frame_list_url(jpegs), "v", sum(map(len, jpegs)) - 1)
     assert err.value.reason == "too_large"
-    for bad in ("data:video/jpeg;base64,AAAA,!!!!", "data:video/jpeg,AAAA"):
+    for bad, says in (
+        ("data:video/jpeg;base64,AAAA,!!!!", "not valid base64"),
+        ("data:video/jpeg,AAAA", "Only base64 frame lists"),
+        ("data:video/jpeg;base64", "no ','"),  # no payload at all: not one empty frame
+    ):
         with pytest.raises(MediaError) as err:
             data_url_frames(bad, "v", 10**6)
-        assert err.value.reason == "bad_data_url"
+        assert (err.value.reason, err.value.param) == ("bad_data_url", "v")
+        assert says in err.value.message, err.value.message
