@@ -1,0 +1,6 @@
+cd /work/main
+for rnd in 1 2; do for port in 18001 18002 ; do for st in --no-stream --stream; do for cl in httpx openai; do
+.venv/bin/python -m benchmarks.loadgen --url http://127.0.0.1:$port --model tiny --concurrency 1 --requests 80 --image-size 224 --max-tokens 16 $st --client $cl --warmup 4 --json /tmp/lg.json >/dev/null 2>&1
+.venv/bin/python -c "
+import json;d=json.load(open('/tmp/lg.json'));e=d['e2e_s'];t=d['ttft_s'];print('$rnd $port $st $cl', round(d.get('requests_per_s',0),2), 'e2e p50/p99 %.1f/%.1f ttft p50 %.1f'%(e['p50']*1e3,e['p99']*1e3,t['p50']*1e3))"
+done; done; done; done
