@@ -51,17 +51,26 @@ class PreparedRequest:
     sampling: Any
     n: int
     stream: bool
-    include_usage: bool
     logprobs: int | None  # top-k to report; None: no logprobs
     echo: bool = False
     # The endpoint's own per-request state for shaping output (chat: the tool and reasoning parse plan).
     parsing: Any = None
     # AsyncLLM.generate's extra keywords for every prompt (priority; chat: where structured output starts).
     engine_options: dict[str, Any] = field(default_factory=dict)
-    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
+    stream_options: p.StreamOptions | None = None  # checked by sampling.check_common
     # The field a grammar came from (response_format, structured_outputs, tools), if the engine gets one.
     constraint: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def include_usage(self) -> bool:
+        """stream_options.include_usage: a usage chunk before [DONE]."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """stream_options.continuous_usage_stats: usage in every chunk."""
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     @property
     def prompt_len(self) -> int:

@@ -28,7 +28,6 @@ def _prepared() -> PreparedRequest:
         sampling=None,
         n=1,
         stream=True,
-        include_usage=False,
         logprobs=None,
     )
 
@@ -304,7 +303,6 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
         sampling=2,
         n=2,
         stream=False,
-        include_usage=False,
         logprobs=None,
     )
     result = asyncio.run(service.complete(prep))
