@@ -81,11 +81,11 @@ def model_parts(model: str, mm_processor_kwargs: dict[str, Any]) -> tuple[Any, A
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
     from qwen_server.engine import vllm_compat
-    from qwen_server.engine.lifecycle import _video_geometry
+    from qwen_server.engine.lifecycle import video_geometry_of
 
     config = ModelConfig(model=model, mm_processor_kwargs=mm_processor_kwargs or None)
     processor = vllm_compat.cached_video_processor(config)
-    geometry = _video_geometry(config)
+    geometry = video_geometry_of(config)
     if geometry is None:
         raise SystemExit(f"{model}: no video processor this server samples for")
     name = VIDEO_LOADER_REGISTRY.get_backend_for_video_processor(type(processor).__name__) or "opencv"

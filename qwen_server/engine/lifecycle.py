@@ -268,7 +268,7 @@ class Engine:
             self.output_parser = vllm_compat.output_parser_class(self.settings, self.tokenizer, path)
             self._set_stage("inspecting the image processor")
             self.image_geometry = await asyncio.to_thread(_image_geometry, client.model_config)
-            self.video_geometry = await asyncio.to_thread(_video_geometry, client.model_config)
+            self.video_geometry = await asyncio.to_thread(video_geometry_of, client.model_config)
             if len(self.adapters):
                 self._set_stage("loading the LoRA adapters")
                 await self.adapters.preload(client)
@@ -609,7 +609,7 @@ def _image_geometry(model_config: Any) -> Geometry | None:
     return geometry
 
 
-def _video_geometry(model_config: Any) -> VideoGeometry | None:
+def video_geometry_of(model_config: Any) -> VideoGeometry | None:
     """The budget and frame sampler of the video processor vLLM uses for this model, or None when it
     has none this server decodes for (video parts are then refused)."""
     if not model_config.is_multimodal_model:
