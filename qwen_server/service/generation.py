@@ -103,7 +103,18 @@ def check_token_ids(ids: list[Any], vocab: int, param: str) -> list[int]:
     return ids
 
 
+# Characters JSON may carry raw that line readers built on str.splitlines (httpx's aiter_lines, and
+# the clients written with it) take for line ends, cutting an SSE frame in two: escaped, so every
+# frame is one line to every reader. A random-weight or misbehaving model does emit them. In UTF-8,
+# these bytes can only be these characters, and they can only occur inside JSON strings.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def frame(data: bytes) -> bytes:
+    """One SSE event carrying the JSON `data`, on one line for any line reader."""
+    if b"\xe2\x80" in data or b"\xc2\x85" in data:
+        for raw, escaped in _LINE_BREAKS:
+            data = data.replace(raw, escaped)
     return b"data: " + data + b"\n\n"
 
 

@@ -458,6 +458,20 @@ def test_openai_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
     assert info.value.body["param"] == "messages[0].content[0].image_url"
 
 
+def test_every_stream_frame_is_one_line_to_splitlines_readers(server: ServerProcess) -> None:
+    # httpx's iter_lines (and the clients built on it) splits lines as str.splitlines does: U+2028,
+    # U+2029 and U+0085, which JSON may carry raw, would cut a frame in two. The echoed prompt puts
+    # them in a frame. A random-weight model also emits them at random, which once cut a long stream.
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "echo": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each line parses whole
+    assert events[0]["choices"][0]["text"] == prompt
+
+
 # --- disconnects abort the engine request ---
 
 

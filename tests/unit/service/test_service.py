@@ -15,6 +15,7 @@ from qwen_server.logs import RequestRecord
 from qwen_server.service.chat import ChatService, template_kwargs
 from qwen_server.service.completion import CompletionService
 from qwen_server.service.generation import PreparedRequest, Prompt
+from qwen_server.service.generation import frame as sse_frame
 from qwen_server.settings import Settings
 
 
@@ -320,3 +321,16 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
     chunks = [json.loads(f[6:-2]) for f in asyncio.run(collect())[:-1]]
     assert all(len(c["choices"]) == 1 for c in chunks)
     assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [0, 1, 2, 3]
+
+
+def test_a_frame_stays_one_line_for_splitlines_readers() -> None:
+    import msgspec
+    from httpx._decoders import LineDecoder  # what httpx's aiter_lines splits with
+
+    text = "a\u2028b\u2029c\x85d\u2013e\\\u2028"  # an en dash shares the first bytes; a backslash before one
+    data = sse_frame(msgspec.json.encode({"t": text}))
+    decoder = LineDecoder()
+    lines = [line for line in [*decoder.decode(data.decode()), *decoder.flush()] if line]
+    assert len(lines) == 1
+    assert json.loads(lines[0].removeprefix("data: "))["t"] == text
+    assert sse_frame(b'{"t":"plain"}') == b'data: {"t":"plain"}\n\n'
