@@ -30,7 +30,8 @@ from tests.helpers.serverproc import ServerProcess
 KEYS = ("key-one-0123456789", "key-two-abcdefghij")
 LIMIT = 3  # admitted inference requests per worker
 REQUEST_TIMEOUT = 4.0
-DRAIN_TIMEOUT = 3.0
+# Well below the request timeout: the drain must cut its long streams before their deadline does.
+DRAIN_TIMEOUT = 2.0
 ORIGIN = "https://app.example.com"
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 
@@ -422,7 +423,11 @@ def test_sigterm_drains_finishes_short_requests_and_cuts_long_ones_cleanly(ops: 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         # LIMIT streams: even if the kernel hands them all to one worker, none is refused.
         futures = [pool.submit(stream, i) for i in range(LIMIT)]
-        time.sleep(1.0)  # all admitted and streaming
+        # All admitted and streaming, then SIGTERM at once: the drain's cut (DRAIN_TIMEOUT later) must come
+        # before the streams' own deadline (REQUEST_TIMEOUT after they started), which once won the race.
+        started = time.monotonic()
+        while len(streams) < LIMIT and time.monotonic() - started < 1.0:
+            time.sleep(0.02)
         t0 = time.monotonic()
         ops.proc.send_signal(signal.SIGTERM)
         health = _wait_health_draining(ops)
