@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +134,20 @@ def alive(pid: int) -> bool:
 
 
 def terminate(pids: list[int], grace: float) -> list[int]:
-    """SIGTERM each process, wait up to `grace` seconds, SIGKILL the rest; return the killed ones."""
-    for pid in pids:
-        signal_quietly(pid, signal.SIGTERM)
+    """SIGTERM each process, wait up to `grace` seconds, SIGKILL the rest; return the killed ones.
+    multiprocessing resource trackers among them go last: they ignore SIGTERM and exit once the
+    processes they served are gone, after removing what those left (see `stop_resource_tracker`);
+    they get `grace` seconds for that after the others have ended."""
+    trackers = [p for p in pids if is_resource_tracker(p)]
+    others = [p for p in pids if p not in trackers]
+    killed = _terminate(others, signal.SIGTERM, grace)
+    return killed + _terminate(trackers, None, grace)
+
+
+def _terminate(pids: list[int], first: int | None, grace: float) -> list[int]:
+    if first is not None:
+        for pid in pids:
+            signal_quietly(pid, first)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
@@ -145,11 +157,68 @@ def terminate(pids: list[int], grace: float) -> list[int]:
     return killed
 
 
+_RESOURCE_TRACKER_MAIN = "from multiprocessing.resource_tracker import main"  # its spawn command line
+
+
+def is_resource_tracker(pid: int) -> bool:
+    """Whether `pid` is a multiprocessing resource tracker (of any process: vLLM's EngineCore and the
+    workers of a --no-shared-engine server each start one)."""
+    found = info(pid)
+    return found is not None and _RESOURCE_TRACKER_MAIN in found.cmdline
+
+
 def terminate_children(pid: int, grace: float) -> None:
-    """End every process below `pid` (children first get SIGTERM, then SIGKILL)."""
-    tree = descendants(pid)
+    """End every process below `pid` (children first get SIGTERM, then SIGKILL), except this
+    process's multiprocessing resource tracker (see `stop_resource_tracker`)."""
+    tracker = resource_tracker_pid() if pid == os.getpid() else None
+    tree = [p for p in descendants(pid) if p != tracker]
     if tree:
         terminate(tree, grace)
+
+
+def resource_tracker_pid() -> int | None:
+    """The pid of this process's multiprocessing resource tracker, if it started one (the stdlib keeps
+    it in private state: `resource_tracker._resource_tracker._pid`)."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def stop_resource_tracker(grace: float) -> bool:
+    """Let this process's multiprocessing resource tracker finish its work and exit; True if it did
+    within `grace` seconds (else it is killed).
+
+    The tracker ignores SIGTERM and SIGINT. It exits when the last holder of its pipe closes it,
+    after unlinking what the processes it served left registered: the shared-memory ring buffers
+    (160 MiB each in /dev/shm) of a vLLM EngineCore killed before it removed them, which is how vLLM
+    stops its engine by default. SIGKILLing the tracker instead leaks those segments for good.
+    The stdlib's own `_stop()` closes the pipe, then waits for the tracker with no time limit."""
+    from multiprocessing import resource_tracker
+
+    tracker: Any = resource_tracker._resource_tracker
+    fd, pid = getattr(tracker, "_fd", None), resource_tracker_pid()
+    if fd is None or pid is None:
+        return True
+    tracker._fd = None
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # already reaped
+            done = pid
+        if done == pid:
+            tracker._pid = None
+            return True
+        if time.monotonic() > deadline:
+            signal_quietly(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            tracker._pid = None
+            return False
+        time.sleep(0.02)
 
 
 def signal_quietly(pid: int, sig: int) -> None:

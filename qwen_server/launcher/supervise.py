@@ -153,6 +153,8 @@ def run_granian(
         if engine_host is not None:
             engine_host.stop()
         procs.terminate_children(os.getpid(), grace=5.0)
+        if not procs.stop_resource_tracker(grace=5.0):
+            log.warning("multiprocessing's resource tracker did not finish in 5 s; killed it")
         shutil.rmtree(run_dir, ignore_errors=True)
     return code
 
@@ -166,6 +168,7 @@ def _reap_orphans(
     and /metrics would report its last values (requests running, ...) for good."""
     me = os.getpid()
     known_workers: set[int] = set()
+    trackers: set[int] = set()  # orphaned resource trackers: left to exit by themselves, then reaped
     while not stop.wait(1.0):
         workers = set(server.worker_pids())
         known_workers |= workers
@@ -175,11 +178,17 @@ def _reap_orphans(
         # Engine processes orphaned to us that exited (a killed EngineCore's model workers) are reaped
         # here; Granian's own workers are left to Granian, which waits for them itself.
         for pid, name in procs.zombie_children(me):
-            if name.startswith("VLLM") and pid not in workers and not keep(pid):
+            if (name.startswith("VLLM") or pid in trackers) and pid not in workers and not keep(pid):
+                trackers.discard(pid)
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
         for pid in procs.children(me):
-            if pid in workers or keep(pid):
+            if pid in workers or keep(pid) or pid in trackers:
+                continue
+            if procs.is_resource_tracker(pid):
+                # A dead worker's: it exits once that worker's engine (ended here too) is gone, after
+                # removing the engine's shared memory; killed, it would leave that in /dev/shm.
+                trackers.add(pid)
                 continue
             # A child we did not start directly: give it a moment (Granian may be spawning it).
             time.sleep(0.5)

@@ -37,6 +37,7 @@ class ServerProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - held for the server's lifetime, closed in stop()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env or base_env(), stdout=self._log, stderr=subprocess.STDOUT)
         self.tree: set[int] = set()
+        self.shm: set[str] = set()
         ServerProcess.started.append(self)
 
     @classmethod
@@ -49,8 +50,21 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def remember_tree(self) -> set[int]:
+        """The server's processes so far; also the shared-memory files they map (`leaked_shm`)."""
         self.tree |= {self.proc.pid, *procs.descendants(self.proc.pid)}
+        for pid in self.tree:
+            self.shm |= shm_files_of(pid)
         return self.tree
+
+    def leaked_shm(self, within: float = 5.0) -> list[str]:
+        """Shared-memory files the server's processes mapped (seen by `remember_tree`) that still
+        exist `within` seconds after it stopped: vLLM's 160 MiB ring buffers, its semaphores."""
+        deadline = time.monotonic() + within
+        while True:
+            left = sorted(f for f in self.shm if os.path.exists(f))
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -87,6 +101,22 @@ class ServerProcess:
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(0.1)
+
+
+def shm_files_of(pid: int) -> set[str]:
+    """The files in /dev/shm that `pid` maps and that still have a name (not yet unlinked)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:  # gone, or not ours
+        return set()
+    found = set()
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        path = parts[5] if len(parts) == 6 else ""
+        if path.startswith("/dev/shm/") and not path.endswith(" (deleted)"):
+            found.add(path.strip())
+    return found
 
 
 def run_launcher(port: int, *args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:

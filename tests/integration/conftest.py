@@ -80,3 +80,5 @@ def server(tiny_model: Path, media_dir: Path, tmp_path_factory: pytest.TempPathF
         code = srv.stop()
         assert code == 0, srv.log()[-3000:]
         assert srv.leftovers() == []
+        assert srv.shm, "the engine's shared memory was not seen: the leak check below would pass blindly"
+        assert srv.leaked_shm() == []

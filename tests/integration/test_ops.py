@@ -82,6 +82,7 @@ def ops(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     finally:
         srv.stop()
         assert srv.leftovers() == []
+        assert srv.leaked_shm() == []  # one engine per worker here: each worker's resource tracker
 
 
 def _wait_all_workers_ready(srv: ServerProcess, timeout: float = 200) -> None:

@@ -41,7 +41,7 @@ from schemathesis.checks import not_a_server_error
 from qwen_server import procs
 from qwen_server.testing.servers import free_port
 from tests.helpers.media import chat_body, image_data_url
-from tests.helpers.serverproc import ServerProcess, wait_port_free
+from tests.helpers.serverproc import ServerProcess, shm_files_of, wait_port_free
 
 LIMIT = 32  # --max-pending-requests: inference requests admitted at once
 MAX_SEQS = 16  # --max-num-seqs: sequences the engine runs per step
@@ -84,6 +84,9 @@ def rel(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     finally:
         srv.stop()  # a no-op when the drain test already stopped it
         assert srv.leftovers() == []
+        # Every engine's, the killed ones' too (remembered before each kill): removed by the resource
+        # tracker of the worker that started it, which the launcher never kills before it is done.
+        assert srv.leaked_shm() == []
 
 
 # --- helpers ---
@@ -1127,6 +1130,7 @@ def test_sigkill_of_the_engine_core_is_recovered_in_place(rel: ServerProcess) ->
     (core,) = titled(rel, "VLLM::EngineCore")
     old_engine = [core, *procs.descendants(core)]
     assert any("VLLM::Worker" in cmdline(p) for p in old_engine), [cmdline(p) for p in old_engine]
+    rel.remember_tree()  # its shared memory, for the leak check at the end
 
     # Requests in flight when the engine dies: two streams and one plain request.
     streams: list = []
@@ -1214,6 +1218,8 @@ def test_sigkill_of_the_worker_is_respawned_and_leaves_no_orphan(rel: ServerProc
     old_tree = [old_worker, *procs.descendants(old_worker)]
     (core,) = titled(rel, "VLLM::EngineCore")
     assert gauge_pids(rel, "vllm:num_requests_running") == {str(old_worker)}
+    old_shm = set().union(*(shm_files_of(p) for p in old_tree))
+    assert old_shm, "the engine's shared memory was not seen: the leak check below would pass blindly"
 
     os.kill(old_worker, signal.SIGKILL)
     t0 = time.monotonic()
@@ -1224,6 +1230,8 @@ def test_sigkill_of_the_worker_is_respawned_and_leaves_no_orphan(rel: ServerProc
         time.sleep(0.1)
     orphans_gone = time.monotonic() - t0
     assert [p for p in old_tree if procs.alive(p)] == [], [cmdline(p) for p in old_tree if procs.alive(p)]
+    # The dead worker's resource tracker (spared by the reaper) removed its engine's shared memory.
+    assert sorted(f for f in old_shm if os.path.exists(f)) == []
     ready_in = _wait_ready_again(rel, old_worker)
     new_worker = worker_pid(rel)
     assert titled(rel, "VLLM::EngineCore") not in ([], [core])
