@@ -111,7 +111,7 @@ class Engine:
             procs.terminate_children(os.getpid(), grace=3.0)
         else:
             client, self.client = self.client, None
-            await asyncio.to_thread(client.shutdown)
+            await asyncio.to_thread(vllm_compat.shutdown_client, client)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("engine stopped")
 
@@ -169,7 +169,7 @@ class Engine:
         client, self.client = self.client, None
         if client is not None:
             try:
-                await asyncio.wait_for(asyncio.to_thread(client.shutdown), timeout=30)
+                await asyncio.wait_for(asyncio.to_thread(vllm_compat.shutdown_client, client), timeout=30)
             except Exception as err:  # noqa: BLE001 - a dead engine's client may fail to shut down cleanly
                 log.warning("the dead engine's client did not shut down cleanly: %r", err)
         # Whatever is left of the old engine (its model workers, vLLM's resource tracker) goes.
@@ -198,7 +198,7 @@ class Engine:
         if client is not None:
             vllm_compat.mark_engine_dead(client, reason)
             try:
-                await asyncio.wait_for(asyncio.to_thread(client.shutdown), timeout=30)
+                await asyncio.wait_for(asyncio.to_thread(vllm_compat.shutdown_client, client), timeout=30)
             except Exception as err:  # noqa: BLE001 - a dead engine's client may fail to shut down cleanly
                 log.warning("the dead engine's client did not shut down cleanly: %r", err)
         assert self.attach is not None
@@ -255,7 +255,7 @@ class Engine:
                     stat_loggers=stat_loggers,
                 )
             if self.state is not EngineState.LOADING:  # stopped while loading
-                await asyncio.to_thread(client.shutdown)
+                await asyncio.to_thread(vllm_compat.shutdown_client, client)
                 return None
             self.client = client
             self.tokenizer = client.get_tokenizer()

@@ -467,8 +467,8 @@ class SharedEngine:
     def stop_engine(self) -> None:
         """Stop (or clean up after) the engine; the listeners stay, for the next launch."""
         manager = self.launch.engine_manager if self.launch is not None else None
-        if manager is not None:
-            manager.shutdown()
+        if manager is not None:  # as `shutdown_client`: vLLM's own server's timeout, not the 5 s default
+            manager.shutdown(timeout=self.vllm_config.shutdown_timeout)
 
     def stop(self) -> None:
         self.stop_engine()
@@ -703,6 +703,14 @@ def attach_client(
         )
     finally:
         undo()
+
+
+def shutdown_client(client: AsyncLLM) -> None:
+    """Stop the client (and the engine it owns, if any) the way vLLM's own server does: with the
+    config's `shutdown_timeout` (vLLM's `--shutdown-timeout`, default 0: EngineCore and its model
+    workers are killed at once). With no timeout, vLLM waits 5 s for an EngineCore that on CPU does
+    not exit in 5 s (its model worker alone took 3-5 s), then kills it anyway."""
+    client.shutdown(timeout=client.vllm_config.shutdown_timeout)
 
 
 def mark_engine_dead(client: AsyncLLM, reason: str) -> None:

@@ -12,7 +12,9 @@ the port answer comes first and fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -22,7 +24,7 @@ import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -217,9 +219,23 @@ def main(**opts: Any) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     code = supervise.run_granian(sock, granian_kwargs, s.drain_timeout, engine_host, run_dir)
-    if engine_host is not None and engine_host.died:
+    if engine_host is None:
+        sys.exit(code)
+    if engine_host.died:
         code = code or 1
-    sys.exit(code)
+    _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """Exit once everything is stopped, without the interpreter's teardown of torch, vLLM and the
+    engine config this process holds: that alone took 3-4 s after every stop of the shared engine
+    (measured: SIGTERM to exit 4.2 s, of which the engine's stop 0.15 s). Nothing is left for it to
+    do: the children are gone and the resource tracker has finished (supervise.run_granian)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _start_engine_host(s: Settings, sock: socket.socket, run_dir: str) -> Any:
