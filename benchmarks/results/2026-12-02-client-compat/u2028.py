@@ -10,7 +10,8 @@ import httpx
 import openai
 
 url = sys.argv[1]
-body = {"model": "tiny", "prompt": "a\u2028b\u2029c\x85d", "echo": True, "max_tokens": 2, "temperature": 0}
+prompt = "a\u2028b\u2029c\x85d"
+body = {"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 2, "temperature": 0}
 bad, frames = [], 0
 with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
     for line in r.iter_lines():
@@ -27,7 +28,8 @@ with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}
 print(f"{url} httpx iter_lines: {frames} whole frames, {len(bad)} broken lines {bad}")
 client = openai.OpenAI(base_url=url + "/v1", api_key="none")
 try:
-    text = "".join(c.choices[0].text for c in client.completions.create(**body, stream=True))
+    stream = client.completions.create(model="tiny", prompt=prompt, echo=True, max_tokens=2, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in stream)
     print(f"{url} openai SDK: text {text!r}")
 except Exception as exc:  # noqa: BLE001 - the point is what the client does
     print(f"{url} openai SDK: {type(exc).__name__}: {exc}")
