@@ -9,18 +9,17 @@ from typing import Any
 
 from litestar import Response
 from litestar.exceptions import InternalServerException
-from litestar.response import Stream
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError
 from qwen_server.http.asgi import AnyRequest, AnyResponse
 from qwen_server.http.common import chat_of, completion_of, inference_post, json_response
 from qwen_server.http.request_log import record_of
+from qwen_server.http.sse import EventStream
 from qwen_server.service.generation import Endpoint, PreparedRequest
 
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 _CLIENT_GONE = "client disconnected prematurely"  # Litestar's detail for an http.disconnect mid-body
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @inference_post("/v1/chat/completions", "Chat completion (OpenAI), images as image_url parts", p.ChatCompletionRequest)
@@ -62,12 +61,12 @@ async def read_body(request: AnyRequest) -> bytes:
 
 async def _respond(request: AnyRequest, service: Endpoint, prep: PreparedRequest) -> AnyResponse:
     if prep.stream:
-        # Litestar cancels the stream when the client disconnects; the cancellation reaches
+        # The stream is cancelled when the client disconnects (sse.py); the cancellation reaches
         # vLLM's generator, which aborts the request in the engine.
         frames = service.stream(prep)
         if (every := service.settings.sse_keep_alive) is not None:
             frames = keep_alive(frames, every)
-        return Stream(frames, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return EventStream(frames)
     result = await _unless_disconnected(request, service.complete(prep))
     if result is None:
         return Response(content=b"", status_code=499)

@@ -296,7 +296,10 @@ class Endpoint(abc.ABC):
 
     async def stream(self, prep: PreparedRequest) -> AsyncIterator[bytes]:
         """SSE frames: each choice's opening, then deltas, an optional usage chunk, then [DONE].
-        An engine failure mid-stream becomes an error event, so no stream ends silently cut."""
+        An engine failure mid-stream becomes an error event, so no stream ends silently cut.
+
+        Each yield is what one engine output makes (one or more events, one write for the server),
+        and the last output's events go out with the end of the stream ([DONE] included)."""
         encode = p.encoder.encode
         completion_tokens = 0
         count = prep.n * len(prep.prompts)
@@ -304,6 +307,8 @@ class Endpoint(abc.ABC):
         sent = [len(prep.prompts[k // prep.n].text) for k in range(count)]
         echo_pending = prep.echo and prep.logprobs is not None
         generated = [0] * count  # completion tokens per choice, for continuous usage
+        unfinished = count  # choices without their finish reason yet
+        pending: list[bytes] = []  # events not yet handed to the server
         try:
             # One choice per chunk, as vLLM and OpenAI send them: clients read choices[0]. The openings go
             # out with the engine's first output, as vLLM's do: clients and load generators (vLLM's own)
@@ -315,21 +320,21 @@ class Endpoint(abc.ABC):
                     openings.append(frame(encode(self.body(prep, [first], usage, chunk=True))))
             async for i, out in self._run(prep):
                 if openings:
-                    for opening in openings:
-                        yield opening
+                    pending += openings
                     openings = []
                 if echo_pending and out.prompt_logprobs:  # the first output of prompt i carries them
                     echoed = self._prompt_logprobs(out, prep.logprobs or 0)
                     for k in range(i * prep.n, (i + 1) * prep.n):
                         piece = Piece(prep.prompts[i].text, echoed, echoed=len(echoed))
                         echo = self.choice(prep, k, piece, delta=True)
-                        yield frame(encode(self.body(prep, [echo], None, chunk=True)))
+                        pending.append(frame(encode(self.body(prep, [echo], None, chunk=True))))
                 for o in out.outputs:
                     k = i * prep.n + o.index
                     completion_tokens += len(o.token_ids)
                     generated[k] += len(o.token_ids)
                     prep.record.completion_tokens = completion_tokens
                     if o.finish_reason is not None:
+                        unfinished -= 1
                         failed(prep, o, generated[k])
                     lp = self._token_logprobs(o, prep.logprobs) if prep.logprobs is not None and o.logprobs else None
                     if not o.text and o.finish_reason is None and not lp and prep.parsing is None:
@@ -338,19 +343,25 @@ class Endpoint(abc.ABC):
                     sent[k] += len(o.text)
                     if (choice := self.choice(prep, k, piece, delta=True)) is not None:  # None: nothing to send yet
                         usage = self._running_usage(prep, k, generated[k]) if prep.continuous_usage else None
-                        yield frame(encode(self.body(prep, [choice], usage, chunk=True)))
-            for opening in openings:  # the engine gave nothing (an empty prompt's echo, say): still well-formed
-                yield opening
+                        pending.append(frame(encode(self.body(prep, [choice], usage, chunk=True))))
+                if pending and unfinished > 0:  # the last output's events wait for the end, which follows at once
+                    events = b"".join(pending)
+                    pending.clear()
+                    yield events
+            pending += openings  # the engine gave nothing (an empty prompt's echo, say): still well-formed
             if prep.include_usage:
-                yield frame(encode(self.body(prep, [], self.usage(prep, completion_tokens), chunk=True)))
+                pending.append(frame(encode(self.body(prep, [], self.usage(prep, completion_tokens), chunk=True))))
         except ServiceError as exc:
-            yield frame(envelope(exc.kind, exc.message, exc.param, exc.code))
+            pending.append(frame(envelope(exc.kind, exc.message, exc.param, exc.code)))
         except Exception:  # a defect of ours or vLLM's: the 200 is sent, so it can only be an event now
             log.exception("request %s failed mid-stream", prep.engine_request_id)
-            yield frame(
-                envelope(Kind.INTERNAL, "The server failed while streaming this response.", None, "internal_error")
+            pending.append(
+                frame(
+                    envelope(Kind.INTERNAL, "The server failed while streaming this response.", None, "internal_error")
+                )
             )
-        yield DONE
+        pending.append(DONE)
+        yield b"".join(pending)
 
     def _running_usage(self, prep: PreparedRequest, k: int, generated: int) -> p.Usage:
         """Choice k's usage so far (continuous_usage_stats): its prompt's tokens and its own, as vLLM counts."""

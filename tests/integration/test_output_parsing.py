@@ -78,9 +78,9 @@ def run(
         return [frame async for frame in svc.stream(prep)]
 
     out = []
-    for frame in asyncio.run(frames()):
-        assert frame.startswith(b"data: ")
-        data = frame[6:].strip()
+    for event in b"".join(asyncio.run(frames())).split(b"\n\n")[:-1]:  # a yield may hold several events
+        assert event.startswith(b"data: ")
+        data = event[6:].strip()
         if data != b"[DONE]":
             out.append(json.loads(data))
     return out

@@ -44,9 +44,15 @@ def _events(service: ChatService) -> list[str]:
     async def collect() -> list[bytes]:
         return [frame async for frame in service.stream(_prepared())]
 
-    frames = asyncio.run(collect())
-    assert all(f.startswith(b"data: ") and f.endswith(b"\n\n") for f in frames)
-    return [f[6:-2].decode() for f in frames]
+    return [event[6:].decode() for event in sse_events(asyncio.run(collect()))]
+
+
+def sse_events(writes: list[bytes]) -> list[bytes]:
+    """The events in what a stream yielded (each yield: one or more whole events, one server write)."""
+    assert all(w.startswith(b"data: ") and w.endswith(b"\n\n") for w in writes)
+    events = b"".join(writes).split(b"\n\n")[:-1]
+    assert all(e.startswith(b"data: ") for e in events)
+    return events
 
 
 def _fake_engine(generate) -> Any:
@@ -93,7 +99,7 @@ def test_the_opening_chunk_waits_for_the_engines_first_output() -> None:
 
     engine_asked, first = asyncio.run(first_frame())
     assert engine_asked, "the opening was sent before the engine was asked for anything"
-    assert json.loads(first[6:-2])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert json.loads(sse_events([first])[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyError("k"), AssertionError()])
@@ -128,7 +134,7 @@ def test_cancellation_is_not_swallowed() -> None:
                 got.append(frame)
 
         task = asyncio.ensure_future(consume())
-        while len(got) < 2:
+        while not got:  # the opening and "Hel", in one write
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -136,7 +142,34 @@ def test_cancellation_is_not_swallowed() -> None:
         return got
 
     got = asyncio.run(run())
-    assert len(got) == 2 and b"[DONE]" not in b"".join(got)
+    assert len(got) == 1 and len(sse_events(got)) == 2 and b"[DONE]" not in got[0]
+
+
+def test_each_engine_output_is_one_write_and_the_last_goes_out_with_the_end() -> None:
+    """One write per engine output (the openings go with the first, the usage chunk and [DONE] with
+    the last), so a 16-token stream costs the server 16 sends, not 19; each event still stands alone."""
+
+    async def generate(prep):
+        yield _output("a")
+        yield _output("b")
+        yield _output("c", "length")
+
+    service = _fake_service(generate)
+    prep = _prepared()
+    prep.stream_options = p.StreamOptions(include_usage=True)
+
+    async def collect() -> list[bytes]:
+        return [frame async for frame in service.stream(prep)]
+
+    writes = asyncio.run(collect())
+    per_write = [[e[6:] for e in sse_events([w])] for w in writes]
+    assert [len(events) for events in per_write] == [2, 1, 3]
+    opening, a = (json.loads(e) for e in per_write[0])
+    assert opening["choices"][0]["delta"]["role"] == "assistant" and a["choices"][0]["delta"]["content"] == "a"
+    c, usage, done = per_write[2]
+    assert json.loads(c)["choices"][0]["finish_reason"] == "length"
+    assert json.loads(usage)["choices"] == [] and json.loads(usage)["usage"]["completion_tokens"] == 3
+    assert done == b"[DONE]"
 
 
 # --- hostile input (issue #19): decoding depth, template options, limits, echoed input ---
@@ -318,7 +351,7 @@ def test_batched_prompts_are_run_together_and_indexed_prompt_major() -> None:
     async def collect() -> list[bytes]:
         return [frame async for frame in service.stream(prep)]
 
-    chunks = [json.loads(f[6:-2]) for f in asyncio.run(collect())[:-1]]
+    chunks = [json.loads(e[6:]) for e in sse_events(asyncio.run(collect()))[:-1]]
     assert all(len(c["choices"]) == 1 for c in chunks)
     assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [0, 1, 2, 3]
 
