@@ -1,4 +1,4 @@
-"""The types the HTTP layer shares, and the one helper that keeps an ASGI wrapper to HTTP."""
+"""The types the HTTP layer shares, the helper that keeps an ASGI wrapper to HTTP, and the wait for a client's hang-up."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Serve = Callable[[ASGIApp, Scope, Receive, Send], Awaitable[None]]
+
+
+async def disconnected(receive: Receive) -> None:
+    """Return once the client has hung up (the server's `http.disconnect`); other messages are skipped."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def http_only(app: ASGIApp, serve: Serve) -> ASGIApp:

@@ -12,7 +12,7 @@ from litestar.exceptions import InternalServerException
 
 from qwen_server import protocol as p
 from qwen_server.errors import Kind, ServiceError
-from qwen_server.http.asgi import AnyRequest, AnyResponse
+from qwen_server.http.asgi import AnyRequest, AnyResponse, disconnected
 from qwen_server.http.common import chat_of, completion_of, inference_post, json_response
 from qwen_server.http.request_log import record_of
 from qwen_server.http.sse import EventStream
@@ -113,7 +113,7 @@ async def _unless_disconnected(request: AnyRequest, work: Any) -> Any:
     """Run `work`, cancelling it (and so the engine request) if the client hangs up first.
     Litestar does not cancel non-streaming handlers on disconnect; this watches `receive()`."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.ensure_future(disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -125,8 +125,3 @@ async def _unless_disconnected(request: AnyRequest, work: Any) -> Any:
     if task.cancelled():  # the client left first
         return None
     return task.result()
-
-
-async def _disconnected(request: AnyRequest) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from qwen_server.http.sse import send_frames
-
-DONE = b"data: [DONE]\n\n"
+from qwen_server.service.generation import DONE
 
 
 class Peer:
@@ -51,7 +50,7 @@ def test_the_frame_with_done_is_the_last_body_event_and_no_empty_one_follows() -
     peer, state = Peer(), dict[str, Any]()
     asyncio.run(send_frames(frames_of([b"data: 1\n\n", b"data: 2\n\n" + DONE], state), peer.send, peer.receive))
     assert [(m["body"], m["more_body"]) for m in peer.sent] == [(b"data: 1\n\n", True), (b"data: 2\n\n" + DONE, False)]
-    assert state == {"ended": True}  # the generator ran to its end (closed here, not by the garbage collector)
+    assert state == {"ended": True}  # the sender read past [DONE]: the generator ran to its end
 
 
 def test_frames_that_end_without_done_get_an_empty_last_event() -> None:
