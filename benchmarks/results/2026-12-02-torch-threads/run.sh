@@ -5,7 +5,10 @@
 cd /work/main
 M=/root/.cache/qwen-server/demo-qwen2_5_vl-v2
 FLAGS="--max-model-len 4096 --max-num-seqs 64 --limit-mm-per-prompt {\"image\":4} --enforce-eager --served-model-name tiny"
-cpu() { awk '{print $14+$15}' /proc/$1/stat; }
+# utime+stime, counted after the ')' that ends the process name: our worker's name has a space in it
+# ("qwen-server 127...."), so counting fields from the start (as this script did until 2026-12-03) read
+# cmajflt+utime for our worker, leaving its system time out, and the whole of vLLM's (named "python").
+cpu() { sed 's/.*) //' /proc/$1/stat | awk '{print $12+$13}'; }
 start() {  # $1 config
   case $1 in
     vllm) VLLM_CPU_KVCACHE_SPACE=2 setsid .venv/bin/python -m vllm.entrypoints.openai.api_server --model $M --port 18002 --host 127.0.0.1 $FLAGS > /tmp/tt-vllm.log 2>&1 &

@@ -6,7 +6,10 @@
 cd "$(dirname "$0")/../../.."
 M=/root/.cache/qwen-server/demo-qwen2_5_vl-v2
 FLAGS="--max-model-len 4096 --max-num-seqs 64 --limit-mm-per-prompt {\"image\":4} --enforce-eager --served-model-name tiny"
-cpu() { awk '{print $14+$15}' /proc/$1/stat; }
+# utime+stime, counted after the ')' that ends the process name: our worker's name has a space in it
+# ("qwen-server 127...."), so counting fields from the start (as this script did until 2026-12-03) read
+# cmajflt+utime for our worker, leaving its system time out, and the whole of vLLM's (named "python").
+cpu() { sed 's/.*) //' /proc/$1/stat | awk '{print $12+$13}'; }
 start() {  # $1: new|old
   src=$PWD; [ $1 = old ] && src=$OLD
   (cd $src && VLLM_CPU_KVCACHE_SPACE=2 PYTHONPATH=$src setsid $OLDPWD/.venv/bin/python launcher.py --model $M --port 18001 $FLAGS > /tmp/sse-$1.log 2>&1 &)
