@@ -172,6 +172,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             "first: it busy-waits while the model runs. 0 leaves it as started; no effect on GPU engines."
         ),
     ] = 10
+    processor_threads: Annotated[
+        int,
+        _doc(
+            "Torch threads for the model's image and video processor in each HTTP worker (vLLM runs it "
+            "there, on one thread of its own). 0: torch's default, one per core, whose workers spin "
+            "between the processor's small tensor ops and add CPU to every request, more with every "
+            "core (see benchmarks/README.md)."
+        ),
+    ] = 1
     api_key: Annotated[
         list[str] | None, _doc("API key(s) clients must send as `Authorization: Bearer <key>` on /v1/*.")
     ] = None
@@ -439,7 +448,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             problems.append(f"{env_name('engine_restarts')}: must not be negative, got {self.engine_restarts}")
         if self.engine_restart_window <= 0:
             problems.append(f"{env_name('engine_restart_window')}: must be positive, got {self.engine_restart_window}")
-        for name in ("image_cache_bytes", "media_max_redirects"):
+        for name in ("image_cache_bytes", "media_max_redirects", "processor_threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{env_name(name)}: must not be negative, got {getattr(self, name)}")
         if self.max_video_seconds <= 0:

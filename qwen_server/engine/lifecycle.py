@@ -258,6 +258,12 @@ class Engine:
                 await asyncio.to_thread(vllm_compat.shutdown_client, client)
                 return None
             self.client = client
+            if self.settings.processor_threads:
+                self._set_stage("limiting the processor's torch threads")
+                threads = await asyncio.to_thread(
+                    vllm_compat.limit_processor_threads, client, self.settings.processor_threads
+                )
+                log.info("the model's processor runs on %d torch thread(s)", threads)
             self.tokenizer = client.get_tokenizer()
             self.longest_token = await asyncio.to_thread(_longest_token, self.tokenizer)
             self.max_model_len = vllm_compat.max_model_len(client)

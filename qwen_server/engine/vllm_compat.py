@@ -8,7 +8,8 @@ a function runs, so importing the app stays cheap. What is used, and from where:
   (`vllm.v1.engine`), `UsageContext` (`vllm.usage.usage_lib`), the stat-logger interface
   (`StatLoggerBase.record`'s signature, `PrometheusStatLogger` and its private `_gauge_cls`),
   `cached_image_processor_from_config`, `current_platform`, `get_allowed_cpu_list`, the renderer
-  (`renderer.render_cmpl_async`, `renderer.default_chat_tok_params`) and `vllm_config`'s layout.
+  (`renderer.render_cmpl_async`, `renderer.default_chat_tok_params`, `renderer._mm_executor`) and
+  `vllm_config`'s layout.
 
 `tests/integration/test_vllm_compat.py` resolves each of them from the installed vLLM and fails naming the
 one an upgrade moved, and checks the installed release against `VERIFIED_VLLM`.
@@ -579,6 +580,29 @@ def _abort_requests_of_dead_clients(core: Any, locks: list[str]) -> None:
             sweeps.remove(item)
             if n := sweep(item[1], item[2]):
                 log.warning("qwen_server: aborted %d more request(s) of slot %d's dead client", n, item[1])
+
+
+# Internal, verified on 0.32.0: the renderer runs the model's multimodal processor on its one-thread
+# `_mm_executor` (a concurrent.futures executor).
+def limit_processor_threads(client: AsyncLLM, threads: int) -> int:
+    """Torch's intra-op threads on the thread that runs the model's multimodal processor, set to
+    `threads`; the other threads of the process keep theirs. Returns the processor thread's count.
+
+    Torch applies `torch.set_num_threads` to the calling thread and remembers it for threads that have
+    not run a parallel op yet; so the processor's thread first takes its default, then the limit, and
+    the calling thread puts the remembered value back."""
+    import torch
+
+    kept = torch.get_num_threads()
+
+    def limit() -> int:
+        torch.get_num_threads()  # torch sets a thread up at its first use; done now, it cannot undo the limit
+        torch.set_num_threads(threads)
+        return torch.get_num_threads()
+
+    got: int = client.renderer._mm_executor.submit(limit).result()
+    torch.set_num_threads(kept)
+    return got
 
 
 def prewarm_input_processor(vllm_config: Any) -> None:

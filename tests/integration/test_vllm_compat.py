@@ -90,6 +90,10 @@ def test_the_internals_vllm_compat_relies_on_are_still_there() -> None:
     renderer = _resolve("vllm.renderers.base", "BaseRenderer")
     _has(renderer, "render_cmpl_async", "BaseRenderer")
     _has(renderer, "default_chat_tok_params", "BaseRenderer")
+    # An instance attribute (limit_processor_threads): made in __init__, the one executor of the processor.
+    assert "self._mm_executor = ThreadPoolExecutor(max_workers=1)" in inspect.getsource(renderer.__init__), (
+        "BaseRenderer no longer runs the multimodal processor on self._mm_executor"
+    )
     config = _resolve("vllm.config", "VllmConfig")
     for field in ("scheduler_config", "device_config"):
         assert field in config.__dataclass_fields__, f"VllmConfig.{field} is gone"
