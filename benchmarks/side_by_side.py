@@ -362,9 +362,10 @@ def run_server(
         ready = server.wait_ready()
         print(f"== {name}{label}: ready in {ready:.1f} s", file=sys.stderr)
         runs: dict[str, Any] = {"results": [], "sweep": []}
-        if not any(c.get("video_seconds") for c in cases):
+        video = next((c for c in cases if c.get("video_seconds")), None)
+        if video is None:
             runs["warmup"] = warm_up(server)
-        if video := next((c for c in cases if c.get("video_seconds")), None):
+        else:
             # The same clip to both servers: equal prompt tokens mean the same frames at the same size.
             ns = loadgen.parser().parse_args([])
             vars(ns).update({**video, "requests": 1, "stream": False, "seed": 12345}, model=MODEL_NAME, warmup=0)

@@ -176,9 +176,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         int,
         _doc(
             "Torch threads for the model's image and video processor in each HTTP worker (vLLM runs it "
-            "there, on one thread of its own). 0: torch's default, one per core, whose workers spin "
-            "between the processor's small tensor ops and add CPU to every request, more with every "
-            "core (see benchmarks/README.md)."
+            "there, on one thread of its own). 0: torch's default, one per core; on 2 cores that cost "
+            "more CPU per image than 1 for little or no gain in time (see benchmarks/README.md)."
         ),
     ] = 1
     api_key: Annotated[
