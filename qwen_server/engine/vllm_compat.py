@@ -381,7 +381,8 @@ def apply_chat_template(model_config: Any, tokenizer: Any, conversation: list[di
 # re-attach workaround `vllm.v1.engine.core_client.zmq` (the module global MPClient's ready wait uses),
 # `core_client._process_utility_output`, `MPClient.input_socket` and `call_utility_async("is_sleeping")`;
 # and `vllm.v1.engine.core.EngineCoreProc.run_engine_core`, the process target CoreEngineProcManager
-# looks up at launch (replaced during the launch, for PR_SET_PDEATHSIG).
+# looks up at launch (replaced during the launch, for PR_SET_PDEATHSIG), and in EngineCore's process
+# `vllm.v1.executor.multiproc_executor.WorkerProc.worker_main`, its model workers' target (likewise).
 
 
 def shared_engine_config(engine_kwargs: dict[str, Any], client_count: int) -> Any:
@@ -430,6 +431,7 @@ class SharedEngine:
         original = EngineCoreProc.__dict__["run_engine_core"]
         EngineCoreProc.run_engine_core = staticmethod(_run_engine_core_dying_with_parent)
         os.environ[_SLOT_LOCKS_ENV] = json.dumps(self.slot_locks)
+        os.environ[_PARENT_ENV] = str(os.getpid())
         try:
             executor = Executor.get_class(self.vllm_config)
             # A context manager: entering starts the processes, leaving waits for their handshake.
@@ -438,6 +440,7 @@ class SharedEngine:
         finally:
             EngineCoreProc.run_engine_core = original
             os.environ.pop(_SLOT_LOCKS_ENV, None)
+            os.environ.pop(_PARENT_ENV, None)
 
     def finish(self) -> None:
         """Wait for the startup handshake of the engine `begin` started (raises if it failed)."""
@@ -482,21 +485,24 @@ class SharedEngine:
 
 
 def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
-    """EngineCore's process body under the shared engine's host: first PR_SET_PDEATHSIG, so that a
-    host killed outright (SIGKILL) takes EngineCore with it; then vLLM's `EngineCoreProc.run_engine_core`.
-    SIGTERM, not SIGKILL: EngineCore's own shutdown stops its model workers (a SIGKILLed EngineCore
-    left its CPU model worker running, seen here)."""
-    import ctypes
+    """EngineCore's process body under the shared engine's host: first PR_SET_PDEATHSIG (SIGKILL), so
+    that a host killed outright takes EngineCore with it at once; its model workers (vLLM's
+    `WorkerProc`, this process's children) get the same tie to EngineCore (`_run_model_worker_dying_
+    with_engine`). Then vLLM's `EngineCoreProc.run_engine_core`.
+    Why SIGKILL and the kernel, not a graceful shutdown: once the host is gone nobody is served, and
+    on a busy machine the graceful path outlived the host by more than 5 s. Seen here: with SIGTERM,
+    EngineCore ended in 0.05 s but left its model worker finishing its own shutdown (2.3-2.8 s on an
+    idle machine, over 5 s under CI); a thread that was to kill it after a grace did not outlive
+    EngineCore. The shared memory both leave is multiprocessing's resource tracker's to remove."""
     import signal
 
     from vllm.v1.engine.core import EngineCoreProc
+    from vllm.v1.executor.multiproc_executor import WorkerProc
 
-    pr_set_pdeathsig = 1
-    host = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != host or host == 1:  # the host died before the line above
-        os._exit(1)
-    threading.Thread(target=_end_when_orphaned, args=(host,), name="qwen-server-orphan-watch", daemon=True).start()
+    _die_with_parent(signal.SIGKILL)
+    global _vllm_worker_main
+    _vllm_worker_main = WorkerProc.__dict__["worker_main"]
+    WorkerProc.worker_main = staticmethod(_run_model_worker_dying_with_engine)  # this process's own class
     locks = json.loads(os.environ.get(_SLOT_LOCKS_ENV, "[]"))
     if locks:
         original_init = EngineCoreProc.__init__
@@ -511,22 +517,39 @@ def _run_engine_core_dying_with_parent(*args: Any, **kwargs: Any) -> Any:
     return EngineCoreProc.run_engine_core(*args, **kwargs)
 
 
-def _end_when_orphaned(host: int, grace: float = 1.5) -> None:
-    """The SIGTERM of PR_SET_PDEATHSIG starts EngineCore's graceful shutdown, which on a busy machine
-    took more than 5 s (seen: EngineCore and its model worker still alive 5 s after the launcher's
-    SIGKILL). Once orphaned, give that `grace` seconds, then kill this process's children (the model
-    workers) and exit, so that nothing outlives the launcher by more than about 2 s."""
+# vLLM's WorkerProc.worker_main, kept by the EngineCore process that replaced it (a forked model worker
+# inherits it; a spawned one imports vLLM's class afresh, unreplaced, and finds it there).
+_vllm_worker_main: Any = None
+
+
+def _run_model_worker_dying_with_engine(*args: Any, **kwargs: Any) -> Any:
+    """A model worker's process body under the shared engine's EngineCore: SIGKILLed by the kernel
+    when EngineCore dies. vLLM's own tie (a death pipe, then the worker's graceful exit) took 2-3 s on
+    an idle machine. A graceful stop is unchanged: EngineCore's executor waits for its workers."""
     import signal
-    import time
 
-    from qwen_server import procs
+    from vllm.v1.executor.multiproc_executor import WorkerProc
 
-    while os.getppid() == host:
-        time.sleep(0.25)
-    time.sleep(grace)
-    for pid in procs.descendants(os.getpid()):
-        procs.signal_quietly(pid, signal.SIGKILL)
-    os._exit(1)
+    _die_with_parent(signal.SIGKILL)
+    target = _vllm_worker_main if _vllm_worker_main is not None else WorkerProc.__dict__["worker_main"]
+    return target.__func__(*args, **kwargs)
+
+
+def _die_with_parent(sig: int) -> None:
+    """PR_SET_PDEATHSIG: the kernel sends `sig` to this process when the thread that started it ends
+    (here: its parent's main or engine-watch thread, which last as long as the parent). A parent that
+    died before this call is caught by the check that follows it: the parent named its pid in the
+    environment (`_PARENT_ENV`), which from here on names this process, for the children it starts."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    if str(os.getppid()) != os.environ.get(_PARENT_ENV, str(os.getppid())):
+        os._exit(1)
+    os.environ[_PARENT_ENV] = str(os.getpid())
+
+
+_PARENT_ENV = "QWEN_SERVER_ENGINE_PARENT_PID"  # the host's pid for EngineCore, EngineCore's for its workers
 
 
 _SLOT_LOCKS_ENV = "QWEN_SERVER_ENGINE_SLOT_LOCKS"  # SharedEngine -> its EngineCore process only

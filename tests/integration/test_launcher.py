@@ -100,9 +100,11 @@ def _scenario(port: int, model: tuple[str, ...], tmp_path: Path, started: list[S
     # exit 0 and nothing left, is the session server's teardown in conftest.py, and test_shared_engine.py's.)
     tree = b.remember_tree()
     assert any("VLLM::EngineCore" in (procs.info(p).cmdline if procs.info(p) else "") for p in tree)
+    names = {p: procs.info(p) for p in tree}
     b.proc.kill()
     t0 = time.monotonic()
-    assert b.leftovers(within=5.0) == [], "processes left 5 s after SIGKILL of the supervisor"
+    left = b.leftovers(within=5.0)
+    assert left == [], f"left 5 s after SIGKILL of the supervisor: {[names[p] for p in left]}"
     killed_in = time.monotonic() - t0
     freed_in = killed_in + wait_port_free(port, within=5.0 - killed_in)
     # The resource tracker outlives the killed supervisor just long enough to remove what EngineCore

@@ -1,6 +1,6 @@
 """--shared-engine: a launcher killed outright (SIGKILL) leaves no process behind. Its workers stop
-themselves (the orphan watchdog), and EngineCore, the launcher's own child, gets PR_SET_PDEATHSIG
-(engine/vllm_compat.py); its model worker follows through vLLM's death pipe."""
+themselves (the orphan watchdog), and EngineCore, the launcher's own child, is SIGKILLed by the
+kernel (PR_SET_PDEATHSIG, engine/vllm_compat.py), and its model worker with it, the same way."""
 
 from __future__ import annotations
 

@@ -142,6 +142,12 @@ def test_the_shared_engine_internals_are_still_there() -> None:
     manager_source = inspect.getsource(manager.__init__)
     assert "target=EngineCoreProc.run_engine_core" in manager_source, "CoreEngineProcManager's process target changed"
     assert isinstance(_resolve("vllm.v1.engine.core", "EngineCoreProc").__dict__["run_engine_core"], staticmethod)
+    # Likewise for EngineCore's model workers (their tie to EngineCore).
+    worker_proc = _resolve("vllm.v1.executor.multiproc_executor", "WorkerProc")
+    assert "target=WorkerProc.worker_main" in inspect.getsource(worker_proc.make_worker_process), (
+        "WorkerProc's process target changed"
+    )
+    assert isinstance(worker_proc.__dict__["worker_main"], staticmethod)
     # Aborting a dead client's requests, in EngineCore's process: what the slot watcher reads and feeds.
     core_init = inspect.getsource(_resolve("vllm.v1.engine.core", "EngineCoreProc").__init__)
     assert "self.input_queue = queue.Queue" in core_init, "EngineCoreProc.input_queue changed"
