@@ -5,38 +5,28 @@
 # c16 warm-up of 320 requests. Rounds alternate the nice order.
 #   bash benchmarks/results/2026-12-07-c1-nice/run.sh > benchmarks/results/2026-12-07-c1-nice/results.txt
 cd "$(dirname "$0")/../../.."
-M=/root/.cache/qwen-server/demo-qwen2_5_vl-v2
-FLAGS="--max-model-len 4096 --max-num-seqs 64 --limit-mm-per-prompt {\"image\":4} --enforce-eager --served-model-name tiny"
+source benchmarks/servers.sh
 N=${N:-120}
-engine_core() { pgrep -f "VLLM::EngineCore" | while read p; do [ "$(ps -o ppid= -p $p | tr -d ' ')" ] && echo $p; done | head -1; }
+engine_core() { pgrep -f "VLLM::EngineCore" | head -1; }
 renice_all() { for t in /proc/$1/task/*; do renice -n $2 -p $(basename $t) >/dev/null; done; }
-run() {  # server port root client stream label
-  local extra=--stream; [ "$5" = no ] && extra=--no-stream
-  .venv/bin/python -m benchmarks.loadgen --url http://127.0.0.1:$2 --model tiny --concurrency 1 --requests $N \
-    --client $4 $extra --seed 5 --server-pid $3 --json /tmp/c1n.json >/dev/null 2>&1
+run() {  # server client stream nice
+  local extra=--stream; [ "$3" = no ] && extra=--no-stream
+  .venv/bin/python -m benchmarks.loadgen --url http://127.0.0.1:$PORT --model tiny --concurrency 1 --requests $N \
+    --client $2 $extra --seed 5 --server-pid $ROOT --json /tmp/c1n.json >/dev/null 2>&1
   python3 -c "
 import json;d=json.load(open('/tmp/c1n.json'))
-print('%-5s %-7s %-6s stream=%-3s nice=%-2s %6.2f req/s  fe %5.1f ms/req  ttft p50 %5.1f  itl p50 %5.2f ms  e2e p50 %6.1f ms' % ('$1','$4','', '$5', '$6', d['requests_per_s'], d['server_cpu_s_by_role']['front_end']*1e3/d['requests'], (d['ttft_s']['p50'] or 0)*1e3, (d['itl_s']['p50'] or 0)*1e3, d['e2e_s']['p50']*1e3))" 2>/dev/null || echo "$1 $4 $5 nice=$6: failed"
+print('%-5s %-7s %-6s stream=%-3s nice=%-2s %6.2f req/s  fe %5.1f ms/req  ttft p50 %5.1f  itl p50 %5.2f ms  e2e p50 %6.1f ms' % ('$1','$2','', '$3', '$4', d['requests_per_s'], d['server_cpu_s_by_role']['front_end']*1e3/d['requests'], (d['ttft_s']['p50'] or 0)*1e3, (d['itl_s']['p50'] or 0)*1e3, d['e2e_s']['p50']*1e3))" 2>/dev/null || echo "$1 $2 $3 nice=$4: failed"
 }
 for S in ${SERVERS:-qwen vllm}; do
-  if [ $S = vllm ]; then
-    VLLM_CPU_KVCACHE_SPACE=2 setsid .venv/bin/python -m vllm.entrypoints.openai.api_server --model $M --port 18002 --host 127.0.0.1 $FLAGS > /tmp/c1n-vllm.log 2>&1 &
-    PORT=18002
-  else
-    VLLM_CPU_KVCACHE_SPACE=2 setsid .venv/bin/python launcher.py --model $M --port 18001 $FLAGS > /tmp/c1n-qwen.log 2>&1 &
-    PORT=18001
-  fi
-  ROOT=$!
-  for i in $(seq 150); do curl -sf 127.0.0.1:$PORT/v1/models >/dev/null && break; sleep 2; done
-  .venv/bin/python -m benchmarks.loadgen --url http://127.0.0.1:$PORT --model tiny --concurrency 16 --requests 320 --seed 1 >/dev/null 2>&1
+  start_server $S
   EC=$(engine_core)
   echo "# $S: EngineCore $EC at nice $(ps -o ni= -p $EC | tr -d ' ') after start"
   for r in 1 2; do
     if [ $r = 1 ]; then ORDER="0 10"; else ORDER="10 0"; fi
     for nice in $ORDER; do
       renice_all $EC $nice
-      for c in ${CLIENTS:-openai:yes httpx:no}; do run $S $PORT $ROOT ${c%:*} ${c#*:} $nice; done
+      for c in ${CLIENTS:-openai:yes httpx:no}; do run $S ${c%:*} ${c#*:} $nice; done
     done
   done
-  kill -TERM $ROOT; for i in $(seq 60); do kill -0 $ROOT 2>/dev/null || break; sleep 1; done; sleep 2
+  stop_server
 done
