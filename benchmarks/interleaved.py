@@ -24,21 +24,12 @@ import time
 
 import httpx
 
-from benchmarks.loadgen import make_images
+from benchmarks.loadgen import chat_body, make_images
 
 
 def body(model: str, image: str | None, max_tokens: int, stream: bool) -> bytes:
-    content: list[dict] = [{"type": "image_url", "image_url": {"url": image}}] if image else []
-    content.append({"type": "text", "text": "Describe the picture in detail."})
-    payload: dict = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-    return json.dumps(payload).encode()
+    media = [{"type": "image_url", "image_url": {"url": image}}] if image else []
+    return json.dumps(chat_body(model, media, max_tokens, stream)).encode()
 
 
 def one(client: httpx.Client, data: bytes, stream: bool) -> tuple[float, float]:
@@ -82,16 +73,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args()
 
-    # Distinct images per request and per server: no cache answers either.
-    images = (
-        [None] * (2 * args.requests) if args.no_image else make_images(2 * args.requests, args.image_size, args.seed)
-    )
+    # Distinct images per request and per server, the last two for the uncounted first requests: no
+    # cache answers either.
+    count = 2 * args.requests + 2
+    images = [None] * count if args.no_image else make_images(count, args.image_size, args.seed)
     names = (args.name_a, args.name_b)
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     with httpx.Client(base_url=args.url_a, timeout=60) as a, httpx.Client(base_url=args.url_b, timeout=60) as b:
         clients = {args.name_a: a, args.name_b: b}
-        for name in names:  # one uncounted request each: the first one pays for connecting
-            one(clients[name], body(args.model, images[0], args.max_tokens, args.stream), args.stream)
+        for k, name in enumerate(names):  # one uncounted request each: the first one pays for connecting
+            one(clients[name], body(args.model, images[-1 - k], args.max_tokens, args.stream), args.stream)
             time.sleep(args.pause)
         for i in range(args.requests):
             order = names if i % 2 == 0 else names[::-1]

@@ -96,19 +96,24 @@ def build_bodies(args: argparse.Namespace) -> list[bytes]:
         content = [{"type": "image_url", "image_url": {"url": images[i * args.images + j]}} for j in range(args.images)]
         if videos:
             content.append({"type": "video_url", "video_url": {"url": videos[i]}})
-        content.append({"type": "text", "text": "Describe the picture in detail."})
-        body = {
-            "model": args.model,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": args.max_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": args.stream,
-        }
+        body = chat_body(args.model, content, args.max_tokens, args.stream)
         if args.stream:
             body["stream_options"] = {"include_usage": True}
         bodies.append(json.dumps(body).encode())
     return bodies
+
+
+def chat_body(model: str, media: list[dict], max_tokens: int, stream: bool) -> dict:
+    """The benchmarks' chat request: `media` parts, then the same short text; greedy, `max_tokens` exactly."""
+    content = [*media, {"type": "text", "text": "Describe the picture in detail."}]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 Send = Callable[[bytes], Awaitable[Sample]]

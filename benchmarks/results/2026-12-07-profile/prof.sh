@@ -6,8 +6,13 @@
 cd "$(dirname "$0")/../../.."
 source benchmarks/servers.sh
 S=${S:-qwen}
-if [ $S = qwen ]; then start_server qwen $QWEN_FLAGS; else start_server vllm; fi
-if [ $S = vllm ]; then FE=$ROOT; else FE=$(pgrep -f "qwen-server 127.0.0.1:18001 worker-1" | head -1); fi
+if [ $S = qwen ]; then
+  start_server qwen $QWEN_FLAGS
+  FE=$(pgrep -f "qwen-server 127.0.0.1:18001 worker-1" | head -1)
+else
+  start_server vllm
+  FE=$ROOT
+fi
 if [ -z "$NOSPY" ]; then
   .venv/bin/py-spy record -p $FE -d ${SECS:-30} -r 200 -f raw -o /tmp/prof-$S.txt --nonblocking $SPY_FLAGS >/dev/null 2>&1 &
   SPY=$!

@@ -32,13 +32,13 @@ def main() -> None:
     before = json.loads(Path(sys.argv[2]).read_text())
     after = threads(int(sys.argv[3]))
     requests = int(sys.argv[4])
-    by_name: dict[str, float] = defaultdict(float)
+    by_thread: dict[str, float] = defaultdict(float)
     main_tid = sys.argv[3]
     for tid, (name, cpu) in after.items():
         label = "main thread" if tid == main_tid else f"{name} [{tid}]"
-        by_name[label] += cpu - (before[tid][1] if tid in before else 0.0)
-    total = sum(by_name.values())
-    for name, cpu in sorted(by_name.items(), key=lambda kv: -kv[1]):
+        by_thread[label] += cpu - (before[tid][1] if tid in before else 0.0)
+    total = sum(by_thread.values())
+    for name, cpu in sorted(by_thread.items(), key=lambda kv: -kv[1]):
         if cpu > 0:
             print(f"  {name:24} {cpu * 1e3 / requests:6.2f} ms/req")
     print(f"  {'whole process':24} {total * 1e3 / requests:6.2f} ms/req")

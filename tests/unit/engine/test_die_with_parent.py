@@ -58,7 +58,7 @@ def test_a_child_dies_with_its_parent_killed_outright(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        # The child names itself for its own children (a model worker's EngineCore).
+        # The child names itself for its own children (as EngineCore does for its model workers).
         assert _wait_for(armed) == str(child)
         assert procs.alive(child)
         parent.kill()
